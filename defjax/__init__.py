@@ -1,0 +1,36 @@
+"""defjax: RBGS with detached error feedback (DEF, DEF-A) as optax transformations.
+
+The public API. See README.md for a tour and ``ALGORITHMS.md`` semantics.
+"""
+
+from defjax.compress import Compressor
+from defjax.compress import identity
+from defjax.compress import randomk
+from defjax.compress import rbgs
+from defjax.compress import scaled
+from defjax.compress import topk
+from defjax.feedback import DataParallelState
+from defjax.feedback import ErrorFeedbackState
+from defjax.feedback import averaged_params
+from defjax.feedback import data_parallel
+from defjax.feedback import error_feedback
+from defjax.feedback import eval_point
+from defjax.feedback import psync
+
+__version__ = '0.1.0'
+
+__all__ = [
+    'Compressor',
+    'DataParallelState',
+    'ErrorFeedbackState',
+    'averaged_params',
+    'data_parallel',
+    'error_feedback',
+    'eval_point',
+    'identity',
+    'psync',
+    'randomk',
+    'rbgs',
+    'scaled',
+    'topk',
+]

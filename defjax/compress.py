@@ -1,0 +1,394 @@
+"""Compressors shared by all workers: RBGS, Random-K, Top-K, scaling, identity.
+
+A compressor ``C`` acts on a pytree of updates. Every compressor here is
+described by three pure functions (optax style, bundled in a ``Compressor``):
+
+* ``init(params) -> state``: the compressor's state (the shared block-selection
+  key and a step counter for the random ones).
+* ``compress(tree, state) -> C(tree)``: the local compressed tree, no
+  communication. Used by tests and analysis.
+* ``aggregate(tree, state, axis_name) -> (mean_k C(tree_k), tree - C(tree),
+  new_state)``: the one collective of a step. ``axis_name=None`` is a single
+  worker. For RBGS and Random-K only the selected values cross the wire, in
+  one all-reduce for all leaves.
+
+``payload(params)`` is the number of values each worker sends per step.
+
+References:
+  Xu & Huang, "Detached Error Feedback for Distributed SGD with Random
+  Sparsification", ICML 2022, Section 3 (RBGS) and Appendix (compressors).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+AxisName = Optional[Union[str, Sequence[str]]]
+PyTree = Any
+
+
+class Compressor(NamedTuple):
+  """A compressor C: ``init``, ``compress``, ``aggregate`` and ``payload``."""
+
+  init: Callable[[PyTree], Any]
+  compress: Callable[[PyTree, Any], PyTree]
+  aggregate: Callable[[PyTree, Any, AxisName], tuple[PyTree, PyTree, Any]]
+  payload: Callable[[PyTree], int]
+
+
+class RandomState(NamedTuple):
+  """Shared selection key (raw uint32[2]) and the number of steps taken."""
+
+  key: jax.Array
+  count: jax.Array
+
+
+class EmptyState(NamedTuple):
+  """State of a deterministic compressor."""
+
+
+# ---------------------------------------------------------------- validation
+
+
+def check_ratio(ratio) -> float:
+  """Returns ``ratio`` as a float, or raises ValueError if it is not >= 1."""
+  if isinstance(ratio, bool) or not isinstance(ratio, (int, float, np.number)):
+    raise ValueError(f'ratio must be a number >= 1, got {ratio!r}')
+  if not math.isfinite(ratio) or ratio < 1:
+    raise ValueError(
+        f'ratio must be >= 1 (1 = no compression, 256 = send 1/256 of the'
+        f' values), got {ratio!r}'
+    )
+  return float(ratio)
+
+
+def check_float_leaves(tree: PyTree, what: str = 'params') -> None:
+  """Raises ValueError naming the first leaf that is not floating point."""
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+  if not leaves:
+    raise ValueError(f'{what} is an empty pytree: nothing to compress')
+  for path, leaf in leaves:
+    dtype = jnp.result_type(leaf)
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise ValueError(
+          f'{what} leaf {jax.tree_util.keystr(path)} has dtype {dtype}; error'
+          ' feedback and compression need floating-point leaves (mask integer'
+          ' leaves out with optax.masked or keep them outside params)'
+      )
+
+
+def num_workers(axis_name: AxisName):
+  """K, the number of workers along ``axis_name`` (1 when it is None)."""
+  return 1 if axis_name is None else jax.lax.psum(1, axis_name)
+
+
+def worker_mean(tree: PyTree, axis_name: AxisName) -> PyTree:
+  """mean_k tree_k over ``axis_name`` (identity for a single worker)."""
+  if axis_name is None:
+    return tree
+  return jax.lax.pmean(tree, axis_name)
+
+
+def block_size(d: int, ratio: float) -> int:
+  """b = ceil(d / ratio), the RBGS block length for d values."""
+  return max(1, math.ceil(d / ratio))
+
+
+def _leaf_sizes(tree: PyTree) -> list[int]:
+  return [int(np.prod(jnp.shape(x), dtype=np.int64)) for x in jax.tree.leaves(tree)]
+
+
+# ----------------------------------------------------- flat-vector machinery
+
+
+def _ravel(tree: PyTree):
+  """Concatenates all leaves into one vector; returns it and an inverse."""
+  leaves, treedef = jax.tree.flatten(tree)
+  dtype = jnp.result_type(*leaves)
+  shapes = [jnp.shape(x) for x in leaves]
+  dtypes = [jnp.result_type(x) for x in leaves]
+  sizes = [int(np.prod(s, dtype=np.int64)) for s in shapes]
+  flat = jnp.concatenate([jnp.ravel(x).astype(dtype) for x in leaves])
+
+  def unravel(vec):
+    parts = jnp.split(vec, np.cumsum(sizes)[:-1]) if len(sizes) > 1 else [vec]
+    return treedef.unflatten(
+        [p.reshape(s).astype(t) for p, s, t in zip(parts, shapes, dtypes)]
+    )
+
+  return flat, unravel
+
+
+def _step_key(state: RandomState) -> jax.Array:
+  return jax.random.fold_in(state.key, state.count)
+
+
+def _random_init(seed: int):
+  def init(params):
+    check_float_leaves(params)
+    return RandomState(
+        key=jax.random.PRNGKey(seed), count=jnp.zeros([], jnp.int32)
+    )
+
+  return init
+
+
+def _advance(state: RandomState) -> RandomState:
+  return RandomState(key=state.key, count=state.count + 1)
+
+
+def _indexed_compressor(
+    indices_fn: Callable[[RandomState, int], jax.Array],
+    payload_fn: Callable[[int], int],
+    seed: int,
+    unique: bool,
+) -> Compressor:
+  """A compressor that keeps a shared set of flat indices (RBGS, Random-K).
+
+  ``indices_fn(state, d)`` returns the selected indices into the flattened
+  tree; they depend only on the shared key and the step count, so every
+  worker on every host selects the same ones and ``C`` is linear and shared:
+  mean_k C(p_k) = C(mean_k p_k) is one all-reduce of the selected values.
+  """
+
+  def compress(tree, state):
+    flat, unravel = _ravel(tree)
+    idx = indices_fn(state, flat.shape[0])
+    kept = jnp.zeros_like(flat).at[idx].set(flat[idx], unique_indices=unique)
+    return unravel(kept)
+
+  def aggregate(tree, state, axis_name=None):
+    flat, unravel = _ravel(tree)
+    idx = indices_fn(state, flat.shape[0])
+    values = flat.at[idx].get(unique_indices=unique, mode='promise_in_bounds')
+    mean_values = worker_mean(values, axis_name)  # the only collective: b values
+    mean_c = jnp.zeros(flat.shape, flat.dtype).at[idx].set(
+        mean_values, unique_indices=unique
+    )
+    residual = flat.at[idx].set(0, unique_indices=unique)
+    return unravel(mean_c), unravel(residual), _advance(state)
+
+  def payload(params):
+    return payload_fn(sum(_leaf_sizes(params)))
+
+  return Compressor(_random_init(seed), compress, aggregate, payload)
+
+
+# --------------------------------------------------------------------- RBGS
+
+
+def rbgs(ratio: float, *, seed: int = 0, per_leaf: bool = False) -> Compressor:
+  """Random block-wise gradient sparsification (RBGS).
+
+  Each step keeps one circular block of b = ceil(d / ratio) consecutive values
+  of the flattened update, starting at s_t ~ U[0, d) drawn from a key shared by
+  all workers and folded with the step count. Circular blocks make every
+  coordinate selected with probability exactly b / d.
+
+  Args:
+    ratio: compression ratio d / b, >= 1 (1 keeps everything).
+    seed: seed of the shared block-selection key; must be equal on all workers.
+    per_leaf: if True, as in the authors' PyTorch code, each leaf gets its own
+      circular block of max(1, floor(n_leaf / ratio)) values at its own shared
+      random start; all leaf blocks still travel in one all-reduce.
+
+  Returns:
+    A ``Compressor``.
+
+  References:
+    Xu & Huang, ICML 2022, Section 3 and Algorithm 1.
+  """
+  ratio = check_ratio(ratio)
+  if per_leaf:
+    return _rbgs_per_leaf(ratio, seed)
+
+  def indices(state, d):
+    b = block_size(d, ratio)
+    start = jax.random.randint(_step_key(state), (), 0, d, dtype=jnp.int32)
+    # dynamic_slice would clamp at the end; the block must wrap around.
+    i = start + jnp.arange(b, dtype=jnp.int32)
+    return jnp.where(i >= d, i - d, i)
+
+  return _indexed_compressor(
+      indices, lambda d: block_size(d, ratio), seed, unique=True
+  )
+
+
+def per_leaf_block_sizes(params: PyTree, ratio: float) -> list[int]:
+  """Block length of each leaf in per-leaf RBGS: max(1, floor(n / ratio))."""
+  return [max(1, int(n // ratio)) for n in _leaf_sizes(params)]
+
+
+def _rbgs_per_leaf(ratio: float, seed: int) -> Compressor:
+  def leaf_indices(state, tree):
+    sizes = _leaf_sizes(tree)
+    blocks = [max(1, int(n // ratio)) for n in sizes]
+    starts = jax.random.randint(
+        _step_key(state), (len(sizes),), 0, jnp.asarray(sizes, jnp.int32),
+        dtype=jnp.int32,
+    )
+    out = []
+    for j, (n, b) in enumerate(zip(sizes, blocks)):
+      i = starts[j] + jnp.arange(b, dtype=jnp.int32)
+      out.append(jnp.where(i >= n, i - n, i))
+    return out
+
+  def compress(tree, state):
+    leaves, treedef = jax.tree.flatten(tree)
+    idxs = leaf_indices(state, tree)
+    kept = []
+    for x, idx in zip(leaves, idxs):
+      f = jnp.ravel(x)
+      kept.append(jnp.zeros_like(f).at[idx].set(f[idx]).reshape(x.shape))
+    return treedef.unflatten(kept)
+
+  def aggregate(tree, state, axis_name=None):
+    leaves, treedef = jax.tree.flatten(tree)
+    idxs = leaf_indices(state, tree)
+    flats = [jnp.ravel(x) for x in leaves]
+    dtype = jnp.result_type(*leaves)
+    # All leaf blocks in one buffer: one all-reduce per step, not one per leaf.
+    values = jnp.concatenate([f[i].astype(dtype) for f, i in zip(flats, idxs)])
+    mean_values = worker_mean(values, axis_name)
+    splits = np.cumsum([i.shape[0] for i in idxs])[:-1]
+    parts = jnp.split(mean_values, splits) if len(idxs) > 1 else [mean_values]
+    mean_c, residual = [], []
+    for x, f, i, v in zip(leaves, flats, idxs, parts):
+      mean_c.append(
+          jnp.zeros(f.shape, f.dtype)
+          .at[i].set(v.astype(f.dtype), unique_indices=True)
+          .reshape(x.shape)
+      )
+      residual.append(f.at[i].set(0, unique_indices=True).reshape(x.shape))
+    return (
+        treedef.unflatten(mean_c),
+        treedef.unflatten(residual),
+        _advance(state),
+    )
+
+  def payload(params):
+    return sum(per_leaf_block_sizes(params, ratio))
+
+  return Compressor(_random_init(seed), compress, aggregate, payload)
+
+
+# ------------------------------------------------------ comparison compressors
+
+
+def randomk(ratio: float, *, seed: int = 0) -> Compressor:
+  """Random-K: b = ceil(d / ratio) random coordinates from a shared key.
+
+  Coordinates are drawn with replacement (a permutation of d values per step
+  would cost O(d log d)); duplicates carry the same value, so C stays a linear
+  projection shared by all workers, onto slightly fewer than b coordinates.
+  All-reduce compatible but scattered in memory; for comparison with RBGS.
+  """
+  ratio = check_ratio(ratio)
+
+  def indices(state, d):
+    b = block_size(d, ratio)
+    return jax.random.randint(_step_key(state), (b,), 0, d, dtype=jnp.int32)
+
+  return _indexed_compressor(
+      indices, lambda d: block_size(d, ratio), seed, unique=False
+  )
+
+
+def topk(ratio: float) -> Compressor:
+  """Top-K: each worker keeps its own b = ceil(d / ratio) largest |values|.
+
+  Not all-reduce compatible: each worker's values and int32 indices are
+  all-gathered and scatter-added. Each worker's residual is its own
+  p_k - C_k(p_k). For comparison with RBGS (cost: a top-k over d per step).
+  """
+  ratio = check_ratio(ratio)
+
+  def select(flat):
+    _, idx = jax.lax.top_k(jnp.abs(flat), block_size(flat.shape[0], ratio))
+    return idx
+
+  def init(params):
+    check_float_leaves(params)
+    return EmptyState()
+
+  def compress(tree, state):
+    del state
+    flat, unravel = _ravel(tree)
+    idx = select(flat)
+    return unravel(jnp.zeros_like(flat).at[idx].set(flat[idx]))
+
+  def aggregate(tree, state, axis_name=None):
+    flat, unravel = _ravel(tree)
+    idx = select(flat)
+    values = flat[idx]
+    residual = flat.at[idx].set(0, unique_indices=True)
+    if axis_name is None:
+      total = jnp.zeros_like(flat).at[idx].set(values)
+    else:
+      all_values = jax.lax.all_gather(values, axis_name, tiled=True)
+      all_idx = jax.lax.all_gather(idx, axis_name, tiled=True)
+      total = jnp.zeros(flat.shape, flat.dtype).at[all_idx].add(all_values)
+      total = total / num_workers(axis_name)
+    return unravel(total), unravel(residual), state
+
+  def payload(params):
+    return 2 * block_size(sum(_leaf_sizes(params)), ratio)  # values + indices
+
+  return Compressor(init, compress, aggregate, payload)
+
+
+def scaled(delta: float) -> Compressor:
+  """C(A) = delta * A, for 0 < delta <= 1 (dense: sends every value).
+
+  With one worker and lam = 1, error feedback with this C is SGD with
+  exponential iterate averaging (paper Lemma C.1).
+  """
+  if isinstance(delta, bool) or not isinstance(delta, (int, float, np.number)):
+    raise ValueError(f'delta must be a number in (0, 1], got {delta!r}')
+  if not 0 < delta <= 1:
+    raise ValueError(f'delta must be in (0, 1], got {delta!r}')
+  delta = float(delta)
+
+  def init(params):
+    check_float_leaves(params)
+    return EmptyState()
+
+  def compress(tree, state):
+    del state
+    return jax.tree.map(lambda x: delta * x, tree)
+
+  def aggregate(tree, state, axis_name=None):
+    mean = worker_mean(tree, axis_name)
+    return (
+        jax.tree.map(lambda x: delta * x, mean),
+        jax.tree.map(lambda x: (1 - delta) * x, tree),
+        state,
+    )
+
+  return Compressor(init, compress, aggregate, lambda p: sum(_leaf_sizes(p)))
+
+
+def identity() -> Compressor:
+  """No compression: C(A) = A, a dense all-reduce of every value."""
+
+  def init(params):
+    check_float_leaves(params)
+    return EmptyState()
+
+  def compress(tree, state):
+    del state
+    return tree
+
+  def aggregate(tree, state, axis_name=None):
+    return (
+        worker_mean(tree, axis_name),
+        jax.tree.map(jnp.zeros_like, tree),
+        state,
+    )
+
+  return Compressor(init, compress, aggregate, lambda p: sum(_leaf_sizes(p)))
