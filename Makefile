@@ -1,0 +1,41 @@
+# defjax: `make train` and `make test` work on a fresh Debian/Ubuntu machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+FMNIST := $(FMNIST_DIR)/train-images-idx3-ubyte.gz
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+WORKDIR ?= runs/quickstart
+
+.PHONY: install data test train bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+# Fashion-MNIST from Debian's package; without apt the loader downloads the
+# four idx files from the dataset's official address instead.
+data: $(FMNIST)
+
+$(FMNIST):
+	@if command -v apt-get >/dev/null 2>&1; then \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist \
+	  || echo "apt-get failed: the loader will download Fashion-MNIST instead"; \
+	else echo "no apt-get: the loader will download Fashion-MNIST instead"; fi
+
+test: install data
+	$(PY) -m pytest -q
+
+train: install data
+	$(PY) train.py --config configs/fashion_mnist.py --workdir $(WORKDIR)
+
+bench: install data
+	$(PY) -m bench.run_all
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

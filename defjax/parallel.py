@@ -1,0 +1,240 @@
+"""Workers on devices: the mesh, the per-worker state layout and the train step.
+
+Layout (the convention every defjax program uses):
+
+* ``params`` x (and synced batch-norm statistics) are replicated: ``P()``.
+* Everything that belongs to one worker (its error e_k, momentum m_k, batch)
+  is stacked on a leading worker axis of length K and sharded over the mesh
+  axis: ``P('data')``. Each device holds K / n_devices consecutive workers.
+* With one worker per device the per-worker transform runs directly inside
+  ``jax.shard_map``; with several it runs under ``jax.vmap`` inside the
+  shard_map and collectives reduce over both axes, ``('data', 'local')``.
+  Build the optimizer with ``axis_name=layout.axis_name`` for that reason.
+
+The step is ``shard_map``'d with ``check_vma=False``: gradients are taken
+locally by construction (no implicit all-reduce of the full gradient), and
+the replicated outputs are bitwise equal on all devices because each comes
+from the same all-reduced block values and the same shared block indices.
+``wire.collectives`` reads the compiled HLO to check that claim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from defjax import feedback
+
+LOCAL_AXIS = 'local'
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerLayout:
+  """K workers on a 1-D mesh: ``workers_per_device`` of them on each device."""
+
+  mesh: Mesh
+  num_workers: int
+  axis: str = 'data'
+
+  @property
+  def num_devices(self) -> int:
+    return self.mesh.shape[self.axis]
+
+  @property
+  def workers_per_device(self) -> int:
+    return self.num_workers // self.num_devices
+
+  @property
+  def axis_name(self):
+    """The axis name(s) to give defjax transforms built for this layout."""
+    if self.workers_per_device == 1:
+      return self.axis
+    return (self.axis, LOCAL_AXIS)
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P())
+
+  @property
+  def per_worker(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P(self.axis))
+
+  def worker_rows(self, process_index: Optional[int] = None) -> slice:
+    """The workers (rows of a per-worker array) whose devices live on a process.
+
+    Each process loads only these rows of the per-worker batch.
+    """
+    if process_index is None:
+      process_index = jax.process_index()
+    devices = list(self.mesh.devices.flat)
+    mine = [i for i, d in enumerate(devices) if d.process_index == process_index]
+    if not mine:
+      return slice(0, 0)
+    w = self.workers_per_device
+    return slice(mine[0] * w, (mine[-1] + 1) * w)
+
+
+def make_layout(
+    num_workers: int,
+    devices: Optional[Sequence[jax.Device]] = None,
+    axis: str = 'data',
+) -> WorkerLayout:
+  """Places K workers on the devices.
+
+  K <= n_devices uses the first K devices (one worker each); K > n_devices
+  simulates K / n_devices workers per device and needs K divisible by n.
+
+  Raises:
+    ValueError: if K < 1 or K > n_devices is not a multiple of n_devices.
+  """
+  if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
+    raise ValueError(f'num_workers must be a positive integer, got {num_workers!r}')
+  if devices is None:
+    devices = jax.devices()
+  # Mesh position, not device id, orders workers: ids are not contiguous across
+  # processes, and each process's devices must hold consecutive workers.
+  devices = sorted(devices, key=lambda d: (d.process_index, d.id))
+  n = len(devices)
+  if num_workers <= n:
+    used = devices[:num_workers]
+  elif num_workers % n == 0:
+    used = devices
+  else:
+    raise ValueError(
+        f'num_workers={num_workers} is not divisible by the {n} available'
+        f' devices; use a multiple of {n} (or at most {n})'
+    )
+  mesh = Mesh(np.asarray(used), (axis,), axis_types=(jax.sharding.AxisType.Auto,))
+  return WorkerLayout(mesh=mesh, num_workers=num_workers, axis=axis)
+
+
+def init_worker_state(tx: optax.GradientTransformation, params, layout: WorkerLayout):
+  """``tx.init`` for every worker, stacked on the worker axis and sharded."""
+  init = jax.vmap(tx.init, in_axes=None, axis_size=layout.num_workers)
+  return jax.jit(init, out_shardings=layout.per_worker)(params)
+
+
+def _map_workers(fn, layout: WorkerLayout, in_axes, out_axes):
+  """Runs a per-worker ``fn`` over this device's workers.
+
+  One worker per device: drop and restore the length-1 worker axis, so the
+  transform sees exactly the shapes of a single worker. Several: vmap with
+  the local axis name so collectives reduce over it too.
+  """
+  if layout.workers_per_device > 1:
+    # Values reduced over the workers are equal on all of them, but vmap still
+    # sees them as mapped (they depend on per-worker state such as the shared
+    # key's copies), so map them and keep the first worker's copy.
+    vmapped = jax.vmap(fn, in_axes=in_axes, axis_name=LOCAL_AXIS)
+
+    def run_vmapped(*args):
+      outs = vmapped(*args)
+      return tuple(
+          jax.tree.map(lambda x: x[0], o) if ax is None else o
+          for o, ax in zip(outs, out_axes)
+      )
+
+    return run_vmapped
+
+  def squeeze(args, axes):
+    return [a if ax is None else jax.tree.map(lambda x: x[0], a) for a, ax in zip(args, axes)]
+
+  def run(*args):
+    outs = fn(*squeeze(args, in_axes))
+    return tuple(
+        o if ax is None else jax.tree.map(lambda x: x[None], o)
+        for o, ax in zip(outs, out_axes)
+    )
+
+  return run
+
+
+LossFn = Callable[[Any, Any, Any], tuple[jax.Array, Any]]
+
+
+def make_train_step(
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    layout: WorkerLayout,
+    *,
+    sync_model_state: bool = True,
+    donate: bool = True,
+):
+  """Builds the jitted data-parallel step of any defjax (or optax) transform.
+
+  Args:
+    loss_fn: ``loss_fn(params, model_state, batch) -> (loss, new_model_state)``
+      for one worker's batch; ``model_state`` holds e.g. batch-norm statistics
+      (use ``{}`` when there are none).
+    tx: the per-worker transform, built with ``axis_name=layout.axis_name``.
+    layout: from ``make_layout``.
+    sync_model_state: average the model state over workers after each step
+      (the authors sync batch-norm statistics; they are small). If False the
+      model state is per worker (leading worker axis).
+    donate: donate params, model state and optimizer state buffers.
+
+  Returns:
+    ``step(params, model_state, opt_state, batch) -> (params, model_state,
+    opt_state, loss)`` where ``batch`` leaves have a leading worker axis K and
+    ``loss`` is the mean over workers.
+  """
+  axis_name = layout.axis_name
+  ms_axis = None if sync_model_state else 0
+
+  def worker(params, model_state, opt_state, batch):
+    point = feedback.eval_point(params, opt_state)
+    (loss, model_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        point, model_state, batch
+    )
+    updates, opt_state = tx.update(grads, opt_state, params)
+    if sync_model_state:
+      model_state = jax.lax.pmean(model_state, axis_name)
+    return updates, model_state, opt_state, jax.lax.pmean(loss, axis_name)
+
+  mapped = _map_workers(
+      worker, layout, in_axes=(None, ms_axis, 0, 0), out_axes=(None, ms_axis, 0, None)
+  )
+
+  def local_step(params, model_state, opt_state, batch):
+    updates, model_state, opt_state, loss = mapped(params, model_state, opt_state, batch)
+    return optax.apply_updates(params, updates), model_state, opt_state, loss
+
+  ms_spec = P() if sync_model_state else P(layout.axis)
+  step = jax.shard_map(
+      local_step,
+      mesh=layout.mesh,
+      in_specs=(P(), ms_spec, P(layout.axis), P(layout.axis)),
+      out_specs=(P(), ms_spec, P(layout.axis), P()),
+      check_vma=False,
+  )
+  return jax.jit(step, donate_argnums=(0, 1, 2) if donate else ())
+
+
+def _per_worker_call(fn, layout: WorkerLayout):
+  """jit(vmap(fn)) over the stacked worker axis, with the workers' axis name."""
+  return jax.jit(
+      jax.vmap(fn, in_axes=(None, 0), out_axes=None, axis_name='workers'),
+  )
+
+
+def make_averaged_params(layout: WorkerLayout):
+  """``f(params, opt_state) -> y = x - mean_k e_k`` for stacked worker state.
+
+  One all-reduce of the error: for evaluation and export, not the step.
+  """
+  del layout  # the stacked state's sharding tells XLA where the workers are
+  return _per_worker_call(
+      lambda p, s: feedback.averaged_params(p, s, axis_name='workers'), None
+  )
+
+
+def num_params(tree) -> int:
+  """The number of values d in a pytree."""
+  return int(sum(math.prod(jnp.shape(x)) for x in jax.tree.leaves(tree)))

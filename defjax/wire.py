@@ -1,0 +1,90 @@
+"""What crosses the wire: collectives read from compiled HLO.
+
+The claim "only the b block values are all-reduced" is checked on the
+program XLA actually runs, not on the Python source: ``collectives`` parses
+the optimized HLO of a compiled step and lists every cross-device collective
+with its payload.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import numpy as np
+
+_COLLECTIVES = (
+    'all-reduce', 'all-reduce-start', 'all-gather', 'all-gather-start',
+    'reduce-scatter', 'all-to-all', 'collective-permute',
+    'collective-permute-start',
+)
+_DTYPE_BYTES = {
+    'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2, 'bf16': 2,
+    's32': 4, 'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8,
+}
+_SHAPE = re.compile(r'\b(pred|[suf]\d+|bf16)\[([\d,]*)\]')
+_OP = re.compile(
+    r'=\s*(?P<result>\(.*?\)|\S+)\s+(?P<op>' + '|'.join(
+        re.escape(c) for c in sorted(_COLLECTIVES, key=len, reverse=True)
+    ) + r')\('
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+  """One collective of a compiled program and the arrays it produces."""
+
+  op: str
+  shapes: tuple[tuple[str, tuple[int, ...]], ...]
+
+  @property
+  def elements(self) -> int:
+    return sum(math.prod(s) for _, s in self.shapes)
+
+  @property
+  def bytes(self) -> int:
+    return sum(math.prod(s) * _DTYPE_BYTES[t] for t, s in self.shapes)
+
+
+def _hlo_text(compiled) -> str:
+  if isinstance(compiled, str):
+    return compiled
+  return compiled.as_text()
+
+
+def collectives(compiled) -> list[Collective]:
+  """Every cross-device collective in a compiled program (or its HLO text).
+
+  ``*-done`` halves of async pairs are skipped so each transfer counts once;
+  a combined (tuple) all-reduce counts all of its operands.
+  """
+  found = []
+  for line in _hlo_text(compiled).splitlines():
+    m = _OP.search(line)
+    if not m:
+      continue
+    result = m.group('result')
+    shapes = tuple(
+        (t, tuple(int(x) for x in dims.split(',') if x))
+        for t, dims in _SHAPE.findall(result)
+    )
+    op = m.group('op').removesuffix('-start')
+    if op.startswith('all-reduce') and result.startswith('(') and m.group('op').endswith('-start'):
+      # all-reduce-start returns the operands then the results: count once.
+      shapes = shapes[: len(shapes) // 2] if len(shapes) > 1 and len(shapes) % 2 == 0 else shapes
+    found.append(Collective(op=op, shapes=shapes))
+  return found
+
+
+def all_reduce_elements(compiled, *, min_elements: int = 1) -> list[int]:
+  """Sizes (in elements) of all-reduces of at least ``min_elements`` values."""
+  return sorted(
+      c.elements for c in collectives(compiled)
+      if c.op == 'all-reduce' and c.elements >= min_elements
+  )
+
+
+def payload_bytes(compiled) -> int:
+  """Total bytes produced by the collectives of one run of the program."""
+  return int(np.sum([c.bytes for c in collectives(compiled)], dtype=np.int64))

@@ -1,0 +1,227 @@
+"""Compressors: linearity, block selection, coverage, comparison compressors."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import defjax
+from defjax import compress as compress_lib
+from helpers import K, assert_trees_close, mlp_params
+
+
+def _tree(seed, params=None):
+  params = mlp_params() if params is None else params
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  return treedef.unflatten([jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+
+
+def _flat(tree):
+  return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
+
+
+def _state_at(compressor, params, step):
+  state = compressor.init(params)
+  return state._replace(count=jnp.asarray(step, jnp.int32))
+
+
+LINEAR = {
+    'rbgs': lambda: defjax.rbgs(7, seed=3),
+    'rbgs_per_leaf': lambda: defjax.rbgs(7, seed=3, per_leaf=True),
+    'randomk': lambda: defjax.randomk(7, seed=3),
+    'scaled': lambda: defjax.scaled(0.25),
+    'identity': defjax.identity,
+}
+
+
+@pytest.mark.parametrize('name', LINEAR)
+def test_linear_and_shared(name):
+  """C(a) + C(b) = C(a + b), and mean_k C(p_k) = C(mean_k p_k) (identity 4)."""
+  c = LINEAR[name]()
+  params = mlp_params()
+  state = c.init(params)
+  a, b = _tree(1), _tree(2)
+  compress = jax.jit(c.compress)
+  assert_trees_close(
+      jax.tree.map(jnp.add, compress(a, state), compress(b, state)),
+      compress(jax.tree.map(jnp.add, a, b), state),
+  )
+  ps = jax.tree.map(lambda *xs: jnp.stack(xs), *[_tree(10 + k) for k in range(K)])
+  mean_c, residual, new_state = jax.vmap(
+      c.aggregate, in_axes=(0, None, None), axis_name='w'
+  )(ps, state, 'w')
+  mean_p = jax.tree.map(lambda x: x.mean(0), ps)
+  for k in range(K):
+    assert_trees_close(jax.tree.map(lambda x: x[k], mean_c), compress(mean_p, state))
+    p_k = jax.tree.map(lambda x: x[k], ps)
+    # residual = p_k - C(p_k)
+    assert_trees_close(
+        jax.tree.map(lambda x: x[k], residual),
+        jax.tree.map(jnp.subtract, p_k, compress(p_k, state)),
+    )
+
+
+def test_rbgs_first_step_block_values():
+  """The kept values are exactly the circular block at the shared start."""
+  ratio, seed = 10, 5
+  c = defjax.rbgs(ratio, seed=seed)
+  params = mlp_params()
+  d = _flat(params).size
+  b = math.ceil(d / ratio)
+  for step in (0, 1, 17):
+    state = _state_at(c, params, step)
+    start = int(jax.random.randint(
+        jax.random.fold_in(jax.random.PRNGKey(seed), step), (), 0, d, dtype=jnp.int32))
+    expected_idx = (start + np.arange(b)) % d
+    a = _tree(step)
+    flat = _flat(a)
+    kept = _flat(c.compress(a, state))
+    expected = np.zeros(d, np.float32)
+    expected[expected_idx] = flat[expected_idx]
+    np.testing.assert_array_equal(kept, expected)
+  assert c.payload(params) == b
+
+
+def test_rbgs_block_wraps_around():
+  """A block starting near the end continues at index 0 (no clamping)."""
+  d, ratio = 20, 4  # b = 5
+  c = defjax.rbgs(ratio, seed=0)
+  params = {'v': jnp.zeros(d)}
+  for step in range(200):
+    state = _state_at(c, params, step)
+    kept = np.asarray(c.compress({'v': jnp.arange(1.0, d + 1)}, state)['v'])
+    nz = np.flatnonzero(kept)
+    assert nz.size == 5
+    start = int(jax.random.randint(
+        jax.random.fold_in(jax.random.PRNGKey(0), step), (), 0, d, dtype=jnp.int32))
+    if start > d - 5:
+      assert 0 in nz and d - 1 in nz  # the block wrapped
+      return
+  pytest.fail('no wrapping block in 200 steps')
+
+
+@pytest.mark.parametrize('per_leaf', [False, True])
+def test_uniform_coverage(per_leaf):
+  """Every coordinate, first and last included, is kept with frequency b/d.
+
+  For each coordinate the indicator over T independent steps is Bernoulli(p)
+  with p = b/d (circular blocks). Hoeffding plus a union bound over the d
+  coordinates: P(any |freq - p| > eps) <= 2 d exp(-2 T eps^2) = 1e-6 for the
+  eps below. A clamped (non-circular) block would keep coordinate 0 with
+  probability 1/d, far outside the bound.
+  """
+  params = {'a': jnp.zeros((6, 5)), 'b': jnp.zeros(20)}  # d = 50
+  ratio, T = 5, 4000
+  c = defjax.rbgs(ratio, seed=11, per_leaf=per_leaf)
+  state = c.init(params)
+  ones = jax.tree.map(jnp.ones_like, params)
+
+  @jax.jit
+  def counts():
+    def kept(t):
+      return c.compress(ones, state._replace(count=t.astype(jnp.int32)))
+    return jax.tree.map(lambda x: x.sum(0), jax.lax.map(kept, jnp.arange(T)))
+
+  freq = jax.tree.map(lambda x: np.ravel(x) / T, counts())
+  if per_leaf:
+    p = {'a': (30 // ratio) / 30, 'b': (20 // ratio) / 20}
+  else:
+    p = {'a': 10 / 50, 'b': 10 / 50}
+  eps = math.sqrt(math.log(2 * 50 / 1e-6) / (2 * T))
+  for name in params:
+    f = freq[name]
+    assert np.all(np.abs(f - p[name]) <= eps), (name, f.min(), f.max(), p[name])
+  np.testing.assert_array_less(np.abs(_flat(freq)[[0, -1]] - p['a']), eps)
+
+
+def test_all_workers_select_the_same_block():
+  """Identity 6: the block depends on the shared seed and step, not the worker."""
+  c = defjax.rbgs(16, seed=2)
+  params = mlp_params()
+  ps = jax.tree.map(lambda *xs: jnp.stack(xs), *[_tree(100 + k) for k in range(K)])
+  state = c.init(params)
+  for _ in range(3):
+    _, residual, states = jax.vmap(c.aggregate, in_axes=(0, None, None), axis_name='w')(ps, state, 'w')
+    zeroed = np.stack([_flat(jax.tree.map(lambda x: x[k], residual)) == 0 for k in range(K)])
+    assert zeroed[0].sum() == c.payload(params)
+    assert (zeroed == zeroed[0]).all()
+    state = jax.tree.map(lambda x: x[0], states)
+
+
+def test_per_leaf_blocks():
+  """Per-leaf RBGS: max(1, floor(n/ratio)) circular values in every leaf."""
+  params = mlp_params()
+  ratio = 8
+  c = defjax.rbgs(ratio, per_leaf=True)
+  sizes = [x.size for x in jax.tree.leaves(params)]
+  expected = [max(1, n // ratio) for n in sizes]
+  assert compress_lib.per_leaf_block_sizes(params, ratio) == expected
+  assert c.payload(params) == sum(expected)
+  state = c.init(params)
+  a = jax.tree.map(lambda x: x + 1.0, _tree(3))  # no zeros
+  kept = c.compress(a, state)
+  for leaf, n_kept in zip(jax.tree.leaves(kept), expected):
+    nz = np.flatnonzero(np.ravel(leaf))
+    assert nz.size == n_kept
+    n = leaf.size
+    # contiguous modulo n: consecutive gaps are 1 except at most one wrap
+    gaps = np.diff(np.sort(nz))
+    assert (gaps != 1).sum() <= 1
+    if (gaps != 1).sum() == 1:
+      assert nz.min() == 0 and nz.max() == n - 1
+
+
+def test_topk_keeps_largest_and_aggregates():
+  c = defjax.topk(10)
+  params = mlp_params()
+  d = _flat(params).size
+  b = math.ceil(d / 10)
+  state = c.init(params)
+  a = _tree(4)
+  kept = _flat(c.compress(a, state))
+  flat = _flat(a)
+  assert np.count_nonzero(kept) == b
+  threshold = np.sort(np.abs(flat))[-b]
+  assert np.all(np.abs(flat[kept != 0]) >= threshold)
+  ps = jax.tree.map(lambda *xs: jnp.stack(xs), *[_tree(20 + k) for k in range(K)])
+  mean_c, residual, _ = jax.vmap(c.aggregate, in_axes=(0, None, None), axis_name='w')(ps, state, 'w')
+  expected = np.mean([_flat(c.compress(jax.tree.map(lambda x: x[k], ps), state)) for k in range(K)], 0)
+  np.testing.assert_allclose(_flat(jax.tree.map(lambda x: x[0], mean_c)), expected, rtol=1e-5, atol=1e-7)
+  for k in range(K):
+    p_k = jax.tree.map(lambda x: x[k], ps)
+    np.testing.assert_allclose(
+        _flat(jax.tree.map(lambda x: x[k], residual)),
+        _flat(p_k) - _flat(c.compress(p_k, state)), atol=1e-7)
+  assert c.payload(params) == 2 * b
+
+
+def test_randomk_selects_shared_random_coordinates():
+  c = defjax.randomk(4, seed=9)
+  params = {'v': jnp.zeros(400)}
+  kept0 = np.asarray(c.compress({'v': jnp.ones(400)}, _state_at(c, params, 0))['v'])
+  kept1 = np.asarray(c.compress({'v': jnp.ones(400)}, _state_at(c, params, 1))['v'])
+  # with replacement: at most b, about b (1 - b / 2d) distinct coordinates
+  assert 70 <= kept0.sum() <= 100
+  assert not np.array_equal(kept0, kept1)
+  # not a block: more than a few runs of consecutive indices
+  assert np.count_nonzero(np.diff(kept0)) > 20
+
+
+@pytest.mark.parametrize('factory', [
+    lambda: defjax.rbgs(0.5), lambda: defjax.rbgs(0), lambda: defjax.rbgs(-3),
+    lambda: defjax.rbgs(float('nan')), lambda: defjax.rbgs('256'),
+    lambda: defjax.rbgs(True), lambda: defjax.randomk(0.9), lambda: defjax.topk(0),
+    lambda: defjax.scaled(0), lambda: defjax.scaled(1.5),
+])
+def test_bad_compressor_arguments(factory):
+  with pytest.raises(ValueError):
+    factory()
+
+
+@pytest.mark.parametrize('name', LINEAR)
+def test_non_float_leaves_rejected(name):
+  with pytest.raises(ValueError, match='step'):
+    LINEAR[name]().init({'w': jnp.zeros(3), 'step': jnp.zeros((), jnp.int32)})

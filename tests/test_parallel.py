@@ -1,0 +1,166 @@
+"""The shard_map train step on 8 CPU devices: wire payload, equivalence, layout."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import defjax
+from defjax import parallel, wire
+from helpers import assert_trees_close, batches, mlp_loss, mlp_params, momentum_sgd, run_workers
+
+
+def _loss(params, model_state, batch):
+  return mlp_loss(params, batch), model_state
+
+
+def _setup(tx_factory, num_workers, steps=4):
+  layout = parallel.make_layout(num_workers)
+  tx = tx_factory(layout.axis_name)
+  params = jax.device_put(mlp_params(), layout.replicated)
+  state = parallel.init_worker_state(tx, params, layout)
+  step = parallel.make_train_step(_loss, tx, layout, donate=False)
+  xs, ys = batches(steps, workers=num_workers)
+  return layout, tx, params, state, step, xs, ys
+
+
+def _big_params():
+  # d = 64*512 + 512 + 512*10 + 10 = 38,410: large enough that a full-length
+  # all-reduce stands out from the block and the scalar loss.
+  return mlp_params(sizes=(64, 512, 10))
+
+
+@pytest.mark.parametrize('ratio', [16, 256])
+@pytest.mark.parametrize('per_leaf', [False, True])
+def test_compiled_step_all_reduces_only_the_block(ratio, per_leaf):
+  """Identity 7: the compiled step's all-reduce payload is b floats, never d."""
+  layout = parallel.make_layout(8)
+  tx = defjax.error_feedback(momentum_sgd(), defjax.rbgs(ratio, per_leaf=per_leaf),
+                             lam=0.3, axis_name=layout.axis_name)
+  params = jax.device_put(_big_params(), layout.replicated)
+  d = parallel.num_params(params)
+  state = parallel.init_worker_state(tx, params, layout)
+  step = parallel.make_train_step(_loss, tx, layout, donate=False)
+  x = jnp.zeros((8, 4, 64)); y = jnp.zeros((8, 4), jnp.int32)
+  compiled = step.lower(params, {}, state, jax.device_put((x, y), layout.per_worker)).compile()
+  found = wire.collectives(compiled)
+  shapes = [s for c in found for _, s in c.shapes]
+  sizes = sorted(math.prod(s) for s in shapes)
+  b = tx_payload = defjax.rbgs(ratio, per_leaf=per_leaf).payload(params)
+  assert {c.op for c in found} == {'all-reduce'}
+  # one operand of b values (the block), the rest scalars (the loss)
+  assert sizes[-1] == b and all(s <= 1 for s in sizes[:-1]), sizes
+  assert b == (math.ceil(d / ratio) if not per_leaf else tx_payload)
+  assert max(sizes) < d
+
+
+def test_hlo_check_catches_the_full_gradient_all_reduce():
+  """The trap: grad w.r.t. replicated params under check_vma=True all-reduces
+  the full gradient. The HLO check above must see it (so it can fail)."""
+  layout = parallel.make_layout(8)
+  params = jax.device_put(_big_params(), layout.replicated)
+  d = parallel.num_params(params)
+
+  def naive(params, batch):
+    x, y = batch
+    g = jax.grad(mlp_loss)(params, (x[0], y[0]))  # no pcast: implicit psum
+    return jax.tree.map(lambda p, g: p - 0.1 * g, params, g)
+
+  step = jax.jit(jax.shard_map(naive, mesh=layout.mesh, in_specs=(P(), P('data')),
+                               out_specs=P(), check_vma=True))
+  x = jnp.zeros((8, 4, 64)); y = jnp.zeros((8, 4), jnp.int32)
+  compiled = step.lower(params, jax.device_put((x, y), layout.per_worker)).compile()
+  assert sum(wire.all_reduce_elements(compiled)) >= d
+
+  def fixed(params, batch):
+    params = jax.lax.pcast(params, 'data', to='varying')
+    return naive(params, batch)
+
+  step = jax.jit(jax.shard_map(fixed, mesh=layout.mesh, in_specs=(P(), P('data')),
+                               out_specs=P('data'), check_vma=True))
+  compiled = step.lower(params, jax.device_put((x, y), layout.per_worker)).compile()
+  assert wire.all_reduce_elements(compiled) == []
+
+
+@pytest.mark.parametrize('num_workers', [8, 16, 4])
+@pytest.mark.parametrize('method', ['def', 'sgd'])
+def test_sharded_step_equals_simulated_workers(num_workers, method):
+  """shard_map over 8 devices (1, 2 or a subset of workers per device) gives
+  the vmap simulation's trajectory."""
+  def factory(axis_name):
+    if method == 'sgd':
+      return defjax.data_parallel(momentum_sgd(), axis_name=axis_name)
+    return defjax.error_feedback(momentum_sgd(), defjax.rbgs(8), lam=0.3, axis_name=axis_name)
+
+  layout, tx, params, state, step, xs, ys = _setup(factory, num_workers)
+  for t in range(xs.shape[0]):
+    batch = jax.device_put((xs[t], ys[t]), layout.per_worker)
+    params, _, state, loss = step(params, {}, state, batch)
+  assert step._cache_size() == 1  # no recompilation from step to step
+  x_ref, states_ref, _ = run_workers(factory('w'), mlp_params(), xs, ys)
+  assert_trees_close(params, x_ref, rtol=1e-5, atol=1e-6)
+  assert_trees_close(state, states_ref, rtol=1e-5, atol=1e-6)
+  assert np.isfinite(float(loss))
+
+
+def test_state_type_and_sharding_unchanged_by_step():
+  layout, tx, params, state, step, xs, ys = _setup(
+      lambda a: defjax.error_feedback(momentum_sgd(), defjax.rbgs(8), lam=0.3, axis_name=a), 8)
+  types = jax.tree.map(jax.typeof, state)
+  shardings = jax.tree.map(lambda a: a.sharding, state)
+  params_sharding = jax.tree.map(lambda a: a.sharding, params)
+  for t in range(2):
+    params, _, state, _ = step(params, {}, state, jax.device_put((xs[t], ys[t]), layout.per_worker))
+  assert jax.tree.map(jax.typeof, state) == types
+  assert jax.tree.map(lambda a: a.sharding, state) == shardings
+  assert jax.tree.map(lambda a: a.sharding, params) == params_sharding
+  assert all(s.spec == P('data') for s in jax.tree.leaves(shardings))
+
+
+def test_model_state_is_synced_or_per_worker():
+  """Batch-norm-like model state: averaged over workers, or kept per worker."""
+  def loss(params, model_state, batch):
+    x, y = batch
+    return mlp_loss(params, batch), {'mean': x.mean()}
+
+  for sync in (True, False):
+    layout = parallel.make_layout(8)
+    tx = defjax.data_parallel(optax.sgd(0.1), axis_name=layout.axis_name)
+    params = jax.device_put(mlp_params(), layout.replicated)
+    state = parallel.init_worker_state(tx, params, layout)
+    step = parallel.make_train_step(loss, tx, layout, sync_model_state=sync, donate=False)
+    xs, ys = batches(1)
+    ms = {'mean': jnp.zeros(())} if sync else {'mean': jnp.zeros(8)}
+    ms = jax.device_put(ms, layout.replicated if sync else layout.per_worker)
+    _, ms, _, _ = step(params, ms, state, jax.device_put((xs[0], ys[0]), layout.per_worker))
+    per_worker = np.asarray(xs[0]).reshape(8, -1).mean(1)
+    if sync:
+      np.testing.assert_allclose(float(ms['mean']), per_worker.mean(), rtol=1e-5)
+    else:
+      np.testing.assert_allclose(np.asarray(ms["mean"]), per_worker, rtol=1e-4, atol=1e-7)
+
+
+def test_averaged_params_of_stacked_state():
+  layout, tx, params, state, step, xs, ys = _setup(
+      lambda a: defjax.error_feedback(momentum_sgd(), defjax.rbgs(8), lam=0.3, axis_name=a), 8)
+  for t in range(3):
+    params, _, state, _ = step(params, {}, state, jax.device_put((xs[t], ys[t]), layout.per_worker))
+  y = parallel.make_averaged_params(layout)(params, state)
+  expected = jax.tree.map(lambda p, e: p - e.mean(0), params, state.error)
+  assert_trees_close(y, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_layout():
+  assert parallel.make_layout(8).workers_per_device == 1
+  assert parallel.make_layout(16).workers_per_device == 2
+  assert parallel.make_layout(16).axis_name == ('data', 'local')
+  assert parallel.make_layout(3).num_devices == 3
+  assert parallel.make_layout(16).worker_rows(0) == slice(0, 16)
+  with pytest.raises(ValueError, match='divisible'):
+    parallel.make_layout(12)
+  with pytest.raises(ValueError, match='positive'):
+    parallel.make_layout(0)
