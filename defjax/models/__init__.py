@@ -1,0 +1,48 @@
+"""The model zoo: Flax linen classifiers looked up by name.
+
+Every model is called the same way; the trainer relies on it::
+
+  model = get_model('resnet20', num_classes=10)
+  variables = model.init(key, x, train=False)         # x: float32 NHWC
+  logits, updates = model.apply(variables, x, train=True,
+                                mutable=['batch_stats'])
+  logits = model.apply(variables, x, train=False)
+
+``updates`` has a 'batch_stats' entry only for models with BatchNorm (all but
+'cnn'). No model uses dropout or any other randomness, so ``apply`` needs no
+rngs and a train step is a deterministic function of (params, batch).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import flax.linen as nn
+
+from defjax.models import cnn
+from defjax.models import resnet_cifar
+from defjax.models import resnet_imagenet
+from defjax.models import vgg
+
+_FACTORIES: dict[str, Callable[[int], nn.Module]] = {
+    'cnn': cnn.CNN,                                          # 28x28x1
+    'vgg16': functools.partial(vgg.VGG, cfg=vgg.VGG16),      # 32x32x3
+    'resnet20': resnet_cifar.resnet20,                       # 32x32x3
+    'preact_resnet110': resnet_cifar.preact_resnet110,       # 32x32x3
+    'wrn28_10': resnet_cifar.wrn28_10,                       # 32x32x3
+    'resnet50': resnet_imagenet.resnet50,                    # 224x224x3
+}
+
+MODELS = tuple(_FACTORIES)
+
+
+def get_model(name: str, num_classes: int) -> nn.Module:
+  """Returns the model called ``name`` with ``num_classes`` outputs.
+
+  Raises:
+    ValueError: if ``name`` is not one of ``MODELS``.
+  """
+  if name not in _FACTORIES:
+    raise ValueError(f'unknown model {name!r}; choose one of {MODELS}')
+  return _FACTORIES[name](num_classes)

@@ -1,0 +1,121 @@
+"""ResNets for 32x32 inputs: ResNet-20, pre-activation ResNet-110, WRN-28-10.
+
+All three have a 3x3 stem with 16 channels and three stages of basic blocks,
+the second and third starting with stride 2 (32x32 -> 16x16 -> 8x8), then
+global average pooling and one Linear layer.
+
+References:
+  He et al., "Deep Residual Learning for Image Recognition", CVPR 2016
+  (Section 4.2, the CIFAR-10 networks).
+  He et al., "Identity Mappings in Deep Residual Networks", ECCV 2016.
+  Zagoruyko & Komodakis, "Wide Residual Networks", BMVC 2016.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+
+from defjax.models import layers
+
+STEM_WIDTH = 16
+
+
+class BasicBlock(nn.Module):
+  """conv-BN-ReLU-conv-BN, plus the shortcut, then ReLU."""
+
+  features: int
+  strides: int
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    y = layers.conv(self.features, 3, self.strides)(x)
+    y = nn.relu(layers.batch_norm(train)(y))
+    y = layers.conv(self.features, 3)(y)
+    y = layers.batch_norm(train)(y)
+    if x.shape != y.shape:
+      # He et al.'s option B (projection) rather than option A (zero
+      # padding): the common PyTorch choice, and every weight is trainable.
+      x = layers.conv(self.features, 1, self.strides, name='shortcut_conv')(x)
+      x = layers.batch_norm(train, name='shortcut_bn')(x)
+    return nn.relu(x + y)
+
+
+class PreActBlock(nn.Module):
+  """BN-ReLU-conv-BN-ReLU-conv plus the shortcut (He et al. 2016b).
+
+  With ``features`` 10x wider this is WRN's wide basic block without dropout.
+  """
+
+  features: int
+  strides: int
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    a = nn.relu(layers.batch_norm(train)(x))
+    y = layers.conv(self.features, 3, self.strides)(a)
+    y = nn.relu(layers.batch_norm(train)(y))
+    y = layers.conv(self.features, 3)(y)
+    if x.shape != y.shape:
+      # The projection sees the pre-activated input, as in both reference
+      # implementations; an identity shortcut carries x untouched.
+      x = layers.conv(self.features, 1, self.strides, name='shortcut_conv')(a)
+    return x + y
+
+
+class ResNet(nn.Module):
+  """Post-activation CIFAR ResNet (ResNet-20 is stage_sizes=(3, 3, 3))."""
+
+  num_classes: int
+  stage_sizes: Sequence[int]
+  widths: Sequence[int]
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    x = layers.conv(STEM_WIDTH, 3)(x)
+    x = nn.relu(layers.batch_norm(train)(x))
+    for stage, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
+      for block in range(blocks):
+        strides = 2 if stage > 0 and block == 0 else 1
+        x = BasicBlock(width, strides)(x, train=train)
+    x = layers.global_avg_pool(x)
+    return layers.dense(self.num_classes)(x)
+
+
+class PreActResNet(nn.Module):
+  """Pre-activation CIFAR ResNet; also the Wide ResNet (wider ``widths``)."""
+
+  num_classes: int
+  stage_sizes: Sequence[int]
+  widths: Sequence[int]
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    x = layers.conv(STEM_WIDTH, 3)(x)
+    for stage, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
+      for block in range(blocks):
+        strides = 2 if stage > 0 and block == 0 else 1
+        x = PreActBlock(width, strides)(x, train=train)
+    # The last block ends on an addition; normalise and activate before
+    # pooling.
+    x = nn.relu(layers.batch_norm(train)(x))
+    x = layers.global_avg_pool(x)
+    return layers.dense(self.num_classes)(x)
+
+
+def resnet20(num_classes: int) -> ResNet:
+  """ResNet-20: depth 6n + 2 with n = 3."""
+  return ResNet(num_classes, stage_sizes=(3, 3, 3), widths=(16, 32, 64))
+
+
+def preact_resnet110(num_classes: int) -> PreActResNet:
+  """Pre-activation ResNet-110: depth 6n + 2 with n = 18."""
+  return PreActResNet(num_classes, stage_sizes=(18, 18, 18), widths=(16, 32, 64))
+
+
+def wrn28_10(num_classes: int) -> PreActResNet:
+  """WRN-28-10: depth 6n + 4 with n = 4, widths 16k, 32k, 64k with k = 10."""
+  return PreActResNet(
+      num_classes, stage_sizes=(4, 4, 4), widths=(160, 320, 640)
+  )
