@@ -142,6 +142,14 @@ def _advance(state: RandomState) -> RandomState:
   return RandomState(key=state.key, count=state.count + 1)
 
 
+def _split_like(flat: jax.Array, tree: PyTree) -> PyTree:
+  """Cuts a flat vector into ``tree``'s leaf shapes (dtype kept)."""
+  leaves, treedef = jax.tree.flatten(tree)
+  sizes = [int(np.prod(jnp.shape(x), dtype=np.int64)) for x in leaves]
+  parts = jnp.split(flat, np.cumsum(sizes)[:-1]) if len(sizes) > 1 else [flat]
+  return treedef.unflatten([p.reshape(jnp.shape(x)) for p, x in zip(parts, leaves)])
+
+
 def _indexed_compressor(
     indices_fn: Callable[[RandomState, int], jax.Array],
     payload_fn: Callable[[int], int],
@@ -156,22 +164,32 @@ def _indexed_compressor(
   mean_k C(p_k) = C(mean_k p_k) is one all-reduce of the selected values.
   """
 
+  def select(tree, state):
+    flat, _ = _ravel(tree)
+    d = flat.shape[0]
+    idx = indices_fn(state, d)
+    values = flat.at[idx].get(unique_indices=unique, mode='promise_in_bounds')
+    # Scatter only into fresh zero buffers: XLA:CPU fuses a scatter into its
+    # operand, and a scatter into the concatenated tree recomputed it per
+    # index (17 ms instead of 1 ms per step on a 0.4M-value CNN).
+    mask = jnp.zeros(d, jnp.bool_).at[idx].set(True, unique_indices=unique)
+    return idx, values, _split_like(mask, tree)
+
+  def place(idx, values, d, tree):
+    dtype = jnp.result_type(*jax.tree.leaves(tree))
+    flat = jnp.zeros(d, dtype).at[idx].set(values.astype(dtype), unique_indices=unique)
+    return jax.tree.map(lambda f, x: f.astype(jnp.result_type(x)), _split_like(flat, tree), tree)
+
   def compress(tree, state):
-    flat, unravel = _ravel(tree)
-    idx = indices_fn(state, flat.shape[0])
-    kept = jnp.zeros_like(flat).at[idx].set(flat[idx], unique_indices=unique)
-    return unravel(kept)
+    idx, values, _ = select(tree, state)
+    return place(idx, values, sum(_leaf_sizes(tree)), tree)
 
   def aggregate(tree, state, axis_name=None):
-    flat, unravel = _ravel(tree)
-    idx = indices_fn(state, flat.shape[0])
-    values = flat.at[idx].get(unique_indices=unique, mode='promise_in_bounds')
+    idx, values, mask = select(tree, state)
     mean_values = worker_mean(values, axis_name)  # the only collective: b values
-    mean_c = jnp.zeros(flat.shape, flat.dtype).at[idx].set(
-        mean_values, unique_indices=unique
-    )
-    residual = flat.at[idx].set(0, unique_indices=unique)
-    return unravel(mean_c), unravel(residual), _advance(state)
+    mean_c = place(idx, mean_values, sum(_leaf_sizes(tree)), tree)
+    residual = jax.tree.map(lambda x, m: jnp.where(m, jnp.zeros_like(x), x), tree, mask)
+    return mean_c, residual, _advance(state)
 
   def payload(params):
     return payload_fn(sum(_leaf_sizes(params)))
@@ -326,7 +344,9 @@ def topk(ratio: float) -> Compressor:
     flat, unravel = _ravel(tree)
     idx = select(flat)
     values = flat[idx]
-    residual = flat.at[idx].set(0, unique_indices=True)
+    mask = jnp.zeros(flat.shape, jnp.bool_).at[idx].set(True, unique_indices=True)
+    residual = jax.tree.map(
+        lambda x, m: jnp.where(m, jnp.zeros_like(x), x), tree, _split_like(mask, tree))
     if axis_name is None:
       total = jnp.zeros_like(flat).at[idx].set(values)
     else:
@@ -334,7 +354,7 @@ def topk(ratio: float) -> Compressor:
       all_idx = jax.lax.all_gather(idx, axis_name, tiled=True)
       total = jnp.zeros(flat.shape, flat.dtype).at[all_idx].add(all_values)
       total = total / num_workers(axis_name)
-    return unravel(total), unravel(residual), state
+    return unravel(total), residual, state
 
   def payload(params):
     return 2 * block_size(sum(_leaf_sizes(params)), ratio)  # values + indices
@@ -392,3 +412,47 @@ def identity() -> Compressor:
     )
 
   return Compressor(init, compress, aggregate, lambda p: sum(_leaf_sizes(p)))
+
+
+class WarmupState(NamedTuple):
+  """Steps taken, and the state of the compressor used after the warm-up."""
+
+  count: jax.Array
+  inner: Any
+
+
+def dense_warmup(compressor: Compressor, steps: int) -> Compressor:
+  """A dense all-reduce (C = identity) for ``steps`` steps, then ``compressor``.
+
+  During the warm-up nothing is left behind (the error stays zero). Both
+  collectives are in the compiled program; only one runs per step, chosen by
+  the shared step count (under vmap, both run and one is selected).
+  """
+  if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+    raise ValueError(f'steps must be a non-negative integer, got {steps!r}')
+  dense = identity()
+
+  def init(params):
+    return WarmupState(count=jnp.zeros([], jnp.int32), inner=compressor.init(params))
+
+  def compress(tree, state):
+    return jax.lax.cond(
+        state.count < steps,
+        lambda: dense.compress(tree, EmptyState()),
+        lambda: compressor.compress(tree, state.inner),
+    )
+
+  def aggregate(tree, state, axis_name=None):
+    def dense_branch():
+      mean_c, residual, _ = dense.aggregate(tree, EmptyState(), axis_name)
+      return mean_c, residual, state.inner
+
+    def compressed_branch():
+      return compressor.aggregate(tree, state.inner, axis_name)
+
+    mean_c, residual, inner = jax.lax.cond(
+        state.count < steps, dense_branch, compressed_branch
+    )
+    return mean_c, residual, WarmupState(count=state.count + 1, inner=inner)
+
+  return Compressor(init, compress, aggregate, compressor.payload)
