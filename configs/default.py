@@ -1,0 +1,67 @@
+"""Defaults shared by every config: each field is documented here.
+
+Variants import this module and override a few fields.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  # Dataset: fashion_mnist | image_folder | cifar10 | cifar100 | imagenet2012.
+  config.dataset = 'fashion_mnist'
+  # Where the data is; '' = the dataset's default location (Debian's
+  # /usr/share/datasets/fashion-mnist, TFDS's ~/tensorflow_datasets). For
+  # image_folder, a folder or .tar of train/<class>/* and test/<class>/*.
+  config.data_dir = ''
+  # Model: cnn | vgg16 | resnet20 | preact_resnet110 | wrn28_10 | resnet50.
+  config.model = 'cnn'
+  # K, the number of workers. K > devices simulates K / devices per device.
+  config.num_workers = 8
+  # Mini-batch per worker (the global batch is num_workers * batch_size).
+  config.batch_size = 16
+  config.num_epochs = 3
+  # > 0 overrides num_epochs (the schedule then spans these steps).
+  config.num_train_steps = 0
+  # Seed of the parameters, the data order, augmentation and block selection.
+  config.seed = 0
+  # Evaluate every this many steps; 0 = once per epoch (and always at the end).
+  config.eval_every_steps = 0
+  # Evaluation batch size (split over the devices).
+  config.eval_batch_size = 1000
+  # Checkpoint every this many steps (0 = only at the end and on SIGTERM).
+  config.checkpoint_every_steps = 0
+  # Checkpoints kept in <workdir>/checkpoints.
+  config.max_to_keep = 2
+  # On resume with a different num_workers, map the saved error buffers onto
+  # the new workers so that mean_k e_k (and DEF's output y) is preserved.
+  config.resume_reshard = False
+  # Average batch-norm statistics over workers after every step (the authors
+  # do; evaluation then uses the synced statistics).
+  config.sync_batch_stats = True
+  # On-device augmentation: random crop with this zero padding (0 = none) and
+  # random horizontal flips; images are then standardised per channel.
+  config.crop_padding = 0
+  config.flip = False
+
+  config.optim = optim = ml_collections.ConfigDict()
+  # sgd | ef | def | def_a | saef | psync (def and def_a are the same run; they
+  # differ only in the model reported as test_accuracy: y or x).
+  optim.method = 'def'
+  # Compression ratio d / b of RBGS (ignored by sgd).
+  optim.ratio = 256.0
+  # DEF's detach coefficient lam in [0, 1] (ef uses 0, saef and psync 1).
+  optim.lam = 0.3
+  # One block per leaf (the authors' code) instead of one over all values.
+  optim.per_leaf = False
+  optim.lr = 0.05
+  optim.momentum = 0.9
+  optim.weight_decay = 5e-4
+  # step (divide by 10 at each decay_at fraction of training) | cosine.
+  optim.schedule = 'step'
+  optim.decay_at = (0.5, 0.75)
+  # Linear learning-rate warm-up from 0, in epochs.
+  optim.warmup_epochs = 0.0
+  # Dense (uncompressed) all-reduce for this many steps before compression.
+  optim.dense_warmup_steps = 0
+  return config

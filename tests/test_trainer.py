@@ -1,0 +1,199 @@
+"""End-to-end: train_and_evaluate and train.py on tiny settings."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import default, fashion_mnist
+from defjax import trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FMNIST = '/usr/share/datasets/fashion-mnist'
+needs_fmnist = pytest.mark.skipif(
+    not os.path.exists(os.path.join(FMNIST, 'train-images-idx3-ubyte.gz')),
+    reason='Fashion-MNIST not installed (make data)')
+
+RECORD_KEYS = {'step', 'epoch', 'train_loss', 'test_accuracy', 'test_accuracy_x', 'lr',
+               'wall_time', 'bytes_sent'}
+SUMMARY_KEYS = {'status', 'final_test_accuracy', 'final_train_loss', 'steps', 'wall_time',
+                'bytes_sent', 'config', 'params_sha256'}
+
+
+@pytest.fixture(scope='module')
+def tiny_folder(tmp_path_factory):
+  """A 3-class image_folder .tar of 32x32 RGB JPEGs whose class sets the colour."""
+  root = tmp_path_factory.mktemp('folder')
+  path = root / 'tiny.tar'
+  rng = np.random.default_rng(0)
+  with tarfile.open(path, 'w') as tar:
+    for split, n in (('train', 48), ('test', 12)):
+      for c, name in enumerate(('red', 'green', 'blue')):
+        for i in range(n // 3):
+          img = rng.integers(0, 60, (32, 32, 3), dtype=np.uint8)
+          img[..., c] += 180
+          buf = io.BytesIO()
+          Image.fromarray(img).save(buf, format='JPEG')
+          info = tarfile.TarInfo(f'{split}/{name}/{i:04d}.jpg')
+          info.size = buf.tell()
+          buf.seek(0)
+          tar.addfile(info, buf)
+  return str(path)
+
+
+def tiny_config(tiny_folder, **overrides):
+  config = default.get_config()
+  config.dataset = 'image_folder'
+  config.data_dir = tiny_folder
+  config.model = 'cnn'
+  config.num_workers = 8
+  config.batch_size = 2
+  config.num_train_steps = 6
+  config.eval_every_steps = 3
+  config.crop_padding = 4
+  config.flip = True
+  config.optim.ratio = 16.0
+  config.optim.lr = 0.05
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def _records(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(l) for l in f if l.strip()]
+
+
+@pytest.mark.parametrize('method', trainer.METHODS)
+def test_every_method_trains_and_evaluates(method, tiny_folder, tmp_path):
+  config = tiny_config(tiny_folder, **{'optim.method': method})
+  summary = trainer.train_and_evaluate(config, str(tmp_path), log=lambda *_: None)
+  records = _records(tmp_path)
+  assert [r['step'] for r in records] == [3, 6]
+  for r in records:
+    assert set(r) == RECORD_KEYS
+    assert 0 <= r['test_accuracy'] <= 1 and 0 <= r['test_accuracy_x'] <= 1
+    assert np.isfinite(r['train_loss'])
+  # bytes: the block (or all d values for sgd) + BN stats (none here) + loss
+  d = summary['num_params']
+  per_step = 4 * ((d if method == 'sgd' else -(-d // 16)) + 1)
+  assert records[-1]['bytes_sent'] == 6 * per_step == summary['bytes_sent']
+  with open(tmp_path / 'summary.json') as f:
+    on_disk = json.load(f)
+  assert SUMMARY_KEYS <= set(on_disk)
+  assert on_disk['status'] == 'completed' and on_disk['steps'] == 6
+  assert on_disk['final_test_accuracy'] == records[-1]['test_accuracy']
+  assert len(on_disk['params_sha256']) == 64
+  assert on_disk['config']['optim']['method'] == method
+  if method in ('def', 'psync'):  # y = x - mean e differs from x
+    assert summary["final_test_accuracy_x"] == records[-1]["test_accuracy_x"]
+  else:
+    assert all(r['test_accuracy'] == r['test_accuracy_x'] for r in records)
+
+
+def test_runs_are_deterministic_and_seeded(tiny_folder, tmp_path):
+  a = trainer.train_and_evaluate(tiny_config(tiny_folder), str(tmp_path / 'a'), log=lambda *_: None)
+  b = trainer.train_and_evaluate(tiny_config(tiny_folder), str(tmp_path / 'b'), log=lambda *_: None)
+  c = trainer.train_and_evaluate(tiny_config(tiny_folder, seed=1), str(tmp_path / 'c'),
+                                 log=lambda *_: None)
+  assert a['params_sha256'] == b['params_sha256']
+  assert a['final_train_loss'] == b['final_train_loss']
+  assert a['params_sha256'] != c['params_sha256']
+
+
+def test_simulated_workers_per_device(tiny_folder, tmp_path):
+  """K = 16 on 8 devices: two workers per device under vmap."""
+  config = tiny_config(tiny_folder, num_workers=16, batch_size=1, num_train_steps=2,
+                       eval_every_steps=2)
+  summary = trainer.train_and_evaluate(config, str(tmp_path), log=lambda *_: None)
+  assert summary['status'] == 'completed'
+
+
+def test_batchnorm_model_with_synced_and_local_stats(tiny_folder, tmp_path):
+  for sync in (True, False):
+    config = tiny_config(tiny_folder, model='resnet20', num_train_steps=2, eval_every_steps=2,
+                         sync_batch_stats=sync)
+    summary = trainer.train_and_evaluate(config, str(tmp_path / str(sync)), log=lambda *_: None)
+    assert summary['status'] == 'completed'
+    assert np.isfinite(summary['final_train_loss'])
+
+
+def test_divergence_is_a_result(tiny_folder, tmp_path):
+  config = tiny_config(tiny_folder, **{'optim.lr': 1e12, 'optim.method': 'sgd'})
+  with pytest.raises(trainer.Diverged) as e:
+    trainer.train_and_evaluate(config, str(tmp_path), log=lambda *_: None)
+  with open(tmp_path / 'summary.json') as f:
+    summary = json.load(f)
+  assert summary['status'] == 'diverged'
+  assert summary['diverged_at_step'] == e.value.step <= 6
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'optim.method': 'adam'}, 'unknown optim.method'),
+    ({'model': 'vgg19'}, 'unknown model'),
+    ({'dataset': 'mnist'}, 'unknown dataset'),
+    ({'optim.ratio': 0.5}, 'ratio'),
+    ({'optim.lam': 1.5}, 'lam'),
+    ({'num_workers': 12}, 'divisible'),
+    ({'data_dir': '/nonexistent/data.tar'}, '/nonexistent'),
+    ({'optim.schedule': 'linear'}, 'schedule'),
+])
+def test_bad_config_errors(overrides, message, tiny_folder, tmp_path):
+  with pytest.raises(trainer.ConfigError, match=message):
+    trainer.train_and_evaluate(tiny_config(tiny_folder, **overrides), str(tmp_path))
+
+
+def _train_py(tmp_path, *args, env=None, timeout=300):
+  return subprocess.run(
+      [sys.executable, os.path.join(REPO, 'train.py'), *args],
+      cwd=REPO, capture_output=True, text=True, timeout=timeout,
+      env=dict(os.environ, **(env or {})))
+
+
+@needs_fmnist
+def test_cli_overrides_and_quickstart_config(tmp_path):
+  """The contract command line on the real Fashion-MNIST, a few steps."""
+  workdir = tmp_path / 'fm'
+  proc = _train_py(
+      tmp_path, '--config', 'configs/fashion_mnist.py', '--workdir', str(workdir),
+      '--config.optim.method=ef', '--config.optim.ratio=64', '--config.seed=1',
+      '--config.num_train_steps=4', '--config.eval_every_steps=4')
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert 'final test accuracy' in proc.stdout
+  with open(workdir / 'summary.json') as f:
+    summary = json.load(f)
+  assert summary['config']['optim']['method'] == 'ef'
+  assert summary['config']['optim']['ratio'] == 64
+  assert summary['config']['seed'] == 1
+  assert summary['steps'] == 4 and summary['steps_per_epoch'] == 60000 // 128
+
+
+def test_cli_bad_input_is_one_line(tmp_path, tiny_folder):
+  proc = _train_py(tmp_path, '--config', 'configs/fashion_mnist.py', '--workdir',
+                   str(tmp_path / 'x'), '--config.optim.method=topk')
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1].startswith('error: unknown optim.method')
+  assert 'Traceback' not in proc.stderr
+  proc = _train_py(tmp_path, '--config', 'configs/fashion_mnist.py', '--workdir',
+                   str(tmp_path / 'y'), '--config.data_dir=/nonexistent')
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr
+  assert 'apt-get install dataset-fashion-mnist' in proc.stderr
+
+
+def test_cli_divergence_exit_code(tmp_path, tiny_folder):
+  proc = _train_py(tmp_path, '--config', 'configs/fashion_mnist.py', '--workdir',
+                   str(tmp_path / 'd'), f'--config.data_dir={tiny_folder}',
+                   '--config.dataset=image_folder', '--config.optim.lr=1e12',
+                   '--config.num_train_steps=4', '--config.batch_size=2')
+  assert proc.returncode == trainer.EXIT_DIVERGED, proc.stderr[-2000:]
+  assert 'diverged at step' in proc.stderr
