@@ -1,0 +1,514 @@
+r"""Run a grid of methods x ratios x seeds (x lam) from one base config.
+
+Each run is one ``train.py`` subprocess with its own workdir, so a sweep is
+resumable at two levels: a run whose ``summary.json`` exists (completed or
+diverged) is skipped, and an unfinished one is relaunched with the same
+command, which makes ``train.py`` resume from its own checkpoint. Runs are
+launched one after another: on a machine with few cores parallel runs would
+only share them.
+
+Usage::
+
+  python -m defjax.sweep --config configs/fashion_mnist.py \
+      --out runs/sweep-fm --methods sgd,ef,def,saef,psync \
+      --ratios 16,64,256,1024 --seeds 0,1,2 [--lams 0.2,0.3,0.6] \
+      [--set num_epochs=5 --set optim.lr=0.05 ...] [--train train.py] \
+      [--dry-run]
+
+Workdirs are ``<out>/<method>-r<ratio>[-lam<lam>]-s<seed>``. SGD does not
+compress, so it runs once per seed at ratio 1. ``lam`` only changes DEF and
+DEF-A (EF is lam = 0 and SAEF lam = 1 by definition), so only those methods
+are repeated over ``--lams``; without ``--lams`` the config's own lam is used
+and the name has no lam part. A def run yields both the DEF and the DEF-A
+result (see ``defjax.report``), so ``def_a`` rarely needs its own runs.
+
+``<out>/sweep.json`` records the command line, the date, the machine, the
+package versions and every run's command and status; it is rewritten after
+each run, so it is current even when the sweep is interrupted. The exit code
+is 0 when every run completed or diverged (divergence is a result), 1 when a
+run failed, 130 when the sweep was interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import os
+import pathlib
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+METHODS = ('sgd', 'ef', 'def', 'def_a', 'saef', 'psync')
+LAM_METHODS = ('def', 'def_a')  # the methods whose result depends on lam
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# train.py's exit codes.
+EXIT_COMPLETED = 0
+EXIT_BAD_CONFIG = 2
+EXIT_DIVERGED = 3
+EXIT_INTERRUPTED = 4
+_STATUS_BY_CODE = {
+    EXIT_COMPLETED: 'completed',
+    EXIT_BAD_CONFIG: 'bad_config',
+    EXIT_DIVERGED: 'diverged',
+    EXIT_INTERRUPTED: 'interrupted',
+}
+FINISHED = ('completed', 'diverged')
+_PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'numpy')
+
+
+@dataclasses.dataclass
+class Run:
+  """One cell of the grid: one train.py invocation and what became of it."""
+
+  method: str
+  ratio: int
+  lam: float | None
+  seed: int
+  name: str
+  workdir: pathlib.Path
+  command: list[str]
+  status: str = 'pending'
+  returncode: int | None = None
+  elapsed_s: float | None = None
+  launched: bool = False
+
+  def record(self) -> dict:
+    return {
+        'name': self.name,
+        'method': self.method,
+        'ratio': self.ratio,
+        'lam': self.lam,
+        'seed': self.seed,
+        'workdir': str(self.workdir),
+        'command': shlex.join(self.command),
+        'status': self.status,
+        'returncode': self.returncode,
+        'elapsed_s': self.elapsed_s,
+        'launched': self.launched,
+    }
+
+
+def run_name(method: str, ratio: int, lam: float | None, seed: int) -> str:
+  """The workdir name of one run, e.g. ``def-r256-lam0.3-s1``."""
+  lam_part = '' if lam is None else f'-lam{lam:g}'
+  return f'{method}-r{ratio}{lam_part}-s{seed}'
+
+
+def _absolute_config(config: str) -> str:
+  # config_flags accepts ``path.py:override``; only the path part is a file.
+  path, sep, rest = config.partition(':')
+  return str(pathlib.Path(path).resolve()) + sep + rest
+
+
+def expand_grid(
+    *,
+    config: str,
+    out: str | os.PathLike[str],
+    methods: Sequence[str],
+    ratios: Sequence[int],
+    seeds: Sequence[int],
+    lams: Sequence[float] | None = None,
+    overrides: Sequence[str] = (),
+    train: str | os.PathLike[str] = REPO_ROOT / 'train.py',
+    python: str = sys.executable,
+) -> list[Run]:
+  """Lists the runs of a sweep, in launch order, with their commands.
+
+  Args:
+    config: the base config file given to ``train.py --config``.
+    out: the sweep directory; each run gets a workdir below it.
+    methods: names from ``METHODS``.
+    ratios: compression ratios; SGD ignores them and runs at ratio 1.
+    seeds: one run per seed for every (method, ratio, lam).
+    lams: lam values for DEF and DEF-A; None keeps the config's lam.
+    overrides: ``key=value`` config overrides shared by all runs, e.g.
+      ``num_epochs=5`` (a leading ``config.`` is accepted).
+    train: the training script.
+    python: the interpreter that runs it.
+
+  Returns:
+    The runs, seed-major so that a partial sweep already covers the whole grid
+    once before it repeats it with more seeds. Duplicates are dropped.
+
+  Raises:
+    ValueError: on an unknown method, a ratio below 1 or a malformed override.
+  """
+  unknown = [m for m in methods if m not in METHODS]
+  if unknown:
+    raise ValueError(f'unknown methods {unknown}; known: {", ".join(METHODS)}')
+  if any(r < 1 for r in ratios):
+    raise ValueError(f'ratios must be >= 1, got {list(ratios)}')
+  sets = []
+  for item in overrides:
+    key, eq, value = item.partition('=')
+    key = key.strip().removeprefix('--').removeprefix('config.')
+    if not eq or not key:
+      raise ValueError(f'--set expects key=value, got {item!r}')
+    sets.append(f'--config.{key}={value}')
+  out = pathlib.Path(out).resolve()
+  base = [python, str(pathlib.Path(train).resolve()),
+          '--config', _absolute_config(config)]
+
+  runs, seen = [], set()
+  for seed in seeds:
+    for method in methods:
+      method_ratios = [1] if method == 'sgd' else ratios
+      method_lams = lams if (lams and method in LAM_METHODS) else [None]
+      for ratio in method_ratios:
+        for lam in method_lams:
+          name = run_name(method, ratio, lam, seed)
+          if name in seen:
+            continue
+          seen.add(name)
+          workdir = out / name
+          command = base + [
+              '--workdir', str(workdir),
+              f'--config.optim.method={method}',
+              f'--config.optim.ratio={ratio}',
+              f'--config.seed={seed}',
+          ]
+          if lam is not None:
+            command.append(f'--config.optim.lam={lam:g}')
+          # Shared overrides come last; they cannot silently undo the grid
+          # because a grid key given twice is the user's explicit choice.
+          command += sets
+          runs.append(Run(method, ratio, lam, seed, name, workdir, command))
+  return runs
+
+
+def finished_status(workdir: pathlib.Path) -> str | None:
+  """The status in ``workdir/summary.json``; None for an unfinished run."""
+  try:
+    summary = json.loads((workdir / 'summary.json').read_text())
+  except FileNotFoundError:
+    return None
+  except (OSError, json.JSONDecodeError):
+    return None  # a summary cut off mid-write: the run did not finish
+  return summary.get('status', 'completed')
+
+
+def environment() -> dict:
+  """The machine and package versions, for the record."""
+  versions = {}
+  for package in _PACKAGES:
+    try:
+      versions[package] = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+      versions[package] = None
+  try:
+    commit = subprocess.run(
+        ['git', 'rev-parse', 'HEAD'], cwd=REPO_ROOT, capture_output=True,
+        text=True, timeout=10, check=True).stdout.strip()
+    dirty = bool(subprocess.run(
+        ['git', 'status', '--porcelain'], cwd=REPO_ROOT, capture_output=True,
+        text=True, timeout=10, check=True).stdout.strip())
+  except (OSError, subprocess.SubprocessError):
+    commit, dirty = None, None
+  return {
+      'machine': {
+          'platform': platform.platform(),
+          'processor': platform.processor() or platform.machine(),
+          'cpu_count': os.cpu_count(),
+          'hostname': platform.node(),
+          'python': platform.python_version(),
+      },
+      'packages': versions,
+      'git': {'commit': commit, 'dirty': dirty},
+  }
+
+
+def _format_elapsed(seconds: float) -> str:
+  seconds = int(seconds)
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f'{h}:{m:02d}:{s:02d}' if h else f'{m:02d}:{s:02d}'
+
+
+def _last_metrics(workdir: pathlib.Path) -> dict | None:
+  """The last complete line of metrics.jsonl, read from the end of the file."""
+  try:
+    with open(workdir / 'metrics.jsonl', 'rb') as f:
+      f.seek(0, os.SEEK_END)
+      f.seek(max(0, f.tell() - 4096))
+      lines = f.read().splitlines()
+  except OSError:
+    return None
+  for line in reversed(lines):
+    try:
+      return json.loads(line)
+    except ValueError:
+      continue  # the line being written, or the tail of a cut-off one
+  return None
+
+
+def _progress_detail(workdir: pathlib.Path) -> str:
+  last = _last_metrics(workdir)
+  if not last:
+    return ''
+  parts = []
+  if isinstance(last.get('step'), int):
+    parts.append(f'step {last["step"]}')
+  if isinstance(last.get('epoch'), (int, float)):
+    parts.append(f'epoch {last["epoch"]:.3g}')
+  if isinstance(last.get('test_accuracy'), (int, float)):
+    parts.append(f'test accuracy {last["test_accuracy"]:.4g}')
+  return ', '.join(parts)
+
+
+class _Progress:
+  """One line per run; on a terminal the running line updates in place."""
+
+  def __init__(self, total: int, stream):
+    self._total = total
+    self._stream = stream
+    self._live = stream.isatty()
+    self._width = len(str(total))
+
+  def _prefix(self, index: int, run: Run) -> str:
+    return f'[{index:>{self._width}}/{self._total}] {run.name}'
+
+  def update(self, index: int, run: Run, elapsed: float, detail: str = ''):
+    if not self._live:
+      return
+    line = f'{self._prefix(index, run)}  running {_format_elapsed(elapsed)}'
+    if detail:
+      line += f'  ({detail})'
+    self._stream.write('\r\033[K' + line)
+    self._stream.flush()
+
+  def start(self, index: int, run: Run):
+    if self._live:
+      self.update(index, run, 0.0)
+    else:
+      print(f'{self._prefix(index, run)}  running', file=self._stream,
+            flush=True)
+
+  def done(self, index: int, run: Run, detail: str = ''):
+    line = f'{self._prefix(index, run)}  {run.status}'
+    if run.elapsed_s is not None:
+      line += f' {_format_elapsed(run.elapsed_s)}'
+    if detail:
+      line += f'  ({detail})'
+    if self._live:
+      self._stream.write('\r\033[K')
+    print(line, file=self._stream, flush=True)
+
+
+def _launch(run: Run, index: int, progress: _Progress, poll_s: float) -> None:
+  """Runs one train.py to its end, its output appended to ``log.txt``."""
+  run.workdir.mkdir(parents=True, exist_ok=True)
+  progress.start(index, run)
+  run.launched = True
+  start = time.monotonic()
+  # Append: a resumed run keeps the log of its earlier attempts.
+  with open(run.workdir / 'log.txt', 'ab') as log:
+    log.write(f'\n$ {shlex.join(run.command)}\n'.encode())
+    log.flush()
+    # Unbuffered, so that log.txt is current while the run is going.
+    env = dict(os.environ, PYTHONUNBUFFERED='1')
+    proc = subprocess.Popen(run.command, cwd=REPO_ROOT, stdout=log,
+                            stderr=subprocess.STDOUT, env=env)
+    try:
+      while proc.poll() is None:
+        try:
+          proc.wait(timeout=poll_s)
+        except subprocess.TimeoutExpired:
+          progress.update(index, run, time.monotonic() - start,
+                          _progress_detail(run.workdir))
+    except KeyboardInterrupt:
+      # The child got the same SIGINT; let it checkpoint and exit 4.
+      try:
+        proc.wait(timeout=60)
+      except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+      run.returncode = proc.returncode
+      run.status = 'interrupted'
+      run.elapsed_s = round(time.monotonic() - start, 1)
+      raise
+  run.returncode = proc.returncode
+  run.elapsed_s = round(time.monotonic() - start, 1)
+  run.status = _STATUS_BY_CODE.get(proc.returncode, 'failed')
+  if run.status in FINISHED and finished_status(run.workdir) is None:
+    # Exit code and summary.json disagree; a rerun would redo it, so say so.
+    run.status = 'failed'
+
+
+def _write_record(path: pathlib.Path, header: dict, runs: list[Run]) -> None:
+  record = dict(header, runs=[r.record() for r in runs])
+  tmp = path.with_suffix('.json.tmp')
+  tmp.write_text(json.dumps(record, indent=2) + '\n')
+  tmp.replace(path)  # never leave a half-written sweep.json behind
+
+
+def run_sweep(
+    runs: list[Run],
+    out: str | os.PathLike[str],
+    *,
+    argv: Sequence[str] = (),
+    dry_run: bool = False,
+    poll_s: float = 1.0,
+    stream=None,
+) -> int:
+  """Launches the unfinished runs one by one and records the sweep.
+
+  Args:
+    runs: from ``expand_grid``.
+    out: the sweep directory, where ``sweep.json`` is written.
+    argv: the command line to record.
+    dry_run: print the commands of the unfinished runs; launch and write
+      nothing.
+    poll_s: how often the progress line is refreshed.
+    stream: where progress goes (default: sys.stdout at call time).
+
+  Returns:
+    The exit code: 0 if every run completed or diverged, 1 if any failed, 130
+    if the sweep was interrupted.
+  """
+  out = pathlib.Path(out)
+  stream = stream or sys.stdout
+  progress = _Progress(len(runs), stream)
+  todo = []
+  for run in runs:
+    status = finished_status(run.workdir)
+    if status is not None:
+      run.status = status
+    else:
+      todo.append(run)
+  print(f'{len(runs)} runs, {len(runs) - len(todo)} finished, '
+        f'{len(todo)} to run', file=stream, flush=True)
+  if dry_run:
+    for run in todo:
+      print(shlex.join(run.command), file=stream)
+    return 0
+
+  out.mkdir(parents=True, exist_ok=True)
+  header = {
+      'command': shlex.join(argv),
+      'cwd': os.getcwd(),
+      'date': datetime.datetime.now().astimezone().isoformat(
+          timespec='seconds'),
+      **environment(),
+  }
+  todo_names = {r.name for r in todo}
+  record_path = out / 'sweep.json'
+  _warn_if_base_changed(record_path, runs, stream)
+  _write_record(record_path, header, runs)
+  for index, run in enumerate(runs, start=1):
+    if run.name not in todo_names:
+      progress.done(index, run, 'finished earlier, skipped')
+      continue
+    try:
+      _launch(run, index, progress, poll_s)
+    except KeyboardInterrupt:
+      progress.done(index, run)
+      _write_record(record_path, header, runs)
+      print('sweep interrupted; rerun the same command to resume',
+            file=stream, flush=True)
+      return 130
+    detail = (f'exit code {run.returncode}, see {run.workdir / "log.txt"}'
+              if run.status not in FINISHED else _progress_detail(run.workdir))
+    progress.done(index, run, detail)
+    _write_record(record_path, header, runs)
+
+  failed = [r for r in runs if r.status not in FINISHED]
+  counts = {}
+  for run in runs:
+    counts[run.status] = counts.get(run.status, 0) + 1
+  print('done: ' + ', '.join(f'{n} {s}' for s, n in sorted(counts.items())),
+        file=stream, flush=True)
+  return 1 if failed else 0
+
+
+def _warn_if_base_changed(record_path: pathlib.Path, runs: list[Run],
+                          stream) -> None:
+  # A workdir is recognised by its name only, so resuming into an --out made
+  # with another base config or --set would mix results without a word.
+  try:
+    previous = json.loads(record_path.read_text())
+  except (OSError, ValueError):
+    return
+  old = {r['name']: r['command'] for r in previous.get('runs', [])}
+  changed = [r.name for r in runs
+             if r.name in old and old[r.name] != shlex.join(r.command)]
+  if changed:
+    print(f'warning: {len(changed)} runs (e.g. {changed[0]}) had a different '
+          f'command in the previous {record_path}; finished ones are kept '
+          'as they are. Use a new --out for a new base config.',
+          file=stream, flush=True)
+
+
+def _int_list(text: str) -> list[int]:
+  return [int(x) for x in text.split(',') if x.strip()]
+
+
+def _float_list(text: str) -> list[float]:
+  return [float(x) for x in text.split(',') if x.strip()]
+
+
+def _str_list(text: str) -> list[str]:
+  return [x.strip() for x in text.split(',') if x.strip()]
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      prog='python -m defjax.sweep',
+      description='Run a grid of methods x ratios x seeds (x lam) of train.py, '
+                  'one workdir per run, skipping finished runs.')
+  parser.add_argument('--config', required=True,
+                      help='base config file, as for train.py --config')
+  parser.add_argument('--out', required=True,
+                      help='sweep directory; one workdir per run below it')
+  parser.add_argument('--methods', type=_str_list, required=True,
+                      help=f'comma-separated, from {",".join(METHODS)}')
+  parser.add_argument('--ratios', type=_int_list, default=[1],
+                      help='comma-separated compression ratios (SGD uses 1)')
+  parser.add_argument('--seeds', type=_int_list, default=[0],
+                      help='comma-separated seeds')
+  parser.add_argument('--lams', type=_float_list, default=None,
+                      help='comma-separated lam values for def and def_a '
+                           '(default: the config\'s lam)')
+  parser.add_argument('--set', dest='overrides', action='append', default=[],
+                      metavar='KEY=VALUE',
+                      help='config override for every run, e.g. '
+                           'num_epochs=5 (repeatable)')
+  parser.add_argument('--train', default=str(REPO_ROOT / 'train.py'),
+                      help='training script (default: %(default)s)')
+  parser.add_argument('--dry-run', action='store_true',
+                      help='print the commands of unfinished runs and exit')
+  return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """The command line entry point; returns the exit code."""
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  if not pathlib.Path(args.train).is_file():
+    print(f'error: no training script at {args.train}', file=sys.stderr)
+    return 2
+  config_path = args.config.partition(':')[0]
+  if not pathlib.Path(config_path).is_file():
+    print(f'error: no config file at {config_path}', file=sys.stderr)
+    return 2
+  try:
+    runs = expand_grid(
+        config=args.config, out=args.out, methods=args.methods,
+        ratios=args.ratios, seeds=args.seeds, lams=args.lams,
+        overrides=args.overrides, train=args.train)
+  except ValueError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  argv_record = ['python', '-m', 'defjax.sweep',
+                 *(sys.argv[1:] if argv is None else argv)]
+  return run_sweep(runs, args.out, argv=argv_record, dry_run=args.dry_run)
+
+
+if __name__ == '__main__':
+  sys.exit(main())
