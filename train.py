@@ -54,7 +54,7 @@ def main(argv):
 
   try:
     summary = trainer.train_and_evaluate(config, _WORKDIR.value)
-  except (trainer.ConfigError, checkpoint.CheckpointMismatch) as e:
+  except (trainer.ConfigError, checkpoint.CheckpointMismatch, checkpoint.CheckpointError) as e:
     _fail(str(e))
   except trainer.Diverged as e:
     print(f'diverged at step {e.step}: the loss or the parameters became'

@@ -32,6 +32,10 @@ class CheckpointMismatch(ValueError):
   """A checkpoint does not fit the config of the run that finds it."""
 
 
+class CheckpointError(RuntimeError):
+  """A checkpoint cannot be read or written; the message says what to do."""
+
+
 def fingerprint(config) -> dict[str, Any]:
   out = {}
   for key in FINGERPRINT_KEYS:
@@ -68,24 +72,47 @@ def manager(directory: str, *, max_to_keep: int) -> ocp.CheckpointManager:
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict) -> None:
-  mngr.save(
-      step,
-      args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-      ),
-      force=True,
+  try:
+    mngr.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+        ),
+        force=True,
+    )
+    mngr.wait_until_finished()
+  except OSError as e:
+    raise CheckpointError(
+        f'cannot write the checkpoint at step {step} to {mngr.directory}:'
+        f' {e.strerror or e}; free space or fix permissions and rerun to'
+        ' resume from the previous checkpoint'
+    ) from None
+
+
+def _unreadable(mngr, step, error) -> CheckpointError:
+  path = os.path.join(str(mngr.directory), str(step))
+  return CheckpointError(
+      f'the checkpoint {path} is unreadable ({type(error).__name__}:'
+      f' {str(error).splitlines()[0] if str(error) else ""}); delete that'
+      ' directory to resume from the previous checkpoint, or use a new --workdir'
   )
-  mngr.wait_until_finished()
 
 
 def latest_meta(mngr: ocp.CheckpointManager) -> Optional[tuple[int, dict]]:
+  """The newest complete checkpoint's step and JSON record, or None."""
   step = mngr.latest_step()
   if step is None:
     return None
-  restored = mngr.restore(
-      step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
-  )
-  return step, restored['meta']
+  try:
+    restored = mngr.restore(
+        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+    )
+    meta = restored['meta']
+    if not isinstance(meta, dict) or 'fingerprint' not in meta:
+      raise ValueError('no run record in it')
+  except Exception as e:  # orbax raises many types for damaged files
+    raise _unreadable(mngr, step, e) from None
+  return step, meta
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, target):
@@ -93,15 +120,45 @@ def restore(mngr: ocp.CheckpointManager, step: int, target):
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target
   )
-  restored = mngr.restore(
-      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
-  )
+  try:
+    restored = mngr.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+    )
+  except Exception as e:
+    raise _unreadable(mngr, step, e) from None
   return restored['state']
 
 
-def restore_raw(mngr: ocp.CheckpointManager, step: int):
-  """Restores the state as host numpy arrays, whatever their saved shapes."""
-  restored = mngr.restore(
-      step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
-  )
+def restore_host(mngr: ocp.CheckpointManager, step: int, target):
+  """Restores the state as host numpy arrays shaped like ``target``'s leaves."""
+  target = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), target)
+  try:
+    restored = mngr.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+    )
+  except Exception as e:
+    raise _unreadable(mngr, step, e) from None
   return jax.tree.map(np.asarray, restored['state'])
+
+
+def reshard_workers(tree, old: int, new: int):
+  """Maps per-worker leaves (leading axis ``old``) onto ``new`` workers.
+
+  The mean over workers is preserved, so DEF's output y = x - mean_k e_k is
+  unchanged: K = g K' averages groups of g consecutive workers; K' = g K
+  repeats each worker g times; otherwise every new worker gets the mean.
+  Every leaf of ``tree`` must be per worker (e.g. the optimizer state).
+  """
+
+  def one(x):
+    x = np.asarray(x)
+    if x.ndim == 0 or x.shape[0] != old:
+      raise ValueError(f'expected a leading worker axis of {old}, got shape {x.shape}')
+    if old % new == 0:
+      return x.reshape(new, old // new, *x.shape[1:]).mean(1).astype(x.dtype)
+    if new % old == 0:
+      return np.repeat(x, new // old, axis=0)
+    mean = x.mean(0).astype(x.dtype)
+    return np.broadcast_to(mean, (new, *x.shape[1:])).copy()
+
+  return jax.tree.map(one, tree)

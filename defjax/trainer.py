@@ -322,11 +322,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log=p
   mngr = ckpt.manager(os.path.join(workdir, 'checkpoints'), max_to_keep=config.max_to_keep)
   start_step, loss_sum, loss_count, elapsed0 = 0, 0.0, 0, 0.0
   found = ckpt.latest_meta(mngr)
+  reshard_info = {}
   state = {'params': params, 'batch_stats': batch_stats, 'opt_state': opt_state}
   if found is not None:
     saved_step, meta = found
-    ckpt.compare(meta['fingerprint'], ckpt.fingerprint(config))
-    state = ckpt.restore(mngr, saved_step, state)
+    saved_k = meta['fingerprint'].get('num_workers')
+    if config.resume_reshard and saved_k != K:
+      ckpt.compare(meta['fingerprint'], ckpt.fingerprint(config), allow=('num_workers',))
+      per_worker = ['opt_state'] + ([] if config.sync_batch_stats else ['batch_stats'])
+      saved_shapes = {
+          k: jax.tree.map(lambda x: jax.ShapeDtypeStruct((saved_k, *x.shape[1:]), x.dtype), v)
+          if k in per_worker else v for k, v in state.items()}
+      raw = ckpt.restore_host(mngr, saved_step, saved_shapes)
+      y_before = _host_output(raw)
+      for key in per_worker:
+        raw[key] = ckpt.reshard_workers(raw[key], saved_k, K)
+      change = max((float(np.abs(a - b).max()) for a, b in zip(
+          jax.tree.leaves(y_before), jax.tree.leaves(_host_output(raw)))), default=0.0)
+      reshard_info = {'resharded_from_workers': saved_k, 'reshard_output_change': change}
+      state = jax.tree.map(lambda x, t: jax.device_put(x.astype(t.dtype), t.sharding), raw, state)
+      log(f'resharded the checkpoint from {saved_k} to {K} workers: the output'
+          f' model y = x - mean_k e_k moved by at most {change:.2g}')
+    else:
+      ckpt.compare(meta['fingerprint'], ckpt.fingerprint(config))
+      state = ckpt.restore(mngr, saved_step, state)
     start_step, loss_sum, loss_count, elapsed0 = (
         saved_step, meta['loss_sum'], meta['loss_count'], meta['wall_time'])
     log(f'resuming from the checkpoint at step {saved_step}')
@@ -383,12 +402,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log=p
   def save(step, ls, lc, elapsed):
     if step in mngr.all_steps():  # e.g. a signal right after a periodic save
       return
+    if not _all_finite(params) or not _all_finite(opt_state):
+      diverge(step)  # never write a non-finite state over a good checkpoint
     ckpt.save(mngr, step, {'params': params, 'batch_stats': batch_stats, 'opt_state': opt_state},
               {'step': step, 'loss_sum': ls, 'loss_count': lc, 'wall_time': elapsed,
                'fingerprint': ckpt.fingerprint(config)})
 
   summary_base = {'config': config.to_dict(), 'steps_per_epoch': steps_per_epoch,
-                  'num_params': d, 'bytes_per_step': bytes_per_step}
+                  'num_params': d, 'bytes_per_step': bytes_per_step, **reshard_info}
   # Dispatch step t+1 before reading step t's loss, except on the CPU backend:
   # there the devices share one thread pool, and with several steps in flight
   # all-reduce participants of different steps can starve each other (seen as
@@ -480,6 +501,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log=p
 
 
 # ------------------------------------------------------------- output files
+
+
+def _host_output(state) -> Any:
+  """y = x - mean_k e_k of a host (numpy) state with stacked worker errors."""
+  ef = feedback._single_state(state['opt_state'])
+  if ef is None:
+    return state['params']
+  return jax.tree.map(lambda x, e: x - e.mean(0).astype(x.dtype), state['params'], ef.error)
 
 
 def _write_json(path: str, obj) -> None:

@@ -12,3 +12,34 @@ if 'xla_force_host_platform_device_count' not in _flags:
 import jax  # noqa: E402
 
 jax.config.update('jax_num_cpu_devices', 8)
+
+
+import io  # noqa: E402
+import tarfile  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+@pytest.fixture(scope='session')
+def tiny_folder(tmp_path_factory):
+  """A 3-class image_folder .tar of 32x32 RGB JPEGs whose class sets the colour."""
+  root = tmp_path_factory.mktemp('folder')
+  path = root / 'tiny.tar'
+  rng = np.random.default_rng(0)
+  with tarfile.open(path, 'w') as tar:
+    for split, n in (('train', 48), ('test', 12)):
+      for c, name in enumerate(('red', 'green', 'blue')):
+        for i in range(n // 3):
+          img = rng.integers(0, 60, (32, 32, 3), dtype=np.uint8)
+          img[..., c] += 180
+          buf = io.BytesIO()
+          Image.fromarray(img).save(buf, format='JPEG')
+          info = tarfile.TarInfo(f'{split}/{name}/{i:04d}.jpg')
+          info.size = buf.tell()
+          buf.seek(0)
+          tar.addfile(info, buf)
+  return str(path)
+
+

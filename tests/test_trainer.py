@@ -1,15 +1,12 @@
 """End-to-end: train_and_evaluate and train.py on tiny settings."""
 
-import io
 import json
 import os
 import subprocess
 import sys
-import tarfile
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from configs import default, fashion_mnist
 from defjax import trainer
@@ -24,27 +21,6 @@ RECORD_KEYS = {'step', 'epoch', 'train_loss', 'test_accuracy', 'test_accuracy_x'
                'wall_time', 'bytes_sent'}
 SUMMARY_KEYS = {'status', 'final_test_accuracy', 'final_train_loss', 'steps', 'wall_time',
                 'bytes_sent', 'config', 'params_sha256'}
-
-
-@pytest.fixture(scope='module')
-def tiny_folder(tmp_path_factory):
-  """A 3-class image_folder .tar of 32x32 RGB JPEGs whose class sets the colour."""
-  root = tmp_path_factory.mktemp('folder')
-  path = root / 'tiny.tar'
-  rng = np.random.default_rng(0)
-  with tarfile.open(path, 'w') as tar:
-    for split, n in (('train', 48), ('test', 12)):
-      for c, name in enumerate(('red', 'green', 'blue')):
-        for i in range(n // 3):
-          img = rng.integers(0, 60, (32, 32, 3), dtype=np.uint8)
-          img[..., c] += 180
-          buf = io.BytesIO()
-          Image.fromarray(img).save(buf, format='JPEG')
-          info = tarfile.TarInfo(f'{split}/{name}/{i:04d}.jpg')
-          info.size = buf.tell()
-          buf.seek(0)
-          tar.addfile(info, buf)
-  return str(path)
 
 
 def tiny_config(tiny_folder, **overrides):

@@ -1,0 +1,220 @@
+"""Checkpoints that lose nothing: kill, resume, mismatch, damage, reshard, NaN."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from defjax import checkpoint as ckpt
+from defjax import trainer
+from test_trainer import tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS, EVERY = 40, 10
+
+
+def _args(tiny_folder, workdir, *extra):
+  return [sys.executable, os.path.join(REPO, 'train.py'),
+          '--config', 'configs/fashion_mnist.py', '--workdir', str(workdir),
+          '--config.dataset=image_folder', f'--config.data_dir={tiny_folder}',
+          '--config.batch_size=2', f'--config.num_train_steps={STEPS}',
+          f'--config.checkpoint_every_steps={EVERY}', '--config.eval_every_steps=20',
+          '--config.crop_padding=4', '--config.flip=True', '--config.optim.ratio=16', *extra]
+
+
+def _run(args, timeout=300):
+  return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def _summary(workdir):
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    return json.load(f)
+
+
+def _records(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [{k: v for k, v in json.loads(l).items() if k != 'wall_time'} for l in f]
+
+
+@pytest.fixture(scope='module')
+def reference(tiny_folder, tmp_path_factory):
+  """An uninterrupted run, the yardstick of every resume test."""
+  workdir = tmp_path_factory.mktemp('reference') / 'run'
+  proc = _run(_args(tiny_folder, workdir))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir
+
+
+def _start_and_wait_for_checkpoint(args, workdir, step):
+  proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  target = os.path.join(workdir, 'checkpoints', str(step))
+  deadline = time.time() + 240
+  while not os.path.isdir(target):
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    assert time.time() < deadline, 'no checkpoint appeared'
+    time.sleep(0.05)
+  return proc
+
+
+def _same_result(a, b):
+  sa, sb = _summary(a), _summary(b)
+  for key in ('params_sha256', 'final_train_loss', 'final_test_accuracy',
+              'final_test_accuracy_x', 'steps', 'bytes_sent'):
+    assert sa[key] == sb[key], key
+  assert _records(a) == _records(b)
+
+
+def test_sigkill_anywhere_then_resume_is_bitwise_identical(tiny_folder, reference, tmp_path):
+  workdir = tmp_path / 'run'
+  args = _args(tiny_folder, workdir)
+  proc = _start_and_wait_for_checkpoint(args, workdir, EVERY)
+  proc.kill()  # SIGKILL: no handler runs
+  proc.communicate()
+  assert not os.path.exists(workdir / 'summary.json')
+  resumed = _run(args)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'resuming from the checkpoint at step' in resumed.stdout
+  _same_result(workdir, reference)
+
+
+def test_sigterm_saves_exits_cleanly_and_resumes(tiny_folder, reference, tmp_path):
+  workdir = tmp_path / 'run'
+  args = _args(tiny_folder, workdir)
+  proc = _start_and_wait_for_checkpoint(args, workdir, EVERY)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == trainer.EXIT_INTERRUPTED, err[-3000:]
+  assert 'received SIGTERM: saved a checkpoint at step' in err
+  assert 'Traceback' not in err
+  saved = ckpt.manager(str(workdir / 'checkpoints'), max_to_keep=2).latest_step()
+  assert EVERY <= saved < STEPS
+  resumed = _run(args)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  _same_result(workdir, reference)
+
+
+def test_checkpoint_of_another_run_is_an_error(tiny_folder, reference, tmp_path):
+  proc = _run(_args(tiny_folder, reference, '--config.optim.method=ef'))
+  assert proc.returncode == 2
+  assert "optim.method: checkpoint 'def' vs config 'ef'" in proc.stderr
+  assert 'Traceback' not in proc.stderr
+
+
+def _state():
+  return {'w': jnp.arange(6.0).reshape(2, 3), 'n': jnp.zeros((), jnp.int32)}
+
+
+def test_half_written_checkpoint_is_never_restored(tmp_path):
+  mngr = ckpt.manager(str(tmp_path), max_to_keep=3)
+  ckpt.save(mngr, 5, _state(), {'fingerprint': {}, 'step': 5})
+  # A save killed half-way leaves orbax's temporary directory behind.
+  partial = tmp_path / '9.orbax-checkpoint-tmp-1234'
+  (partial / 'state').mkdir(parents=True)
+  (partial / 'state' / 'garbage').write_bytes(b'\0' * 100)
+  mngr = ckpt.manager(str(tmp_path), max_to_keep=3)
+  assert mngr.latest_step() == 5
+  step, meta = ckpt.latest_meta(mngr)
+  assert step == 5 and meta['step'] == 5
+  restored = ckpt.restore(mngr, 5, jax.tree.map(jnp.zeros_like, _state()))
+  np.testing.assert_array_equal(restored['w'], _state()['w'])
+
+
+def test_corrupted_checkpoint_is_a_clear_error(tmp_path):
+  mngr = ckpt.manager(str(tmp_path), max_to_keep=3)
+  ckpt.save(mngr, 3, _state(), {'fingerprint': {}, 'step': 3})
+  for root, _, files in os.walk(tmp_path / '3'):
+    for name in files:
+      with open(os.path.join(root, name), 'wb') as f:
+        f.write(b'not a checkpoint')
+  mngr = ckpt.manager(str(tmp_path), max_to_keep=3)
+  with pytest.raises(ckpt.CheckpointError, match='unreadable.*delete that directory'):
+    step, _ = ckpt.latest_meta(mngr)
+    ckpt.restore(mngr, step, jax.tree.map(jnp.zeros_like, _state()))
+
+
+def test_unwritable_workdir_is_a_clear_error(tiny_folder, tmp_path):
+  blocker = tmp_path / 'file'
+  blocker.write_text('x')
+  with pytest.raises(trainer.ConfigError, match='cannot write to workdir'):
+    trainer.train_and_evaluate(tiny_config(tiny_folder), str(blocker / 'run'))
+
+
+def test_full_disk_during_save_is_a_clear_error(tiny_folder, tmp_path, monkeypatch):
+  def full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  monkeypatch.setattr(ckpt.ocp.CheckpointManager, 'save', full)
+  with pytest.raises(ckpt.CheckpointError, match='No space left on device'):
+    trainer.train_and_evaluate(tiny_config(tiny_folder, checkpoint_every_steps=3),
+                               str(tmp_path), log=lambda *_: None)
+
+
+def test_nan_in_one_worker_is_divergence_and_spares_checkpoints(tiny_folder, tmp_path,
+                                                                monkeypatch):
+  bad_step, bad_worker = 7, 3  # the 8th step, one worker of eight
+  make = trainer._make_loss_fn
+
+  def poisoned(model, info, config):
+    loss_fn = make(model, info, config)
+
+    def wrapped(params, batch_stats, batch):
+      loss, stats = loss_fn(params, batch_stats, batch)
+      step, worker = batch[2][0], batch[2][1]
+      hit = (step == bad_step) & (worker == bad_worker)
+      return jnp.where(hit, jnp.nan, 1.0) * loss, stats
+    return wrapped
+
+  monkeypatch.setattr(trainer, '_make_loss_fn', poisoned)
+  config = tiny_config(tiny_folder, num_train_steps=12, checkpoint_every_steps=4,
+                       eval_every_steps=4)
+  with pytest.raises(trainer.Diverged) as e:
+    trainer.train_and_evaluate(config, str(tmp_path), log=lambda *_: None)
+  assert e.value.step == bad_step + 1
+  summary = _summary(tmp_path)
+  assert summary['status'] == 'diverged' and summary['diverged_at_step'] == bad_step + 1
+  mngr = ckpt.manager(str(tmp_path / 'checkpoints'), max_to_keep=2)
+  assert mngr.all_steps() == [4]  # the good one, nothing written after the NaN
+@pytest.mark.parametrize('new', [4, 16, 3])
+def test_reshard_keeps_the_mean_error(new):
+  rng = np.random.default_rng(0)
+  tree = {'error': rng.normal(size=(8, 5, 3)).astype(np.float32),
+          'count': np.arange(8, dtype=np.int32) * 0 + 7}
+  out = ckpt.reshard_workers(tree, 8, new)
+  assert out['error'].shape == (new, 5, 3)
+  np.testing.assert_allclose(out['error'].mean(0), tree['error'].mean(0), rtol=1e-6, atol=1e-7)
+  assert (out['count'] == 7).all()
+  with pytest.raises(ValueError, match='leading worker axis'):
+    ckpt.reshard_workers({'x': np.zeros(3)}, 8, 4)
+
+
+def test_elastic_resume_preserves_def_output(tiny_folder, tmp_path):
+  """K = 8 -> K' = 4 with resume_reshard: y = x - mean_k e_k is unchanged;
+  without the flag the changed K is named in the error."""
+  workdir = str(tmp_path)
+  config = tiny_config(tiny_folder, num_train_steps=6, eval_every_steps=6)
+  before = trainer.train_and_evaluate(config, workdir, log=lambda *_: None)
+  with pytest.raises(ckpt.CheckpointMismatch, match='num_workers: checkpoint 8 vs config 4'):
+    trainer.train_and_evaluate(tiny_config(tiny_folder, num_workers=4, num_train_steps=6,
+                                           eval_every_steps=6), workdir)
+  # Same length: nothing left to train; the resharded state's y is compared
+  # with the saved one on the host.
+  after = trainer.train_and_evaluate(
+      tiny_config(tiny_folder, num_workers=4, num_train_steps=6, eval_every_steps=6,
+                  resume_reshard=True), workdir, log=lambda *_: None)
+  assert after['resharded_from_workers'] == 8
+  assert after['reshard_output_change'] <= 1e-6
+  assert after['final_test_accuracy'] == before['final_test_accuracy']
+  # and training continues on the new workers
+  more = trainer.train_and_evaluate(
+      tiny_config(tiny_folder, num_workers=4, num_train_steps=9, eval_every_steps=3,
+                  resume_reshard=True), workdir, log=lambda *_: None)
+  assert more['status'] == 'completed' and more['steps'] == 9

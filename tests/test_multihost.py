@@ -1,0 +1,93 @@
+"""Several processes: the same run on 2 processes x 4 devices and 1 x 8.
+
+The two processes join with jax.distributed over 127.0.0.1; cross-process
+collectives use gloo (the CPU default in this jax), in-process ones XLA's
+own. The all-reduced block values are summed in a different order, so the
+parameters may differ in the last bits (params_sha256 can differ); the loss
+and the accuracy agree to 1e-5 relative.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _args(tiny_folder, workdir, steps, *extra):
+  return [sys.executable, os.path.join(REPO, 'train.py'),
+          '--config', 'configs/fashion_mnist.py', '--workdir', str(workdir),
+          '--config.dataset=image_folder', f'--config.data_dir={tiny_folder}',
+          '--config.batch_size=2', f'--config.num_train_steps={steps}',
+          '--config.eval_every_steps=5', '--config.optim.ratio=16', *extra]
+
+
+def _env(devices):
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  return env
+
+
+def _launch_two(tiny_folder, workdir, steps, *extra, logs=None):
+  port = _free_port()
+  return [
+      subprocess.Popen(
+          _args(tiny_folder, workdir, steps, f'--coordinator_address=127.0.0.1:{port}',
+                '--num_processes=2', f'--process_id={i}', *extra),
+          cwd=REPO, env=_env(4), stdout=subprocess.PIPE,
+          stderr=subprocess.PIPE if logs is None else open(logs[i], 'w'), text=True)
+      for i in range(2)
+  ]
+
+
+def test_two_processes_match_one(tiny_folder, tmp_path):
+  single = subprocess.run(_args(tiny_folder, tmp_path / 'one', 10), cwd=REPO, env=_env(8),
+                          capture_output=True, text=True, timeout=300)
+  assert single.returncode == 0, single.stderr[-3000:]
+  procs = _launch_two(tiny_folder, tmp_path / 'two', 10)
+  errs = [p.communicate(timeout=300)[1] for p in procs]
+  for i, p in enumerate(procs):
+    assert p.returncode == 0, f'process {i}:\n' + '\n'.join(e[-2500:] for e in errs)
+  with open(tmp_path / 'one' / 'summary.json') as f:
+    one = json.load(f)
+  with open(tmp_path / 'two' / 'summary.json') as f:
+    two = json.load(f)
+  assert two['steps'] == one['steps'] == 10
+  for key in ('final_train_loss', 'final_test_accuracy', 'final_test_accuracy_x'):
+    assert two[key] == pytest.approx(one[key], rel=1e-5), key
+  assert two['bytes_sent'] == one['bytes_sent']
+
+
+def test_dead_peer_fails_the_other_within_bound(tiny_folder, tmp_path):
+  bound = 90  # heartbeat 10 s, plus the coordination service's reaction time
+  logs = [tmp_path / 'log0.txt', tmp_path / 'log1.txt']
+  procs = _launch_two(tiny_folder, tmp_path / 'run', 100000, '--heartbeat_timeout_seconds=10',
+                      '--config.eval_every_steps=100000', logs=logs)
+  # wait until training runs (the progress bar reports steps on stderr)
+  deadline = time.time() + 240
+  while 'step/s' not in logs[0].read_text() and 's/step' not in logs[0].read_text():
+    assert procs[0].poll() is None, logs[0].read_text()[-3000:]
+    assert time.time() < deadline, logs[0].read_text()[-3000:]
+    time.sleep(0.2)
+  procs[1].send_signal(signal.SIGKILL)
+  procs[1].wait()
+  t = time.time()
+  try:
+    procs[0].wait(timeout=bound)
+  except subprocess.TimeoutExpired:
+    procs[0].kill()
+    pytest.fail(f'the surviving process still ran {bound} s after its peer died')
+  assert procs[0].returncode != 0
+  assert time.time() - t < bound
