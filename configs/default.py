@@ -43,6 +43,8 @@ def get_config() -> ml_collections.ConfigDict:
   # random horizontal flips; images are then standardised per channel.
   config.crop_padding = 0
   config.flip = False
+  # Side of the square crops a streamed dataset (imagenet2012) produces.
+  config.image_size = 224
 
   config.optim = optim = ml_collections.ConfigDict()
   # sgd | ef | def | def_a | saef | psync (def and def_a are the same run; they

@@ -56,7 +56,7 @@ DATASETS = (
     'imagenet2012',
 )
 _TFDS = ('cifar10', 'cifar100', 'imagenet2012')
-_STREAMED = ('imagenet2012',)  # too big to hold decoded: use stream()
+STREAMED = ('imagenet2012',)  # too big to hold decoded: use stream()
 SPLITS = ('train', 'test')
 
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
@@ -182,7 +182,7 @@ def load(name: str, data_dir: str | None, *, split: str) -> Split:
   """
   _check_name(name)
   _check_split(split)
-  if name in _STREAMED:
+  if name in STREAMED:
     raise ValueError(
         f'{name} is too big to hold decoded: use data.stream({name!r}, ...)'
     )

@@ -87,6 +87,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError('set num_epochs > 0 or num_train_steps > 0')
   if any(not 0 < f < 1 for f in o.decay_at):
     raise ConfigError(f'optim.decay_at must be fractions in (0, 1), got {tuple(o.decay_at)}')
+  if config.dataset in data_lib.STREAMED and (config.crop_padding or config.flip):
+    raise ConfigError(
+        f'{config.dataset} is augmented on the host (random-resized crop and flip):'
+        ' set crop_padding=0 and flip=False')
   try:
     parallel.make_layout(config.num_workers)
   except ValueError as e:
@@ -227,6 +231,33 @@ def _make_eval_fn(model, info, layout):
   return eval_fn
 
 
+# -------------------------------------------------------------------- data
+
+
+class _InMemory:
+  """A decoded split behind the interface of ``data.Stream``."""
+
+  def __init__(self, split: data_lib.Split):
+    self.split = split
+    self.image_shape = tuple(split.images.shape[1:])
+
+  def __len__(self):
+    return len(self.split)
+
+  def batch(self, indices, rng_key=None):
+    del rng_key  # augmentation happens on device
+    return self.split.images[indices], self.split.labels[indices]
+
+
+def _source(config, data_dir, split):
+  if config.dataset in data_lib.STREAMED:
+    stream = data_lib.stream(config.dataset, data_dir, split=split,
+                             image_size=config.image_size)
+    stream.image_shape = (config.image_size, config.image_size, 3)
+    return stream
+  return _InMemory(data_lib.load(config.dataset, data_dir, split=split))
+
+
 # ------------------------------------------------------------------- train
 
 
@@ -258,8 +289,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log=p
   data_dir = config.data_dir or None
   try:
     info = data_lib.info(config.dataset, data_dir)
-    train = data_lib.load(config.dataset, data_dir, split='train')
-    test = data_lib.load(config.dataset, data_dir, split='test')
+    train = _source(config, data_dir, 'train')
+    test = _source(config, data_dir, 'test')
   except FileNotFoundError as e:
     raise ConfigError(str(e)) from None
   except ValueError as e:
@@ -289,7 +320,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log=p
   eval_every = config.eval_every_steps or steps_per_epoch
 
   model = models_lib.get_model(config.model, info.num_classes)
-  dummy = jnp.zeros((1, *train.images.shape[1:]), jnp.float32)
+  dummy = jnp.zeros((1, *train.image_shape), jnp.float32)
   variables = jax.jit(functools.partial(model.init, train=False))(
       jax.random.PRNGKey(config.seed), dummy)
   params = jax.device_put(variables['params'], layout.replicated)
@@ -371,10 +402,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log=p
       idx = np.arange(lo, lo + eval_bs)
       valid = idx < n_test
       idx = np.where(valid, idx, 0)
+      # Each device's rows are read (decoded, for a stream) once, for both arrays.
+      rows_read = {}
+
+      def read(r):
+        key = r.indices(eval_bs)
+        if key not in rows_read:
+          rows_read[key] = test.batch(idx[r])
+        return rows_read[key]
+
       imgs = jax.make_array_from_callback(
-          (eval_bs, *test.images.shape[1:]), layout.per_worker,
-          lambda s: test.images[idx[s[0]]])
-      labs = jax.make_array_from_callback((eval_bs,), layout.per_worker, lambda s: test.labels[idx[s[0]]])
+          (eval_bs, *test.image_shape), layout.per_worker, lambda s: read(s[0])[0])
+      labs = jax.make_array_from_callback((eval_bs,), layout.per_worker, lambda s: read(s[0])[1])
       val = jax.make_array_from_callback((eval_bs,), layout.per_worker, lambda s: valid[s[0]])
       correct += int(_host(eval_fn(p, bs, imgs, labs, val)))
     return correct / n_test
@@ -387,14 +426,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log=p
   def batch_at(step):
     idx = order.indices(step)  # (rows, B) of this process's workers
 
-    def local(r):  # global worker rows of one device -> rows of idx
+    def local(r):  # global worker rows of one device -> this process's rows
       start, stop, _ = r.indices(K)
-      return idx[start - rows.start:stop - rows.start]
+      return slice(start - rows.start, stop - rows.start)
 
     shape = (K, config.batch_size)
-    images = _global(layout, shape + train.images.shape[1:], np.uint8,
-                     lambda r: train.images[local(r)])
-    labels = _global(layout, shape, np.int32, lambda r: train.labels[local(r)])
+    # A stream decodes and crops on the host, keyed by (seed, step): resumable.
+    images_local, labels_local = train.batch(idx, (config.seed, step))
+
+    def local_rows(arr):
+      return lambda r: arr[local(r)]
+
+    images = _global(layout, shape + train.image_shape, np.uint8, local_rows(images_local))
+    labels = _global(layout, shape, np.int32, local_rows(labels_local))
     ids = _global(layout, (K, 2), np.int32,
                   lambda r: np.stack([np.full(K, step), np.arange(K)], 1)[r])
     return images, labels, ids

@@ -123,6 +123,7 @@ def test_divergence_is_a_result(tiny_folder, tmp_path):
     ({'num_workers': 12}, 'divisible'),
     ({'data_dir': '/nonexistent/data.tar'}, '/nonexistent'),
     ({'optim.schedule': 'linear'}, 'schedule'),
+    ({'dataset': 'imagenet2012'}, 'augmented on the host'),
 ])
 def test_bad_config_errors(overrides, message, tiny_folder, tmp_path):
   with pytest.raises(trainer.ConfigError, match=message):
@@ -173,3 +174,19 @@ def test_cli_divergence_exit_code(tmp_path, tiny_folder):
                    '--config.num_train_steps=4', '--config.batch_size=2')
   assert proc.returncode == trainer.EXIT_DIVERGED, proc.stderr[-2000:]
   assert 'diverged at step' in proc.stderr
+
+
+@pytest.mark.parametrize('dataset, model, overrides', [
+    ('cifar10', 'cnn', {'crop_padding': 4, 'flip': True}),
+    ('cifar100', 'cnn', {}),
+    # ImageNet streams host-side crops; a small crop keeps this test fast.
+    ('imagenet2012', 'resnet20', {'image_size': 32, 'crop_padding': 0, 'flip': False}),
+])
+def test_tfds_datasets_with_mock_data(dataset, model, overrides, tmp_path):
+  tfds = pytest.importorskip('tensorflow_datasets')
+  config = tiny_config('', dataset=dataset, model=model, num_train_steps=2,
+                       eval_every_steps=2, batch_size=2, **overrides)
+  with tfds.testing.mock_data(num_examples=16):
+    summary = trainer.train_and_evaluate(config, str(tmp_path), log=lambda *_: None)
+  assert summary['status'] == 'completed'
+  assert np.isfinite(summary['final_train_loss'])
