@@ -225,3 +225,29 @@ def test_bad_compressor_arguments(factory):
 def test_non_float_leaves_rejected(name):
   with pytest.raises(ValueError, match='step'):
     LINEAR[name]().init({'w': jnp.zeros(3), 'step': jnp.zeros((), jnp.int32)})
+
+
+def test_dense_warmup_then_blocks():
+  """dense_warmup: C = identity for the first steps (nothing left behind),
+  then the wrapped compressor, continuing its own step count."""
+  params = mlp_params()
+  c = compress_lib.dense_warmup(defjax.rbgs(10, seed=1), 2)
+  plain = defjax.rbgs(10, seed=1)
+  state = c.init(params)
+  ps = jax.tree.map(lambda *xs: jnp.stack(xs), *[_tree(40 + k) for k in range(K)])
+  agg = jax.jit(jax.vmap(c.aggregate, in_axes=(0, None, None), axis_name='w'), static_argnums=2)
+  mean_p = _flat(jax.tree.map(lambda x: x.mean(0), ps))
+  for step in range(4):
+    mean_c, residual, states = agg(ps, state, 'w')
+    got = _flat(jax.tree.map(lambda x: x[0], mean_c))
+    if step < 2:
+      np.testing.assert_allclose(got, mean_p, rtol=1e-5, atol=1e-7)
+      assert not np.any(_flat(residual))
+    else:
+      expected = _flat(plain.compress(jax.tree.map(lambda x: x.mean(0), ps),
+                                      _state_at(plain, params, step - 2)))
+      np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+      assert np.count_nonzero(got) == plain.payload(params)
+    state = jax.tree.map(lambda x: x[0], states)
+  with pytest.raises(ValueError, match='steps'):
+    compress_lib.dense_warmup(defjax.rbgs(4), -1)

@@ -164,3 +164,27 @@ def test_layout():
     parallel.make_layout(12)
   with pytest.raises(ValueError, match='positive'):
     parallel.make_layout(0)
+
+
+def test_transform_runs_unchanged_under_pmap():
+  """The same per-worker transform under jax.pmap (8 CPU devices)."""
+  tx = defjax.error_feedback(momentum_sgd(), defjax.rbgs(8), lam=0.3, axis_name='w')
+  params = mlp_params()
+  xs, ys = batches(3)
+
+  def worker_step(params, state, x, y):
+    grads = jax.grad(mlp_loss)(defjax.eval_point(params, state), (x, y))
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  step = jax.pmap(worker_step, axis_name='w', in_axes=(None, 0, 0, 0))
+  states = jax.tree.map(lambda x: jnp.stack([x] * 8), tx.init(params))
+  p = params
+  for t in range(3):
+    new_p, states = step(p, states, xs[t], ys[t])
+    for k in range(1, 8):  # every device computed the same replicated params
+      assert_trees_close(jax.tree.map(lambda a: a[k], new_p), jax.tree.map(lambda a: a[0], new_p),
+                         rtol=0, atol=0)
+    p = jax.tree.map(lambda a: a[0], new_p)
+  x_ref, _, _ = run_workers(tx, params, xs, ys)
+  assert_trees_close(p, x_ref, rtol=1e-5, atol=1e-6)

@@ -190,3 +190,10 @@ def test_tfds_datasets_with_mock_data(dataset, model, overrides, tmp_path):
     summary = trainer.train_and_evaluate(config, str(tmp_path), log=lambda *_: None)
   assert summary['status'] == 'completed'
   assert np.isfinite(summary['final_train_loss'])
+
+
+def test_dense_warmup_steps_count_dense_bytes(tiny_folder, tmp_path):
+  config = tiny_config(tiny_folder, **{'optim.dense_warmup_steps': 2})
+  summary = trainer.train_and_evaluate(config, str(tmp_path), log=lambda *_: None)
+  d = summary['num_params']
+  assert summary['bytes_sent'] == 2 * 4 * (d + 1) + 4 * 4 * (-(-d // 16) + 1)

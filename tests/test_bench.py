@@ -1,0 +1,90 @@
+"""Smoke tests of the benchmark scripts: each core function on a tiny setting.
+
+No timing assertions: timings are only checked to be positive numbers.
+"""
+
+import json
+import math
+import pathlib
+import sys
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+from bench import cluster_projection, common, compressor_cost, overhead, run_all, wire_bytes  # noqa: E402
+from defjax import netmodel  # noqa: E402
+
+
+@pytest.mark.parametrize('method,ratio', [('def', 64), ('sgd', 1)])
+def test_cnn_wire_bytes_equal_the_limit(method, ratio):
+  setup = common.Setup('cnn', 8, 2)
+  row = wire_bytes.check(setup, method, ratio)
+  assert row['all_reduce_bytes'] == row['limit_bytes'], row
+  assert row['verdict'] == 'equal'
+  d = setup.num_params
+  sent = d if method == 'sgd' else math.ceil(d / ratio)
+  assert row['limit_bytes'] == 4 * sent + 4
+
+
+def test_wire_bytes_compiles_identical_programs_once():
+  setup = common.Setup('cnn', 8, 2)
+  cache = {}
+  first = wire_bytes.check(setup, 'ef', 256, cache)
+  second = wire_bytes.check(setup, 'def', 256, cache)  # lam is state: same program
+  assert second['same_program_as'] == 'ef@256'
+  assert second['all_reduce_bytes'] == first['all_reduce_bytes']
+
+
+def test_compressor_cost_tiny():
+  res = compressor_cost.measure(10_000, 64, 'flat', rounds=1)
+  assert set(res['aggregate_s']) == {'rbgs', 'randomk', 'topk'}
+  assert all(s['median'] > 0 for s in res['aggregate_s'].values())
+  assert 'topk' in res['ratio_to_rbgs']
+  rows = compressor_cost.rows_of(res)
+  assert len(rows) == 3
+  tree = compressor_cost.make_tree(20_000, 'vgg_like')
+  assert len(tree) == 13 * 4 + 2  # conv kernel, bias, BN scale, BN bias; classifier
+
+
+def test_vgg_like_shapes_scale_to_target():
+  for target in (15_000_000, 25_000_000):
+    d = sum(math.prod(s) for s in compressor_cost.vgg_like_shapes(target))
+    assert abs(d - target) / target < 0.01
+
+
+def test_overhead_tiny():
+  res = overhead.measure('cnn', 2, rounds=1, steps=1, variants=('sgd', 'def'), profile=False)
+  assert set(res['ratio_to_sgd']) == {'def'}
+  assert all(s['median'] > 0 for s in res['step_s'].values())
+  assert len(overhead.rows_of(res)) == 2
+
+
+def test_cluster_projection_rows_and_paper_check(tmp_path):
+  d, bn = cluster_projection.model_sizes('vgg16')
+  assert d == 14_728_266 and bn == 2 * 4224
+  rows = cluster_projection.project(0.03, {'def': 0.001}, d, bn, workers=(1, 16),
+                                    bandwidths=(10,), ratios=(64,))
+  one, sixteen = rows
+  assert one['def@64'] == pytest.approx(0.03 / 0.031)  # K=1: only the overhead shows
+  assert sixteen['def@64'] > 1
+  assert math.isnan(sixteen['ef@256_tta']) if 'ef@256_tta' in sixteen else True
+  check = cluster_projection.paper_check(d, bn)
+  row10 = next(r for r in check['rows'] if r['gbps'] == 10)
+  net = netmodel.Network(10, cluster_projection.LATENCY_S)
+  c = row10['compute_ms_fit64'] / 1e3
+  assert netmodel.speedup(c, d, 64, 16, net, model_state=bn) == pytest.approx(3.6)
+  assert check['both_numbers']['consistent'] is False
+  cluster_projection.plot(rows, tmp_path / 'p.png', d, 0.03)
+  assert (tmp_path / 'p.png').stat().st_size > 0
+
+
+def test_write_and_summary_section(tmp_path, monkeypatch):
+  monkeypatch.setattr(common, 'RESULTS', tmp_path)
+  monkeypatch.setattr(run_all, 'RESULTS', tmp_path)
+  rows = [{'a': 1, 'b': 0.5}]
+  path = common.write('smoke', {'rows': rows}, common.table(rows, ('a', 'b')), 'a note')
+  doc = json.loads(path.read_text())
+  assert doc['machine']['cpu_count'] >= 1 and doc['rows'] == rows
+  text = run_all.section('smoke', None)
+  assert '| a | b |' in text and 'a note' in text and 'command:' in text
