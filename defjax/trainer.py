@@ -214,7 +214,7 @@ def _make_loss_fn(model, info: data_lib.DatasetInfo, config):
   return loss_fn
 
 
-def _make_eval_fn(model, info, layout):
+def _make_eval_fn(model, info):
   mean = jnp.asarray(info.mean, jnp.float32)
   std = jnp.asarray(info.std, jnp.float32)
 
@@ -227,7 +227,6 @@ def _make_eval_fn(model, info, layout):
     correct = (jnp.argmax(logits, -1) == labels) & valid
     return correct.sum()
 
-  del layout
   return eval_fn
 
 
@@ -337,7 +336,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log=p
   step_fn = parallel.make_train_step(
       loss_fn, tx, layout, sync_model_state=config.sync_batch_stats)
   averaged = parallel.make_averaged_params(layout)
-  eval_fn = _make_eval_fn(model, info, layout)
+  eval_fn = _make_eval_fn(model, info)
 
   d = parallel.num_params(params)
   n_stats = parallel.num_params(batch_stats) // (1 if config.sync_batch_stats else K)
@@ -389,7 +388,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log=p
       f' {jax.devices()[0].platform} device(s), {steps_per_epoch} steps/epoch,'
       f' {total_steps} steps, {bytes_per_step:,} bytes/worker/step')
 
-  # ---- test set, sharded over the devices once
+  # ---- evaluation: the test set in batches split over the devices
   n_dev = layout.num_devices
   eval_bs = max(n_dev, config.eval_batch_size // n_dev * n_dev)
   n_test = len(test)
