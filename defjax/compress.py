@@ -225,16 +225,53 @@ def rbgs(ratio: float, *, seed: int = 0, per_leaf: bool = False) -> Compressor:
   if per_leaf:
     return _rbgs_per_leaf(ratio, seed)
 
-  def indices(state, d):
+  def block(tree, state):
+    """The shared start s_t and, per leaf, each value's position in the block."""
+    sizes = _leaf_sizes(tree)
+    d = sum(sizes)
     b = block_size(d, ratio)
     start = jax.random.randint(_step_key(state), (), 0, d, dtype=jnp.int32)
+    offsets = np.cumsum([0] + sizes[:-1])
+    # Position (j - s) mod d of global index j; the block is where it is < b.
+    # Computed from an iota, so masking fuses into the elementwise pass that
+    # produces the leaf: no d-length index or mask buffer, no scatter.
+    rel = []
+    for x, offset, n in zip(jax.tree.leaves(tree), offsets, sizes):
+      r = jnp.arange(n, dtype=jnp.int32) + (int(offset) - start)
+      rel.append(jnp.where(r < 0, r + d, r).reshape(jnp.shape(x)))
+    return start, b, d, rel
+
+  def gather(tree, start, b, d):
+    flat, _ = _ravel(tree)  # XLA fuses the concatenation into the gather: O(b)
     # dynamic_slice would clamp at the end; the block must wrap around.
     i = start + jnp.arange(b, dtype=jnp.int32)
-    return jnp.where(i >= d, i - d, i)
+    return flat.at[jnp.where(i >= d, i - d, i)].get(
+        unique_indices=True, mode='promise_in_bounds')
 
-  return _indexed_compressor(
-      indices, lambda d: block_size(d, ratio), seed, unique=True
-  )
+  def place(tree, values, rel, b):
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef.unflatten([
+        jnp.where(r < b, values.at[jnp.minimum(r, b - 1)].get(mode='promise_in_bounds'),
+                  0).astype(x.dtype)
+        for x, r in zip(leaves, rel)
+    ])
+
+  def compress(tree, state):
+    start, b, d, rel = block(tree, state)
+    return place(tree, gather(tree, start, b, d), rel, b)
+
+  def aggregate(tree, state, axis_name=None):
+    start, b, d, rel = block(tree, state)
+    mean_values = worker_mean(gather(tree, start, b, d), axis_name)  # b values
+    leaves, treedef = jax.tree.flatten(tree)
+    residual = treedef.unflatten(
+        [jnp.where(r < b, jnp.zeros_like(x), x) for x, r in zip(leaves, rel)])
+    return place(tree, mean_values, rel, b), residual, _advance(state)
+
+  def payload(params):
+    return block_size(sum(_leaf_sizes(params)), ratio)
+
+  return Compressor(_random_init(seed), compress, aggregate, payload)
 
 
 def per_leaf_block_sizes(params: PyTree, ratio: float) -> list[int]:
