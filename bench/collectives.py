@@ -109,15 +109,7 @@ def worker(process_id: int, port: int, model_name: str, ratios, out_path: str) -
     # Compile once and run the compiled executable (a jit call would compile again).
     step = setup.step(tx).lower(params, ms, opt, data[0]).compile()
     payload[name] = sum(c.bytes for c in wire.collectives(step) if c.op == 'all-reduce')
-    state = [params, ms, opt]
-
-    def run(step=step, state=state):
-      loss = None
-      for i in range(steps):
-        state[0], state[1], state[2], loss = step(state[0], state[1], state[2], data[i % 2])
-      jax.block_until_ready((state, loss))
-
-    runners[name] = run
+    runners[name] = common.step_runner(step, [params, ms, opt], data, steps)
   res = common.alternate(runners, rounds=rounds, baseline='sgd', warmup=1)
   opt = time_optimizer_only(variants, v['params'], lay, global_replicated, rounds=max(rounds, 5))
   if process_id == 0:

@@ -293,3 +293,19 @@ def _json_default(o):
 
 def ceil_div(a: int, b: float) -> int:
   return max(1, math.ceil(a / b))
+
+
+def step_runner(step, state, data, steps):
+  """A timed unit: ``steps`` calls of a compiled train step on ``state``.
+
+  ``state`` is the list [params, model_state, opt_state], updated in place
+  so that each call continues from the last; batches alternate over ``data``.
+  """
+
+  def run():
+    loss = None
+    for i in range(steps):
+      state[0], state[1], state[2], loss = step(state[0], state[1], state[2], data[i % 2])
+    jax.block_until_ready((state, loss))
+
+  return run

@@ -87,15 +87,7 @@ def measure(model: str, batch: int, rounds: int, steps: int, ratio: float = 256,
     step = setup.step(tx).lower(params, ms, opt, data[0]).compile()
     if profile:
       hlo[v] = hlo_profile(step)
-    state = [params, ms, opt]
-
-    def run(step=step, state=state):
-      loss = None
-      for i in range(steps):
-        state[0], state[1], state[2], loss = step(state[0], state[1], state[2], data[i % 2])
-      jax.block_until_ready((state, loss))
-
-    runners[v] = run
+    runners[v] = common.step_runner(step, [params, ms, opt], data, steps)
     print(f'  compiled {model} b={batch} {v}', flush=True)
   res = common.alternate(runners, rounds=rounds, baseline='sgd', warmup=1)
   per_step = {v: {k: (x / steps if k != 'n' else x) for k, x in s.items()}
