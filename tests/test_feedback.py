@@ -254,3 +254,10 @@ def test_bad_transform_arguments():
   with pytest.raises(ValueError, match='int'):
     defjax.error_feedback(optax.sgd(0.1), defjax.rbgs(4)).init(
         {'w': jnp.zeros(3), 'n': jnp.zeros(2, jnp.int32)})
+
+
+def test_docstring_examples_run():
+  import doctest
+  from defjax import feedback
+  result = doctest.testmod(feedback)
+  assert result.attempted > 0 and result.failed == 0
