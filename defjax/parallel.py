@@ -217,22 +217,14 @@ def make_train_step(
   return jax.jit(step, donate_argnums=(0, 1, 2) if donate else ())
 
 
-def _per_worker_call(fn, layout: WorkerLayout):
-  """jit(vmap(fn)) over the stacked worker axis, with the workers' axis name."""
-  return jax.jit(
-      jax.vmap(fn, in_axes=(None, 0), out_axes=None, axis_name='workers'),
-  )
-
-
 def make_averaged_params(layout: WorkerLayout):
   """``f(params, opt_state) -> y = x - mean_k e_k`` for stacked worker state.
 
   One all-reduce of the error: for evaluation and export, not the step.
   """
   del layout  # the stacked state's sharding tells XLA where the workers are
-  return _per_worker_call(
-      lambda p, s: feedback.averaged_params(p, s, axis_name='workers'), None
-  )
+  average = lambda p, s: feedback.averaged_params(p, s, axis_name='workers')
+  return jax.jit(jax.vmap(average, in_axes=(None, 0), out_axes=None, axis_name='workers'))
 
 
 def num_params(tree) -> int:
