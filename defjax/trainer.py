@@ -298,7 +298,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log=p
     raise ConfigError(str(e)) from None
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, '.write_test')
+    # One probe per process: hosts sharing a workdir must not remove each other's.
+    probe = os.path.join(workdir, f'.write_test.{os.getpid()}.{jax.process_index()}')
     with open(probe, 'w') as f:
       f.write('ok')
     os.remove(probe)
