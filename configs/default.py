@@ -14,7 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
   # /usr/share/datasets/fashion-mnist, TFDS's ~/tensorflow_datasets). For
   # image_folder, a folder or .tar of train/<class>/* and test/<class>/*.
   config.data_dir = ''
-  # Model: cnn | vgg16 | resnet20 | preact_resnet110 | wrn28_10 | resnet50.
+  # Model: cnn | vgg16 | vgg16_slim | resnet20 | preact_resnet110 | wrn28_10 | resnet50.
   config.model = 'cnn'
   # K, the number of workers. K > devices simulates K / devices per device.
   config.num_workers = 8

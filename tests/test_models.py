@@ -15,6 +15,7 @@ BATCH = 2
 NUM_CLASSES = {  # the datasets each model is trained on
     'cnn': 10,                # Fashion-MNIST
     'vgg16': 10,              # CIFAR-10
+    'vgg16_slim': 10,         # CIFAR-10
     'resnet20': 10,           # CIFAR-10
     'preact_resnet110': 100,  # CIFAR-100
     'wrn28_10': 100,          # CIFAR-100
@@ -66,12 +67,13 @@ def _cnn(n):
           + _dense(7 * 7 * 64, 128) + _dense(128, n))
 
 
-def _vgg16(n):
+def _vgg16(n, width=1.0):
   total, cin = 0, 3
   for c in (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512):
+    c = int(c * width)
     total += _conv(3, cin, c, True) + _bn(c)
     cin = c
-  return total + _dense(512, n)
+  return total + _dense(cin, n)
 
 
 def _stages(blocks, widths, cin):
@@ -116,6 +118,7 @@ def _resnet50(n):
 EXPECTED = {
     'cnn': _cnn,
     'vgg16': _vgg16,
+    'vgg16_slim': lambda n: _vgg16(n, width=0.25),
     'resnet20': _resnet20,
     'preact_resnet110': lambda n: _preact(n, (18,) * 3, (16, 32, 64)),
     'wrn28_10': lambda n: _preact(n, (4,) * 3, (160, 320, 640)),

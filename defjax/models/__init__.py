@@ -28,6 +28,7 @@ from defjax.models import vgg
 _FACTORIES: dict[str, Callable[[int], nn.Module]] = {
     'cnn': cnn.CNN,                                          # 28x28x1
     'vgg16': functools.partial(vgg.VGG, cfg=vgg.VGG16),      # 32x32x3
+    'vgg16_slim': functools.partial(vgg.VGG, cfg=vgg.VGG16_SLIM),  # 32x32x3
     'resnet20': resnet_cifar.resnet20,                       # 32x32x3
     'preact_resnet110': resnet_cifar.preact_resnet110,       # 32x32x3
     'wrn28_10': resnet_cifar.wrn28_10,                       # 32x32x3

@@ -15,6 +15,10 @@ from defjax.models import layers
 # Channel counts, 'M' for a 2x2 max-pool.
 VGG16 = (64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M',
          512, 512, 512, 'M', 512, 512, 512, 'M')
+# VGG-16's 13 conv layers at a quarter of the width (0.92M parameters instead
+# of 14.7M, ~1/16 of the FLOPs): the paper's architecture at a size that
+# trains on CPU in minutes per epoch.
+VGG16_SLIM = tuple(c if c == 'M' else c // 4 for c in VGG16)
 
 
 class VGG(nn.Module):
