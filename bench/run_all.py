@@ -21,6 +21,11 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / 'bench' / 'results'
+README = ROOT / 'README.md'
+# The README's Performance tables live between these markers; run_all rewrites
+# them from bench/results/*.json (tests/test_bench.py checks they agree).
+BEGIN = '<!-- bench:begin: written by python -m bench.run_all from bench/results; do not edit -->'
+END = '<!-- bench:end -->'
 # In order: cluster_projection reads overhead.json.
 BENCHMARKS = ('wire_bytes', 'overhead', 'compressor_cost', 'collectives', 'cluster_projection',
               'peer_torch')
@@ -70,6 +75,72 @@ def section(name: str, run: dict | None) -> str:
   return '\n'.join(lines)
 
 
+def _provenance(doc: dict) -> str:
+  m = doc['machine']
+  load = f', load average {m["loadavg"][0]:g} at the end' if m.get('loadavg') else ''
+  return (f'{doc["date"][:16].replace("T", " ")} UTC; {m["cpu_count"]}-CPU {m["backend"]}'
+          f' machine ({m["device_kind"]} x {m["num_devices"]}), jax {m["jax"]}{load};'
+          f' `{doc["command"]}`')
+
+
+def _wire_pivot(doc: dict) -> str:
+  """All-reduce bytes per step of SGD and DEF (EF, SAEF and PSync compile to
+  DEF's program) against the limit ceil(d / ratio) x 4 + BN statistics."""
+  from bench import common
+  rows = doc['rows']
+  ratios = sorted({r['ratio'] for r in rows})
+  out = []
+  for model in dict.fromkeys(r['model'] for r in rows):
+    for method in ('sgd', 'def', 'limit'):
+      row = {'model': model, 'row': method}
+      for r in rows:
+        if r['model'] == model and r['method'] == ('def' if method == 'limit' else method):
+          row[f'r={r["ratio"]:g}'] = r['limit_bytes' if method == 'limit' else 'all_reduce_bytes']
+      out.append(row)
+  verdicts = [r['verdict'] for r in rows]
+  return (common.table(out, ['model', 'row'] + [f'r={r:g}' for r in ratios]) + '\n\n'
+          f'{verdicts.count("equal")}/{len(rows)} (model, method, ratio) programs all-reduce exactly'
+          f' the limit, {verdicts.count("below")} fewer bytes, {verdicts.count("above")} more.')
+
+
+def _projection_subset(doc: dict) -> str:
+  from bench import common
+  rows = [r for r in doc['rows'] if r['K'] == 16]
+  cols = ['scenario', 'K', 'gbps', 'sgd_step_ms', 'sgd_comm_frac', 'def@16', 'def@64', 'def@256',
+          'def@1024']
+  return common.table(rows, cols) + '\n\nK = 16 rows only; all K and the plot: bench/results/.'
+
+
+def readme_section(results: pathlib.Path = RESULTS) -> str:
+  """The README's Performance tables, from the benchmark JSON files only."""
+  parts = [BEGIN, '']
+  for name in BENCHMARKS:
+    path = results / f'{name}.json'
+    if not path.exists():
+      continue
+    doc = json.loads(path.read_text())
+    if name == 'wire_bytes':
+      body = _wire_pivot(doc)
+    elif name == 'cluster_projection':
+      body = _projection_subset(doc)
+    else:
+      body = doc['table_md']
+    parts += [f'#### {name}', '', _provenance(doc), '', body, '']
+  parts.append(END)
+  return '\n'.join(parts)
+
+
+def update_readme(readme: pathlib.Path = README, results: pathlib.Path = RESULTS) -> bool:
+  """Replaces the text between the markers; False if the README has none."""
+  text = readme.read_text()
+  if BEGIN not in text or END not in text:
+    return False
+  head, rest = text.split(BEGIN, 1)
+  _, tail = rest.split(END, 1)
+  readme.write_text(head + readme_section(results) + tail)
+  return True
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__)
   p.add_argument('--only', default=None, help='comma-separated subset')
@@ -102,6 +173,8 @@ def main(argv=None):
       parts.append(section(n, runs.get(n)))
   (RESULTS / 'summary.md').write_text('\n'.join(parts))
   print(f'wrote {RESULTS / "summary.md"}')
+  if update_readme():
+    print(f'updated the Performance tables in {README}')
   failed = [n for n, r in runs.items() if r['rc'] != 0]
   if failed:
     print('failed: ' + ', '.join(failed))

@@ -38,11 +38,12 @@ def test_wire_bytes_compiles_identical_programs_once():
 
 def test_compressor_cost_tiny():
   res = compressor_cost.measure(10_000, 64, 'flat', rounds=1)
-  assert set(res['aggregate_s']) == {'rbgs', 'randomk', 'topk'}
+  assert set(res['aggregate_s']) == {'rbgs', 'randomk', 'topk', 'dense_floor'}
   assert all(s['median'] > 0 for s in res['aggregate_s'].values())
   assert 'topk' in res['ratio_to_rbgs']
   rows = compressor_cost.rows_of(res)
-  assert len(rows) == 3
+  assert [r['compressor'] for r in rows] == ['rbgs', 'randomk', 'topk']
+  assert all(r['x_floor'] > 0 for r in rows)
   tree = compressor_cost.make_tree(20_000, 'vgg_like')
   assert len(tree) == 13 * 4 + 2  # conv kernel, bias, BN scale, BN bias; classifier
 
@@ -87,3 +88,35 @@ def test_write_and_summary_section(tmp_path, monkeypatch):
   assert doc['machine']['cpu_count'] >= 1 and doc['rows'] == rows
   text = run_all.section('smoke', None)
   assert '| a | b |' in text and 'a note' in text and 'command:' in text
+
+
+def test_readme_performance_tables_come_from_the_results():
+  """The README's recorded figures are exactly what run_all writes from the
+  committed JSON files: no hand-edited number survives."""
+  readme = (run_all.ROOT / 'README.md').read_text()
+  assert run_all.BEGIN in readme and run_all.END in readme
+  start = readme.index(run_all.BEGIN)
+  end = readme.index(run_all.END) + len(run_all.END)
+  assert readme[start:end] == run_all.readme_section()
+
+
+def test_update_readme_rewrites_only_between_the_markers(tmp_path):
+  results = tmp_path / 'results'
+  results.mkdir()
+  doc = {'date': '2026-01-02T03:04:05+00:00', 'command': 'python -m bench.overhead',
+         'machine': {'cpu_count': 2, 'backend': 'cpu', 'device_kind': 'cpu', 'num_devices': 8,
+                     'jax': '0.10.2', 'loadavg': [1.5, 1, 1]},
+         'table_md': '| a |\n|---|\n| 7 |'}
+  (results / 'overhead.json').write_text(json.dumps(doc))
+  readme = tmp_path / 'README.md'
+  readme.write_text(f'before\n{run_all.BEGIN}\nstale 99\n{run_all.END}\nafter\n')
+  assert run_all.update_readme(readme, results)
+  text = readme.read_text()
+  assert text.startswith('before\n') and text.endswith('\nafter\n')
+  assert 'stale 99' not in text and '| 7 |' in text
+  assert '2026-01-02 03:04 UTC' in text and '`python -m bench.overhead`' in text
+  assert 'load average 1.5' in text
+  no_markers = tmp_path / 'OTHER.md'
+  no_markers.write_text('nothing here\n')
+  assert not run_all.update_readme(no_markers, results)
+  assert no_markers.read_text() == 'nothing here\n'
