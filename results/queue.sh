@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Every reproduction run behind results/, in the order they are wanted.
+# Each sweep skips finished runs and resumes interrupted ones from their last
+# checkpoint, so rerunning this script continues where the last one stopped
+# (for example after a session ends). One instance at a time (flock).
+#
+#   nohup setsid bash results/queue.sh > /tmp/queue.log 2>&1 &
+set -euo pipefail
+cd "$(dirname "$0")/.."
+exec 9>/tmp/defjax-results-queue.lock
+flock -n 9 || { echo 'results/queue.sh is already running' >&2; exit 1; }
+PY=${PY:-.venv/bin/python}
+sweep() { "$PY" -m defjax.sweep "$@"; }
+FM=(--config configs/fashion_mnist.py --set num_epochs=6 --set checkpoint_every_steps=468
+    --set max_to_keep=1)
+C10=(--config configs/cifar10_vgg16_slim.py --set num_epochs=4 --set max_to_keep=1)
+
+# 1. Fashion-MNIST, Table 1 (lr 0.05 for every method, as the authors' SGD/DEF).
+sweep "${FM[@]}" --out results/fashion_mnist/runs --methods sgd,ef,def,saef,psync \
+  --ratios 16,64,256,1024 --seeds 0,1,2
+# 2. Fashion-MNIST, lam at ratio 256 (lam 0.3 is in 1.).
+sweep "${FM[@]}" --out results/fashion_mnist_lam/runs --methods def --ratios 256 --seeds 0 \
+  --lams 0,0.1,0.6,0.8,1
+# 3. Fashion-MNIST, EF at the authors' EF learning rate 0.01.
+sweep "${FM[@]}" --out results/fashion_mnist_ef_lr0.01/runs --methods ef \
+  --ratios 16,64,256,1024 --seeds 0 --set optim.lr=0.01
+# 4. CIFAR-10, VGG-16 at 1/4 width, 4 epochs, seed 0, then EF at lr 0.01.
+sweep "${C10[@]}" --out results/cifar10/runs --methods sgd,ef,def,saef,psync --ratios 64,256 \
+  --seeds 0
+sweep "${C10[@]}" --out results/cifar10_ef_lr0.01/runs --methods ef --ratios 64,256 --seeds 0 \
+  --set optim.lr=0.01
+# 5. More seeds where time allows.
+sweep "${C10[@]}" --out results/cifar10/runs --methods sgd,ef,def,saef,psync --ratios 64,256 \
+  --seeds 0,1
+echo 'queue finished'
