@@ -23,7 +23,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_epochs = 3
   # > 0 overrides num_epochs (the schedule then spans these steps).
   config.num_train_steps = 0
-  # Seed of the parameters, the data order, augmentation and block selection.
+  # Seed of the parameters, the data order, augmentation and (unless
+  # optim.block_seed is set) the RBGS block sequence.
   config.seed = 0
   # Evaluate every this many steps; 0 = once per epoch (and always at the end).
   config.eval_every_steps = 0
@@ -56,6 +57,10 @@ def get_config() -> ml_collections.ConfigDict:
   optim.lam = 0.3
   # One block per leaf (the authors' code) instead of one over all values.
   optim.per_leaf = False
+  # Seed of the shared RBGS block sequence (the same on every worker); unset
+  # = config.seed. Set it to vary the initialisation and data over seeds with
+  # the blocks fixed. A resumed run continues the block sequence it saved.
+  optim.block_seed = ml_collections.config_dict.placeholder(int)
   optim.lr = 0.05
   optim.momentum = 0.9
   optim.weight_decay = 5e-4

@@ -125,15 +125,20 @@ def learning_rate_schedule(optim, *, steps_per_epoch: int, total_steps: int):
   )
 
 
-def build_optimizer(optim, *, schedule, axis_name):
-  """The per-worker transform of ``optim.method`` and its compressor."""
+def build_optimizer(optim, *, schedule, axis_name, seed: int = 0):
+  """The per-worker transform of ``optim.method`` and its compressor.
+
+  ``seed`` seeds the shared block sequence unless ``optim.block_seed`` is set.
+  """
   inner = optax.chain(
       optax.add_decayed_weights(optim.weight_decay),
       optax.sgd(schedule, momentum=optim.momentum or None),
   )
   if optim.method == 'sgd':
     return feedback.data_parallel(inner, axis_name=axis_name), None
-  compressor = compress_lib.rbgs(optim.ratio, seed=0, per_leaf=optim.per_leaf)
+  block_seed = optim.get('block_seed')
+  compressor = compress_lib.rbgs(
+      optim.ratio, seed=seed if block_seed is None else block_seed, per_leaf=optim.per_leaf)
   if optim.dense_warmup_steps > 0:
     compressor = compress_lib.dense_warmup(compressor, optim.dense_warmup_steps)
   if optim.method == 'psync':
@@ -333,7 +338,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log=p
       batch_stats, layout.replicated if config.sync_batch_stats else layout.per_worker)
 
   schedule = learning_rate_schedule(o, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
-  tx, compressor = build_optimizer(o, schedule=schedule, axis_name=layout.axis_name)
+  tx, compressor = build_optimizer(o, schedule=schedule, axis_name=layout.axis_name,
+                                   seed=config.seed)
   opt_state = parallel.init_worker_state(tx, params, layout)
   loss_fn = _make_loss_fn(model, info, config)
   step_fn = parallel.make_train_step(

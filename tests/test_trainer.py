@@ -144,7 +144,7 @@ def test_cli_overrides_and_quickstart_config(tmp_path):
   proc = _train_py(
       tmp_path, '--config', 'configs/fashion_mnist.py', '--workdir', str(workdir),
       '--config.optim.method=ef', '--config.optim.ratio=64', '--config.seed=1',
-      '--config.num_train_steps=4', '--config.eval_every_steps=4')
+      '--config.optim.block_seed=5', '--config.num_train_steps=4', '--config.eval_every_steps=4')
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert 'final test accuracy' in proc.stdout
   with open(workdir / 'summary.json') as f:
@@ -152,6 +152,7 @@ def test_cli_overrides_and_quickstart_config(tmp_path):
   assert summary['config']['optim']['method'] == 'ef'
   assert summary['config']['optim']['ratio'] == 64
   assert summary['config']['seed'] == 1
+  assert summary['config']['optim']['block_seed'] == 5
   assert summary['steps'] == 4 and summary['steps_per_epoch'] == 60000 // 128
 
 
@@ -197,3 +198,14 @@ def test_dense_warmup_steps_count_dense_bytes(tiny_folder, tmp_path):
   summary = trainer.train_and_evaluate(config, str(tmp_path), log=lambda *_: None)
   d = summary['num_params']
   assert summary['bytes_sent'] == 2 * 4 * (d + 1) + 4 * 4 * (-(-d // 16) + 1)
+
+
+@pytest.mark.parametrize('seed,block_seed,expected', [(0, None, 0), (3, None, 3), (3, 7, 7)])
+def test_block_sequence_follows_the_seed_unless_pinned(seed, block_seed, expected):
+  import jax
+  import jax.numpy as jnp
+  optim = default.get_config().optim
+  optim.block_seed = block_seed
+  _, compressor = trainer.build_optimizer(optim, schedule=0.1, axis_name=None, seed=seed)
+  state = compressor.init({'w': jnp.zeros(1000)})
+  np.testing.assert_array_equal(state.key, jax.random.PRNGKey(expected))
