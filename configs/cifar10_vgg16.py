@@ -6,7 +6,9 @@ lr 0.05 (the authors use 0.01 for EF: add --config.optim.lr=0.01), momentum
   python train.py --config configs/cifar10_vgg16.py --workdir runs/vgg16-def256 \
       --config.optim.method=def --config.optim.ratio=256
 
-With TFDS data instead of the JPEG folder: --config.dataset=cifar10.
+With TFDS data instead of the JPEG folder:
+--config.dataset=cifar10 --config.data_dir= (after tfds build cifar10
+--file_format=array_record).
 """
 
 from configs import default

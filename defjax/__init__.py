@@ -1,6 +1,7 @@
 """defjax: RBGS with detached error feedback (DEF, DEF-A) as optax transformations.
 
-The public API. See README.md for a tour and ``ALGORITHMS.md`` semantics.
+The public API. See README.md for a tour; ``defjax.feedback`` states each
+method's recursion (paper Algorithm 1).
 """
 
 from defjax.compress import Compressor
