@@ -426,3 +426,21 @@ def test_real_sweep_and_report(tmp_path):
   summary = report.write_report([out], tmp_path / 'report')
   assert set(summary['table1']) == {'SGD', 'DEF', 'DEF-A'}
   assert (tmp_path / 'report' / 'fig1_4.png').exists()
+
+
+def test_readme_results_tables_are_the_generated_ones():
+  """Every table row in the README's Results section is a row of a table that
+  defjax.report wrote under results/ (no hand-typed accuracy)."""
+  import pathlib
+  root = pathlib.Path(__file__).resolve().parent.parent
+  readme = (root / 'README.md').read_text()
+  section = readme.split('\n## Results\n', 1)[1].split('\n## ', 1)[0]
+  generated = set()
+  for path in root.glob('results/*/table*.md'):
+    generated |= {line.strip() for line in path.read_text().splitlines()}
+  rows = [line.strip() for line in section.splitlines()
+          if line.strip().startswith('|') and any(c.isdigit() for c in line)
+          and not set(line.strip()) <= set('|-: ')]
+  assert rows, 'no result tables in the README'
+  missing = [r for r in rows if r not in generated]
+  assert not missing, missing
