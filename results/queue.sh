@@ -26,6 +26,12 @@ sweep "${FM[@]}" --out results/fashion_mnist_lam/runs --methods def --ratios 256
 # 3. Fashion-MNIST, EF at the authors' EF learning rate 0.01.
 sweep "${FM[@]}" --out results/fashion_mnist_ef_lr0.01/runs --methods ef \
   --ratios 16,64,256,1024 --seeds 0 --set optim.lr=0.01
+# ... and at low ratios, to find where EF starts to fail.
+sweep "${FM[@]}" --out results/fashion_mnist_ef_lr0.01/runs --methods ef \
+  --ratios 2,4,8 --seeds 0 --set optim.lr=0.01
+# ... and SGD at the same rate, for reference.
+sweep "${FM[@]}" --out results/fashion_mnist_ef_lr0.01/runs --methods sgd --seeds 0 \
+  --set optim.lr=0.01
 # 4. CIFAR-10, VGG-16 at 1/4 width, 4 epochs, seed 0, then EF at lr 0.01.
 sweep "${C10[@]}" --out results/cifar10/runs --methods sgd,ef,def,saef,psync --ratios 64,256 \
   --seeds 0
