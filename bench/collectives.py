@@ -24,21 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
-import sys
-import tempfile
 import time
+
+from bench import procs
 
 RATIOS = (16, 64, 256, 1024)
 # model -> (per-worker batch, timed rounds, steps per sample)
 SETTINGS = {'vgg16': (4, 4, 2), 'mlp': (8, 6, 3)}
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
 
 
 def mlp_model():
@@ -175,36 +167,16 @@ def time_optimizer_only(variants, params_np, lay, global_replicated, rounds: int
 
 def launch(model_name: str, ratios, timeout_s: float = 540) -> dict:
   """Starts the two worker processes and returns process 0's measurements."""
-  port = _free_port()
-  fd, out_path = tempfile.mkstemp(suffix='.json')
-  os.close(fd)
-  env = dict(os.environ)
   # One CPU device per process; the parent's 8-device flag must not leak in.
-  flags = ' '.join(f for f in env.get('XLA_FLAGS', '').split()
+  flags = ' '.join(f for f in os.environ.get('XLA_FLAGS', '').split()
                    if 'xla_force_host_platform_device_count' not in f)
-  env['XLA_FLAGS'] = (flags + ' --xla_force_host_platform_device_count=1').strip()
-  env['JAX_PLATFORMS'] = 'cpu'
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env['PYTHONPATH'] = root + os.pathsep + env.get('PYTHONPATH', '')
-  procs = []
-  for i in range(2):
-    cmd = [sys.executable, '-m', 'bench.collectives', '--worker', str(i), '--port', str(port),
-           '--models', model_name, '--ratios', ','.join(map(str, ratios)), '--out', out_path]
-    procs.append(subprocess.Popen(cmd, env=env, cwd=root))
-  deadline = time.time() + timeout_s
-  try:
-    for p in procs:
-      rc = p.wait(timeout=max(1, deadline - time.time()))
-      if rc != 0:
-        raise RuntimeError(f'worker exited with {rc}')
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  with open(out_path) as f:
-    result = json.load(f)
-  os.remove(out_path)
-  return result
+  env = {'XLA_FLAGS': (flags + ' --xla_force_host_platform_device_count=1').strip(),
+         'JAX_PLATFORMS': 'cpu'}
+  return procs.run_pair(
+      'bench.collectives',
+      lambda i, port: ['--worker', str(i), '--port', str(port), '--models', model_name,
+                       '--ratios', ','.join(map(str, ratios))],
+      env, timeout_s)
 
 
 def rows_of(result: dict) -> list[dict]:
@@ -242,8 +214,7 @@ def main(argv=None):
   a = p.parse_args(argv)
   ratios = [int(r) for r in a.ratios.split(',')]
   if a.worker is not None:
-    if a.worker < os.cpu_count() and hasattr(os, 'sched_setaffinity'):
-      os.sched_setaffinity(0, {a.worker})
+    procs.pin_to_core(a.worker)
     worker(a.worker, a.port, a.models, ratios, a.out)
     return None
   from bench import common

@@ -28,23 +28,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
-import sys
-import tempfile
 import time
+
+from bench import procs
 
 RATIOS = (16, 64, 256, 1024)
 BATCH = 8
 ROUNDS = 6
 STEPS = 3
 LR, MOMENTUM, WD, LAM = 0.05, 0.9, 5e-4, 0.3
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
 
 
 def torch_available() -> bool:
@@ -170,28 +162,10 @@ def worker(rank: int, port: int, ratios, out_path: str) -> None:
 
 
 def launch(ratios, timeout_s: float = 540) -> dict:
-  port = _free_port()
-  fd, out_path = tempfile.mkstemp(suffix='.json')
-  os.close(fd)
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get('PYTHONPATH', ''),
-             OMP_NUM_THREADS='1')
-  procs = [subprocess.Popen([sys.executable, '-m', 'bench.peer_torch', '--rank', str(i), '--port',
-                             str(port), '--ratios', ','.join(map(str, ratios)), '--out', out_path],
-                            env=env, cwd=root) for i in range(2)]
-  deadline = time.time() + timeout_s
-  try:
-    for p in procs:
-      if p.wait(timeout=max(1, deadline - time.time())) != 0:
-        raise RuntimeError('torch worker failed')
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  with open(out_path) as f:
-    out = json.load(f)
-  os.remove(out_path)
-  return out
+  return procs.run_pair(
+      'bench.peer_torch',
+      lambda i, port: ['--rank', str(i), '--port', str(port), '--ratios', ','.join(map(str, ratios))],
+      {'OMP_NUM_THREADS': '1'}, timeout_s)
 
 
 def rows_of(result: dict, jax_opt: dict | None) -> list[dict]:
@@ -223,8 +197,7 @@ def main(argv=None):
   a = p.parse_args(argv)
   ratios = [int(r) for r in a.ratios.split(',')]
   if a.rank is not None:
-    if a.rank < os.cpu_count() and hasattr(os, 'sched_setaffinity'):
-      os.sched_setaffinity(0, {a.rank})
+    procs.pin_to_core(a.rank)
     worker(a.rank, a.port, ratios, a.out)
     return None
   if not torch_available():

@@ -120,3 +120,9 @@ def test_update_readme_rewrites_only_between_the_markers(tmp_path):
   no_markers.write_text('nothing here\n')
   assert not run_all.update_readme(no_markers, results)
   assert no_markers.read_text() == 'nothing here\n'
+
+
+def test_run_pair_reports_a_failed_worker():
+  from bench import procs
+  with pytest.raises(RuntimeError, match='bench.no_such_module worker 0 exited'):
+    procs.run_pair('bench.no_such_module', lambda i, port: [], timeout_s=60)

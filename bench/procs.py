@@ -1,0 +1,67 @@
+"""Two cooperating OS processes, for the benchmarks with real collectives.
+
+``bench.collectives`` (jax.distributed) and ``bench.peer_torch``
+(torch.distributed) both start themselves twice as workers on a free
+loopback port, pin each worker to its own core and read worker 0's
+measurements back from a JSON file. No JAX import here: the PyTorch workers
+must not start JAX.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable, Optional, Sequence
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def pin_to_core(index: int) -> None:
+  """Pins this process to core ``index`` when the machine has that core, so
+  that the two workers do not share one."""
+  if index < os.cpu_count() and hasattr(os, 'sched_setaffinity'):
+    os.sched_setaffinity(0, {index})
+
+
+def run_pair(module: str, worker_args: Callable[[int, int], Sequence[str]],
+             env: Optional[dict] = None, timeout_s: float = 540) -> dict:
+  """Runs ``python -m module *worker_args(i, port) --out FILE`` for i = 0, 1
+  and returns the JSON that worker 0 wrote to FILE.
+
+  ``env`` is added to this process's environment (the project root is put on
+  PYTHONPATH). Raises RuntimeError if a worker fails; both are killed when the
+  time is up.
+  """
+  port = free_port()
+  fd, out_path = tempfile.mkstemp(suffix='.json')
+  os.close(fd)
+  full_env = dict(os.environ, **(env or {}))
+  full_env['PYTHONPATH'] = ROOT + os.pathsep + os.environ.get('PYTHONPATH', '')
+  try:
+    procs = [subprocess.Popen([sys.executable, '-m', module, *worker_args(i, port),
+                               '--out', out_path], env=full_env, cwd=ROOT) for i in range(2)]
+    deadline = time.time() + timeout_s
+    try:
+      for i, p in enumerate(procs):
+        rc = p.wait(timeout=max(1, deadline - time.time()))
+        if rc != 0:
+          raise RuntimeError(f'{module} worker {i} exited with {rc}')
+    finally:
+      for p in procs:
+        if p.poll() is None:
+          p.kill()
+    with open(out_path) as f:
+      return json.load(f)
+  finally:
+    os.remove(out_path)
