@@ -136,7 +136,7 @@ def build_optimizer(optim, *, schedule, axis_name, seed: int = 0):
   )
   if optim.method == 'sgd':
     return feedback.data_parallel(inner, axis_name=axis_name), None
-  block_seed = optim.get('block_seed')
+  block_seed = optim.block_seed
   compressor = compress_lib.rbgs(
       optim.ratio, seed=seed if block_seed is None else block_seed, per_leaf=optim.per_leaf)
   if optim.dense_warmup_steps > 0:
