@@ -158,6 +158,63 @@ def _map_workers(fn, layout: WorkerLayout, in_axes, out_axes):
 
 LossFn = Callable[[Any, Any, Any], tuple[jax.Array, Any]]
 
+# Collectives that combine values across workers; their axes must be all of
+# the layout's worker axes.
+_REDUCTIONS = ('psum', 'pmax', 'pmin', 'all_gather', 'reduce_scatter', 'psum_scatter',
+               'all_to_all')
+
+
+def _collective_axes(jaxpr, found: list) -> list:
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in _REDUCTIONS:
+      axes = eqn.params.get('axes', eqn.params.get('axis_name'))
+      axes = axes if isinstance(axes, (tuple, list)) else (axes,)
+      found.append((eqn.primitive.name, tuple(a for a in axes if isinstance(a, str))))
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if hasattr(sub, 'eqns'):
+          _collective_axes(sub, found)
+        elif hasattr(getattr(sub, 'jaxpr', None), 'eqns'):
+          _collective_axes(sub.jaxpr, found)
+  return found
+
+
+def check_worker_collectives(tx, params, worker_opt_state, layout: WorkerLayout) -> None:
+  """Raises ValueError unless ``tx.update`` reduces over exactly the workers.
+
+  The step keeps one copy of the update, which is right only if the update is
+  the same on every worker; a transform built with another ``axis_name``
+  (``'data'`` where the layout needs ``('data', 'local')``, or None) would
+  silently train on some workers' gradients only. Traces ``tx.update``
+  abstractly (no compute), so it sees through ``optax.chain`` and friends.
+  """
+  axes = layout.axis_name
+  axes = tuple(axes) if isinstance(axes, tuple) else (axes,)
+  env = [(layout.axis, layout.num_devices)]
+  if layout.workers_per_device > 1:
+    env.append((LOCAL_AXIS, layout.workers_per_device))
+  shape = lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
+  params = jax.tree.map(shape, params)
+  worker_opt_state = jax.tree.map(shape, worker_opt_state)
+  try:
+    jaxpr = jax.make_jaxpr(tx.update, axis_env=env)(params, worker_opt_state, params)
+  except NameError as e:  # a collective over an axis this layout does not have
+    raise ValueError(
+        f'the transform uses a collective over an axis this layout lacks ({e});'
+        f' build it with axis_name={layout.axis_name!r} (layout.axis_name)'
+    ) from None
+  found = _collective_axes(jaxpr.jaxpr, [])
+  wrong = sorted({a for _, a in found if set(a) != set(axes)})
+  hint = f'; build the transform with axis_name={layout.axis_name!r} (layout.axis_name)'
+  if wrong:
+    raise ValueError(
+        f'the transform reduces over {wrong[0]!r} but this layout\'s {layout.num_workers}'
+        f' workers span {axes!r}, so some workers\' gradients would be dropped' + hint)
+  if layout.num_workers > 1 and not found:
+    raise ValueError(
+        f'the transform has no collective over the {layout.num_workers} workers,'
+        ' so their updates would differ while the model is kept as one copy' + hint)
+
 
 def make_train_step(
     loss_fn: LossFn,
@@ -203,6 +260,9 @@ def make_train_step(
   )
 
   def local_step(params, model_state, opt_state, batch):
+    # Runs once per trace, not per step.
+    check_worker_collectives(
+        tx, params, jax.tree.map(lambda x: x[0], opt_state), layout)
     updates, model_state, opt_state, loss = mapped(params, model_state, opt_state, batch)
     return optax.apply_updates(params, updates), model_state, opt_state, loss
 

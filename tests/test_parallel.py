@@ -50,12 +50,41 @@ def test_compiled_step_all_reduces_only_the_block(ratio, per_leaf):
   found = wire.collectives(compiled)
   shapes = [s for c in found for _, s in c.shapes]
   sizes = sorted(math.prod(s) for s in shapes)
-  b = tx_payload = defjax.rbgs(ratio, per_leaf=per_leaf).payload(params)
+  # b from ALGORITHMS.md, not from the compressor: ceil(d / ratio) for the
+  # global block, sum of max(1, floor(n_leaf / ratio)) for per-leaf blocks.
+  if per_leaf:
+    b = sum(max(1, x.size // ratio) for x in jax.tree.leaves(params))
+  else:
+    b = math.ceil(d / ratio)
   assert {c.op for c in found} == {'all-reduce'}
   # one operand of b values (the block), the rest scalars (the loss)
   assert sizes[-1] == b and all(s <= 1 for s in sizes[:-1]), sizes
-  assert b == (math.ceil(d / ratio) if not per_leaf else tx_payload)
   assert max(sizes) < d
+
+
+@pytest.mark.parametrize('num_workers', [8, 16])
+def test_step_rejects_a_transform_built_for_other_workers(num_workers):
+  """A transform whose all-reduce misses some workers (axis_name 'data' with
+  2 workers per device, or None) would silently drop their gradients: the
+  step refuses it at trace time, also inside an optax chain."""
+  layout = parallel.make_layout(num_workers)
+  params = jax.device_put(mlp_params(), layout.replicated)
+  xs, ys = batches(1, workers=num_workers)
+  batch = jax.device_put((xs[0], ys[0]), layout.per_worker)
+  wrong = [None, 'data'] if num_workers == 16 else [None]
+  for axis_name in wrong:
+    for tx in (defjax.error_feedback(momentum_sgd(), defjax.rbgs(8), axis_name=axis_name),
+               optax.chain(optax.clip(1.0),
+                           defjax.data_parallel(momentum_sgd(), axis_name=axis_name))):
+      state = parallel.init_worker_state(tx, params, layout)
+      step = parallel.make_train_step(_loss, tx, layout, donate=False)
+      with pytest.raises(ValueError, match='axis_name='):
+        step(params, {}, state, batch)
+  tx = optax.chain(optax.clip(1.0), defjax.psync(momentum_sgd(), defjax.rbgs(8),
+                                                 axis_name=layout.axis_name))
+  state = parallel.init_worker_state(tx, params, layout)
+  step = parallel.make_train_step(_loss, tx, layout, donate=False)
+  step(params, {}, state, batch)  # the right axes pass
 
 
 def test_hlo_check_catches_the_full_gradient_all_reduce():
