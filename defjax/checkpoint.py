@@ -21,10 +21,16 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-# Config fields whose change makes a saved state meaningless for this run.
+# Config fields whose change makes a saved state meaningless for this run, or
+# makes the resumed run a mix of two runs (the run length fixes where the
+# learning rate decays, so it is one of them).
 FINGERPRINT_KEYS = (
     'dataset', 'model', 'num_workers', 'optim.method', 'optim.ratio',
     'optim.lam', 'optim.per_leaf', 'seed', 'batch_size',
+    'optim.lr', 'optim.momentum', 'optim.weight_decay', 'optim.schedule',
+    'optim.decay_at', 'optim.warmup_epochs', 'optim.dense_warmup_steps',
+    'optim.block_seed', 'sync_batch_stats', 'crop_padding', 'flip',
+    'num_epochs', 'num_train_steps',
 )
 
 
@@ -47,11 +53,15 @@ def fingerprint(config) -> dict[str, Any]:
 
 
 def compare(saved: dict, current: dict, *, allow: tuple[str, ...] = ()) -> None:
-  """Raises CheckpointMismatch naming every field that differs."""
+  """Raises CheckpointMismatch naming every field that differs.
+
+  A field the saved fingerprint lacks is not compared: checkpoints written
+  before it joined FINGERPRINT_KEYS stay resumable.
+  """
   diffs = [
-      f'{k}: checkpoint {saved.get(k)!r} vs config {current[k]!r}'
+      f'{k}: checkpoint {saved[k]!r} vs config {current[k]!r}'
       for k in current
-      if k not in allow and saved.get(k) != current[k]
+      if k not in allow and k in saved and saved[k] != current[k]
   ]
   if diffs:
     raise CheckpointMismatch(

@@ -1,8 +1,10 @@
 """Checkpoints that lose nothing: kill, resume, mismatch, damage, reshard, NaN."""
 
+import copy
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +17,7 @@ import pytest
 
 from defjax import checkpoint as ckpt
 from defjax import trainer
+from configs import default
 from test_trainer import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,6 +112,31 @@ def test_checkpoint_of_another_run_is_an_error(tiny_folder, reference, tmp_path)
   assert 'Traceback' not in proc.stderr
 
 
+def test_fingerprint_covers_what_the_trajectory_depends_on():
+  """Changing the learning rate, schedule, run length, augmentation or block
+  seed mid-run would mix two runs; each is named. Old checkpoints (without
+  the newer fields) still compare on the fields they have."""
+  base = default.get_config()
+  saved = ckpt.fingerprint(base)
+  for key, value in [('optim.lr', 0.5), ('optim.momentum', 0.0), ('optim.weight_decay', 0.0),
+                     ('optim.schedule', 'cosine'), ('optim.decay_at', (0.3,)),
+                     ('optim.warmup_epochs', 1.0), ('optim.dense_warmup_steps', 7),
+                     ('optim.block_seed', 3), ('sync_batch_stats', False),
+                     ('crop_padding', 4), ('flip', True), ('num_epochs', 99),
+                     ('num_train_steps', 99)]:
+    config = copy.deepcopy(base)
+    *parents, leaf = key.split('.')
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+    with pytest.raises(ckpt.CheckpointMismatch, match=re.escape(key + ': checkpoint')):
+      ckpt.compare(saved, ckpt.fingerprint(config))
+    old = {k: v for k, v in saved.items() if k != key}
+    ckpt.compare(old, ckpt.fingerprint(config))  # written before key was added
+  ckpt.compare(saved, ckpt.fingerprint(copy.deepcopy(base)))
+
+
 def _state():
   return {'w': jnp.arange(6.0).reshape(2, 3), 'n': jnp.zeros((), jnp.int32)}
 
@@ -200,21 +228,29 @@ def test_elastic_resume_preserves_def_output(tiny_folder, tmp_path):
   """K = 8 -> K' = 4 with resume_reshard: y = x - mean_k e_k is unchanged;
   without the flag the changed K is named in the error."""
   workdir = str(tmp_path)
-  config = tiny_config(tiny_folder, num_train_steps=6, eval_every_steps=6)
+  config = tiny_config(tiny_folder, num_train_steps=6, eval_every_steps=6,
+                       checkpoint_every_steps=3)
   before = trainer.train_and_evaluate(config, workdir, log=lambda *_: None)
   with pytest.raises(ckpt.CheckpointMismatch, match='num_workers: checkpoint 8 vs config 4'):
     trainer.train_and_evaluate(tiny_config(tiny_folder, num_workers=4, num_train_steps=6,
-                                           eval_every_steps=6), workdir)
+                                           eval_every_steps=6, checkpoint_every_steps=3),
+                               workdir)
   # Same length: nothing left to train; the resharded state's y is compared
   # with the saved one on the host.
   after = trainer.train_and_evaluate(
       tiny_config(tiny_folder, num_workers=4, num_train_steps=6, eval_every_steps=6,
-                  resume_reshard=True), workdir, log=lambda *_: None)
+                  checkpoint_every_steps=3, resume_reshard=True), workdir, log=lambda *_: None)
   assert after['resharded_from_workers'] == 8
   assert after['reshard_output_change'] <= 1e-6
   assert after['final_test_accuracy'] == before['final_test_accuracy']
-  # and training continues on the new workers
+  # and an interrupted run continues on the new workers: drop the last
+  # checkpoint so that the latest one is mid-run (step 3 of 6, K = 8).
+  mngr = ckpt.manager(os.path.join(workdir, 'checkpoints'), max_to_keep=2)
+  assert mngr.all_steps() == [3, 6]
+  mngr.delete(6)
+  mngr.close()
   more = trainer.train_and_evaluate(
-      tiny_config(tiny_folder, num_workers=4, num_train_steps=9, eval_every_steps=3,
-                  resume_reshard=True), workdir, log=lambda *_: None)
-  assert more['status'] == 'completed' and more['steps'] == 9
+      tiny_config(tiny_folder, num_workers=4, num_train_steps=6, eval_every_steps=3,
+                  checkpoint_every_steps=3, resume_reshard=True), workdir, log=lambda *_: None)
+  assert more['status'] == 'completed' and more['steps'] == 6
+  assert more['resharded_from_workers'] == 8
