@@ -55,10 +55,27 @@ class EmptyState(NamedTuple):
 # ---------------------------------------------------------------- validation
 
 
+def as_real_scalar(value, name: str, what: str) -> float:
+  """``value`` as a float if it is a real number (Python, NumPy or a 0-d
+  array); bools, strings and arrays with elements raise ValueError."""
+  if isinstance(value, (bool, np.bool_, str, bytes)):
+    raise ValueError(f'{name} must be {what}, got {value!r}')
+  if not isinstance(value, (int, float, np.number)):
+    if np.ndim(value) != 0 or not hasattr(value, 'dtype'):
+      raise ValueError(f'{name} must be {what}, got {value!r}')
+    if not (np.issubdtype(value.dtype, np.integer) or np.issubdtype(value.dtype, np.floating)):
+      raise ValueError(f'{name} must be {what}, got {value!r}')
+    try:
+      value = float(value)
+    except Exception:  # a tracer: the value must be known when the transform is built
+      raise ValueError(f'{name} must be {what} known when the transform is built,'
+                       f' got {value!r}') from None
+  return float(value)
+
+
 def check_ratio(ratio) -> float:
   """Returns ``ratio`` as a float, or raises ValueError if it is not >= 1."""
-  if isinstance(ratio, bool) or not isinstance(ratio, (int, float, np.number)):
-    raise ValueError(f'ratio must be a number >= 1, got {ratio!r}')
+  ratio = as_real_scalar(ratio, 'ratio', 'a number >= 1')
   if not math.isfinite(ratio) or ratio < 1:
     raise ValueError(
         f'ratio must be >= 1 (1 = no compression, 256 = send 1/256 of the'

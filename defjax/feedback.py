@@ -42,11 +42,7 @@ class ErrorFeedbackState(NamedTuple):
 
 def check_lam(lam) -> float:
   """Returns lam as a float, or raises ValueError unless 0 <= lam <= 1."""
-  if isinstance(lam, bool) or not isinstance(lam, (int, float)):
-    try:
-      lam = float(lam)
-    except (TypeError, ValueError):
-      raise ValueError(f'lam must be a number in [0, 1], got {lam!r}') from None
+  lam = compress_lib.as_real_scalar(lam, 'lam', 'a number in [0, 1]')
   if not 0.0 <= lam <= 1.0:
     raise ValueError(
         f'lam must be in [0, 1] (0: EF, 0.3: DEF default, 1: SAEF), got {lam!r}'

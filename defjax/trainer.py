@@ -85,6 +85,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f'{key} must be a positive integer, got {value!r}')
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     raise ConfigError('set num_epochs > 0 or num_train_steps > 0')
+  for key, low, high in (('lr', 0.0, math.inf), ('momentum', 0.0, 1.0),
+                         ('weight_decay', 0.0, math.inf), ('warmup_epochs', 0.0, math.inf)):
+    value = o[key]
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float))
+          and math.isfinite(value) and low <= value and (value < high))
+    if not ok or (key == 'lr' and value == 0):
+      bounds = {'lr': '> 0', 'momentum': 'in [0, 1)'}.get(key, '>= 0')
+      raise ConfigError(f'optim.{key} must be a number {bounds}, got {value!r}')
+  if (isinstance(o.dense_warmup_steps, bool) or not isinstance(o.dense_warmup_steps, int)
+      or o.dense_warmup_steps < 0):
+    raise ConfigError(
+        f'optim.dense_warmup_steps must be an integer >= 0, got {o.dense_warmup_steps!r}')
   if any(not 0 < f < 1 for f in o.decay_at):
     raise ConfigError(f'optim.decay_at must be fractions in (0, 1), got {tuple(o.decay_at)}')
   if config.dataset in data_lib.STREAMED and (config.crop_padding or config.flip):
@@ -116,7 +128,10 @@ def learning_rate_schedule(optim, *, steps_per_epoch: int, total_steps: int):
   if optim.schedule == 'cosine':
     main = optax.cosine_decay_schedule(optim.lr, max(1, total_steps - warmup))
   else:
-    boundaries = {int(f * total_steps) - warmup: 0.1 for f in optim.decay_at}
+    boundaries = {}
+    for f in optim.decay_at:  # decays that land on one step (short runs) compound
+      b = int(f * total_steps) - warmup
+      boundaries[b] = boundaries.get(b, 1.0) * 0.1
     main = optax.piecewise_constant_schedule(optim.lr, boundaries)
   if warmup <= 0:
     return main

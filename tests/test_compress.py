@@ -221,6 +221,13 @@ def test_bad_compressor_arguments(factory):
     factory()
 
 
+def test_ratio_accepts_numpy_and_0d_array_scalars():
+  for ratio in (np.float32(16), np.int64(16), np.array(16.0), jnp.array(16)):
+    assert defjax.rbgs(ratio).payload({'w': jnp.zeros(64)}) == 4
+  with pytest.raises(ValueError, match='ratio must be a number'):
+    defjax.rbgs(np.array([16.0]))
+
+
 @pytest.mark.parametrize('name', LINEAR)
 def test_non_float_leaves_rejected(name):
   with pytest.raises(ValueError, match='step'):

@@ -238,7 +238,7 @@ def test_state_types_unchanged_and_no_recompilation():
   assert int(state.compressor_state.count) == 4
 
 
-@pytest.mark.parametrize('lam', [-0.1, 1.01, float('nan'), 'a'])
+@pytest.mark.parametrize('lam', [-0.1, 1.01, float('nan'), 'a', '0.3', True, np.array([0.3])])
 def test_bad_lam(lam):
   with pytest.raises(ValueError, match='lam'):
     defjax.error_feedback(optax.sgd(0.1), defjax.rbgs(4), lam=lam)

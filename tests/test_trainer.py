@@ -5,10 +5,13 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from configs import default, fashion_mnist
+from defjax import checkpoint as ckpt
 from defjax import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,10 +74,31 @@ def test_every_method_trains_and_evaluates(method, tiny_folder, tmp_path):
   assert on_disk['final_test_accuracy'] == records[-1]['test_accuracy']
   assert len(on_disk['params_sha256']) == 64
   assert on_disk['config']['optim']['method'] == method
-  if method in ('def', 'psync'):  # y = x - mean e differs from x
-    assert summary["final_test_accuracy_x"] == records[-1]["test_accuracy_x"]
-  else:
+  if method not in ('def', 'psync'):  # only DEF and PSync report y, not x
     assert all(r['test_accuracy'] == r['test_accuracy_x'] for r in records)
+  # The method's semantics, read back from the final checkpoint: its lam and
+  # which model it outputs (DEF and PSync: y = x - mean_k e_k; the rest: x).
+  mngr = ckpt.manager(os.path.join(tmp_path, 'checkpoints'), max_to_keep=2)
+  saved = mngr.restore(6, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
+  x = saved['params']
+  x_hash = trainer.params_sha256(x)
+  if method == 'sgd':
+    assert 'error' not in saved['opt_state']
+    assert summary['params_sha256'] == x_hash
+    return
+  error = saved['opt_state']['error']
+  expected_lam = {'ef': 0.0, 'def': 0.3, 'def_a': 0.3, 'saef': 1.0, 'psync': 1.0}[method]
+  if 'lam' in saved['opt_state']:
+    np.testing.assert_array_equal(saved['opt_state']['lam'], np.full(8, expected_lam, np.float32))
+  else:
+    assert method == 'psync'
+  y = jax.tree.map(lambda x, e: x - e.mean(0), x, error)
+  gap = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y)))
+  assert gap > 1e-6  # the workers' errors do not cancel, so y and x differ
+  if method in ('def', 'psync'):
+    assert summary['params_sha256'] != x_hash
+  else:
+    assert summary['params_sha256'] == x_hash
 
 
 def test_runs_are_deterministic_and_seeded(tiny_folder, tmp_path):
@@ -124,10 +148,49 @@ def test_divergence_is_a_result(tiny_folder, tmp_path):
     ({'data_dir': '/nonexistent/data.tar'}, '/nonexistent'),
     ({'optim.schedule': 'linear'}, 'schedule'),
     ({'dataset': 'imagenet2012'}, 'augmented on the host'),
+    ({'optim.lr': 0.0}, 'optim.lr must be a number > 0'),
+    ({'optim.lr': -0.1}, 'optim.lr must be a number > 0'),
+    ({'optim.momentum': 1.0}, r'optim.momentum must be a number in \[0, 1\)'),
+    ({'optim.weight_decay': -1e-4}, 'optim.weight_decay must be a number >= 0'),
+    ({'optim.warmup_epochs': -1.0}, 'optim.warmup_epochs must be a number >= 0'),
+    ({'optim.dense_warmup_steps': -1}, 'optim.dense_warmup_steps must be an integer >= 0'),
 ])
 def test_bad_config_errors(overrides, message, tiny_folder, tmp_path):
   with pytest.raises(trainer.ConfigError, match=message):
     trainer.train_and_evaluate(tiny_config(tiny_folder, **overrides), str(tmp_path))
+
+
+def test_learning_rate_schedule_boundaries():
+  """lr / 10 at 50% and 75% of the steps, counted from step 0 also after a
+  linear warm-up; decays that fall on one step (a 2-step run) compound."""
+  optim = default.get_config().optim
+  lr = lambda sched, t: float(sched(t))
+  s = trainer.learning_rate_schedule(optim, steps_per_epoch=10, total_steps=100)
+  for t, want in [(0, 0.05), (49, 0.05), (50, 0.005), (74, 0.005), (75, 0.0005), (99, 0.0005)]:
+    assert lr(s, t) == pytest.approx(want, rel=1e-6), t
+  optim.warmup_epochs = 1.0
+  s = trainer.learning_rate_schedule(optim, steps_per_epoch=10, total_steps=100)
+  for t, want in [(0, 0.0), (5, 0.025), (10, 0.05), (49, 0.05), (50, 0.005), (75, 0.0005)]:
+    assert lr(s, t) == pytest.approx(want, rel=1e-6, abs=1e-9), t
+  optim.warmup_epochs = 0.0
+  s = trainer.learning_rate_schedule(optim, steps_per_epoch=1, total_steps=2)
+  assert lr(s, 0) == pytest.approx(0.05) and lr(s, 1) == pytest.approx(0.0005)
+  optim.schedule = 'cosine'
+  s = trainer.learning_rate_schedule(optim, steps_per_epoch=10, total_steps=100)
+  assert lr(s, 0) == pytest.approx(0.05) and lr(s, 50) == pytest.approx(0.025, rel=1e-5)
+  assert lr(s, 100) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_resolved_lam_and_output_model():
+  """EF detaches nothing (lam 0), SAEF and PSync fully (1), DEF and DEF-A use
+  optim.lam; DEF and PSync output the average y, the rest x."""
+  optim = default.get_config().optim
+  optim.lam = 0.6
+  want = {'sgd': 0.6, 'ef': 0.0, 'def': 0.6, 'def_a': 0.6, 'saef': 1.0, 'psync': 1.0}
+  for method, lam in want.items():
+    optim.method = method
+    assert trainer.resolved_lam(optim) == lam
+  assert {m for m in trainer.METHODS if trainer.output_is_averaged(m)} == {'def', 'psync'}
 
 
 def _train_py(tmp_path, *args, env=None, timeout=300):
