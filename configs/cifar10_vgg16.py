@@ -11,13 +11,18 @@ With TFDS data instead of the JPEG folder:
 --file_format=array_record).
 """
 
+import pathlib
+
 from configs import default
+
+# The shared data folder next to the repository, whatever the working directory.
+CIFAR10_TAR = pathlib.Path(__file__).resolve().parents[2] / 'shared/data/cifar10-jpeg.tar'
 
 
 def get_config():
   config = default.get_config()
   config.dataset = 'image_folder'
-  config.data_dir = '../shared/data/cifar10-jpeg.tar'
+  config.data_dir = str(CIFAR10_TAR)
   config.model = 'vgg16'
   config.num_workers = 8
   config.batch_size = 16

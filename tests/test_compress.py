@@ -141,14 +141,20 @@ def test_all_workers_select_the_same_block():
   """Identity 6: the block depends on the shared seed and step, not the worker."""
   c = defjax.rbgs(16, seed=2)
   params = mlp_params()
-  ps = jax.tree.map(lambda *xs: jnp.stack(xs), *[_tree(100 + k) for k in range(K)])
-  state = c.init(params)
-  for _ in range(3):
-    _, residual, states = jax.vmap(c.aggregate, in_axes=(0, None, None), axis_name='w')(ps, state, 'w')
+  stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+  # Every worker initialises and carries its own state, from its own values:
+  # nothing but the seed and the step count may decide the block.
+  states = stack([c.init(_tree(200 + k)) for k in range(K)])
+  seen = []
+  for t in range(3):
+    ps = stack([_tree(100 + 10 * t + k) for k in range(K)])
+    _, residual, states = jax.vmap(c.aggregate, in_axes=(0, 0, None), axis_name='w')(
+        ps, states, 'w')
     zeroed = np.stack([_flat(jax.tree.map(lambda x: x[k], residual)) == 0 for k in range(K)])
     assert zeroed[0].sum() == c.payload(params)
     assert (zeroed == zeroed[0]).all()
-    state = jax.tree.map(lambda x: x[0], states)
+    seen.append(zeroed[0])
+  assert not np.array_equal(seen[0], seen[1])  # and the block moves from step to step
 
 
 def test_per_leaf_blocks():
