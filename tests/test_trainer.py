@@ -272,3 +272,13 @@ def test_block_sequence_follows_the_seed_unless_pinned(seed, block_seed, expecte
   _, compressor = trainer.build_optimizer(optim, schedule=0.1, axis_name=None, seed=seed)
   state = compressor.init({'w': jnp.zeros(1000)})
   np.testing.assert_array_equal(state.key, jax.random.PRNGKey(expected))
+
+
+@pytest.mark.parametrize('name', sorted(
+    p[:-3] for p in os.listdir(os.path.join(REPO, 'configs'))
+    if p.endswith('.py') and p != '__init__.py'))
+def test_every_shipped_config_is_valid(name):
+  """Each file in configs/ loads and passes the checks run before any compute."""
+  import importlib
+  config = importlib.import_module(f'configs.{name}').get_config()
+  trainer.validate(config)
