@@ -481,9 +481,12 @@ def _figure_curves(groups, ratio, lam, scale) -> list[Curve]:
   return curves
 
 
-def _n_seeds(curves: list[Curve]) -> str:
+def _legend_title(curves: list[Curve]) -> str:
   ns = sorted({c.n for c in curves})
-  return f'{ns[0]}' if len(ns) == 1 else f'{ns[0]}-{ns[-1]}'
+  if ns == [1]:
+    return 'one seed'
+  n = f'{ns[0]}' if len(ns) == 1 else f'{ns[0]}-{ns[-1]}'
+  return f'mean of {n} seeds, band ± 1 std'
 
 
 def figure1(curves: list[Curve], ratio: int, setting: str,
@@ -521,7 +524,7 @@ def figure1(curves: list[Curve], ratio: int, setting: str,
   for ax in axes:
     ax.grid(alpha=0.3)
     ax.legend(fontsize='small', title_fontsize='small',
-              title=f'mean of {_n_seeds(curves)} seeds, band ± 1 std')
+              title=_legend_title(curves))
   fig.suptitle(f'{setting + ": " if setting else ""}compression ratio {ratio} '
                '(SGD: no compression)')
   fig.savefig(path, dpi=110)
@@ -571,7 +574,7 @@ def figure3(curves: list[Curve], until_epoch: float | None, ratio: int,
          title=f'DEF vs DEF-A, {where}\n'
                f'{setting + ", " if setting else ""}compression ratio {ratio}')
   ax.grid(alpha=0.3)
-  ax.legend(title=f'mean of {_n_seeds(curves)} seeds, band ± 1 std',
+  ax.legend(title=_legend_title(curves),
             fontsize='small', title_fontsize='small')
   fig.savefig(path, dpi=110)
   plt.close(fig)

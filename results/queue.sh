@@ -32,12 +32,21 @@ sweep "${FM[@]}" --out results/fashion_mnist_ef_lr0.01/runs --methods ef \
 # ... and SGD at the same rate, for reference.
 sweep "${FM[@]}" --out results/fashion_mnist_ef_lr0.01/runs --methods sgd --seeds 0 \
   --set optim.lr=0.01
-# 4. CIFAR-10, VGG-16 at 1/4 width, 4 epochs, seed 0, then EF at lr 0.01.
+# 4. CIFAR-10, VGG-16 at 1/4 width, 4 epochs, seed 0.
 sweep "${C10[@]}" --out results/cifar10/runs --methods sgd,ef,def,saef,psync --ratios 64,256 \
   --seeds 0
-sweep "${C10[@]}" --out results/cifar10_ef_lr0.01/runs --methods ef --ratios 64,256 --seeds 0 \
-  --set optim.lr=0.01
-# 5. More seeds where time allows.
+# 5. Three times longer (12 epochs): does DEF close the gap to SGD with more steps?
+sweep "${C10[@]}" --out results/cifar10_12ep/runs --methods sgd,def --ratios 64,256 --seeds 0 \
+  --set num_epochs=12
+# 6. Fashion-MNIST, lam at ratio 16 (lam 0.3 is in 1.): is the best lam smaller
+#    at ratio 256 than at 16, as DEF's deficit at 16 suggests?
+sweep "${FM[@]}" --out results/fashion_mnist_lam16/runs --methods def --ratios 16 --seeds 0 \
+  --lams 0.6,1
+# 7. CIFAR-10 at lr 0.01 (the authors' EF rate) for SGD, EF and DEF: at lr 0.05
+#    every compressed method sits near chance until the first decay (4.).
+sweep "${C10[@]}" --out results/cifar10_lr0.01/runs --methods sgd,ef,def --ratios 64,256 \
+  --seeds 0 --set optim.lr=0.01
+# 8. More seeds where time allows.
 sweep "${C10[@]}" --out results/cifar10/runs --methods sgd,ef,def,saef,psync --ratios 64,256 \
   --seeds 0,1
 echo 'queue finished'
