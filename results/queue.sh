@@ -46,7 +46,11 @@ sweep "${FM[@]}" --out results/fashion_mnist_lam16/runs --methods def --ratios 1
 #    every compressed method sits near chance until the first decay (4.).
 sweep "${C10[@]}" --out results/cifar10_lr0.01/runs --methods sgd,ef,def --ratios 64,256 \
   --seeds 0 --set optim.lr=0.01
-# 8. More seeds where time allows.
+# 8. CIFAR-10, DEF with one block per leaf (the authors' code) instead of one
+#    global block, at lr 0.05 and ratio 64 (4.): does the block layout matter?
+sweep "${C10[@]}" --out results/cifar10_per_leaf/runs --methods def --ratios 64 --seeds 0 \
+  --set optim.per_leaf=True
+# 9. More seeds where time allows.
 sweep "${C10[@]}" --out results/cifar10/runs --methods sgd,ef,def,saef,psync --ratios 64,256 \
   --seeds 0,1
 echo 'queue finished'
