@@ -58,19 +58,17 @@ class EmptyState(NamedTuple):
 def as_real_scalar(value, name: str, what: str) -> float:
   """``value`` as a float if it is a real number (Python, NumPy or a 0-d
   array); bools, strings and arrays with elements raise ValueError."""
-  if isinstance(value, (bool, np.bool_, str, bytes)):
+  if isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
+    return float(value)  # np.bool_ is not an np.number
+  dtype = getattr(value, 'dtype', None)
+  if (dtype is None or np.ndim(value) != 0
+      or not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating))):
     raise ValueError(f'{name} must be {what}, got {value!r}')
-  if not isinstance(value, (int, float, np.number)):
-    if np.ndim(value) != 0 or not hasattr(value, 'dtype'):
-      raise ValueError(f'{name} must be {what}, got {value!r}')
-    if not (np.issubdtype(value.dtype, np.integer) or np.issubdtype(value.dtype, np.floating)):
-      raise ValueError(f'{name} must be {what}, got {value!r}')
-    try:
-      value = float(value)
-    except Exception:  # a tracer: the value must be known when the transform is built
-      raise ValueError(f'{name} must be {what} known when the transform is built,'
-                       f' got {value!r}') from None
-  return float(value)
+  try:
+    return float(value)
+  except Exception:  # a tracer: the value must be known when the transform is built
+    raise ValueError(f'{name} must be {what} known when the transform is built,'
+                     f' got {value!r}') from None
 
 
 def check_ratio(ratio) -> float:

@@ -165,11 +165,12 @@ _REDUCTIONS = ('psum', 'pmax', 'pmin', 'all_gather', 'reduce_scatter', 'psum_sca
 
 
 def _collective_axes(jaxpr, found: list) -> list:
+  """The named axes of every cross-worker collective in ``jaxpr`` (recursively)."""
   for eqn in jaxpr.eqns:
     if eqn.primitive.name in _REDUCTIONS:
       axes = eqn.params.get('axes', eqn.params.get('axis_name'))
       axes = axes if isinstance(axes, (tuple, list)) else (axes,)
-      found.append((eqn.primitive.name, tuple(a for a in axes if isinstance(a, str))))
+      found.append(tuple(a for a in axes if isinstance(a, str)))
     for value in eqn.params.values():
       for sub in value if isinstance(value, (tuple, list)) else (value,):
         if hasattr(sub, 'eqns'):
@@ -204,7 +205,7 @@ def check_worker_collectives(tx, params, worker_opt_state, layout: WorkerLayout)
         f' build it with axis_name={layout.axis_name!r} (layout.axis_name)'
     ) from None
   found = _collective_axes(jaxpr.jaxpr, [])
-  wrong = sorted({a for _, a in found if set(a) != set(axes)})
+  wrong = sorted({a for a in found if set(a) != set(axes)})
   hint = f'; build the transform with axis_name={layout.axis_name!r} (layout.axis_name)'
   if wrong:
     raise ValueError(

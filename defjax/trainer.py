@@ -79,24 +79,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
     feedback.check_lam(o.lam)
   except ValueError as e:
     raise ConfigError(f'optim.{e}') from None
-  for key in ('num_workers', 'batch_size'):
-    value = config[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise ConfigError(f'{key} must be a positive integer, got {value!r}')
+  for node, key, minimum in ((config, 'num_workers', 1), (config, 'batch_size', 1),
+                             (o, 'dense_warmup_steps', 0)):
+    value = node[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+      what = 'a positive integer' if minimum == 1 else f'an integer >= {minimum}'
+      raise ConfigError(f'{"optim." if node is o else ""}{key} must be {what}, got {value!r}')
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     raise ConfigError('set num_epochs > 0 or num_train_steps > 0')
-  for key, low, high in (('lr', 0.0, math.inf), ('momentum', 0.0, 1.0),
-                         ('weight_decay', 0.0, math.inf), ('warmup_epochs', 0.0, math.inf)):
-    value = o[key]
-    ok = (not isinstance(value, bool) and isinstance(value, (int, float))
-          and math.isfinite(value) and low <= value and (value < high))
-    if not ok or (key == 'lr' and value == 0):
-      bounds = {'lr': '> 0', 'momentum': 'in [0, 1)'}.get(key, '>= 0')
-      raise ConfigError(f'optim.{key} must be a number {bounds}, got {value!r}')
-  if (isinstance(o.dense_warmup_steps, bool) or not isinstance(o.dense_warmup_steps, int)
-      or o.dense_warmup_steps < 0):
-    raise ConfigError(
-        f'optim.dense_warmup_steps must be an integer >= 0, got {o.dense_warmup_steps!r}')
+  for key, bounds, ok in (('lr', '> 0', lambda v: v > 0),
+                          ('momentum', 'in [0, 1)', lambda v: 0 <= v < 1),
+                          ('weight_decay', '>= 0', lambda v: v >= 0),
+                          ('warmup_epochs', '>= 0', lambda v: v >= 0)):
+    what = f'a number {bounds}'
+    try:
+      value = compress_lib.as_real_scalar(o[key], key, what)
+    except ValueError as e:
+      raise ConfigError(f'optim.{e}') from None
+    if not (math.isfinite(value) and ok(value)):
+      raise ConfigError(f'optim.{key} must be {what}, got {o[key]!r}')
   if any(not 0 < f < 1 for f in o.decay_at):
     raise ConfigError(f'optim.decay_at must be fractions in (0, 1), got {tuple(o.decay_at)}')
   if config.dataset in data_lib.STREAMED and (config.crop_padding or config.flip):

@@ -18,7 +18,7 @@ import pytest
 from defjax import checkpoint as ckpt
 from defjax import trainer
 from configs import default
-from test_trainer import tiny_config
+from test_trainer import override, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY = 40, 10
@@ -124,12 +124,7 @@ def test_fingerprint_covers_what_the_trajectory_depends_on():
                      ('optim.block_seed', 3), ('sync_batch_stats', False),
                      ('crop_padding', 4), ('flip', True), ('num_epochs', 99),
                      ('num_train_steps', 99)]:
-    config = copy.deepcopy(base)
-    *parents, leaf = key.split('.')
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+    config = override(copy.deepcopy(base), **{key: value})
     with pytest.raises(ckpt.CheckpointMismatch, match=re.escape(key + ': checkpoint')):
       ckpt.compare(saved, ckpt.fingerprint(config))
     old = {k: v for k, v in saved.items() if k != key}

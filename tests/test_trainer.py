@@ -39,6 +39,11 @@ def tiny_config(tiny_folder, **overrides):
   config.flip = True
   config.optim.ratio = 16.0
   config.optim.lr = 0.05
+  return override(config, **overrides)
+
+
+def override(config, **overrides):
+  """Sets dotted keys ('optim.lr') of ``config`` in place; returns it."""
   for key, value in overrides.items():
     node = config
     *parents, leaf = key.split('.')
