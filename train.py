@@ -40,6 +40,10 @@ def main(argv):
   config = _CONFIG.value
   import jax  # after flag parsing; backends start on first use
 
+  from defjax import parallel
+
+  parallel.tolerate_slow_cpu_devices()  # before the backends start
+
   if _COORDINATOR.value or _NUM_PROCESSES.value:
     jax.distributed.initialize(
         _COORDINATOR.value, num_processes=_NUM_PROCESSES.value,

@@ -33,6 +33,8 @@ import optax  # noqa: E402
 
 import defjax  # noqa: E402
 from defjax import parallel  # noqa: E402
+
+parallel.tolerate_slow_cpu_devices()
 from defjax.models import get_model  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / 'results'

@@ -28,8 +28,8 @@ FINGERPRINT_KEYS = (
     'dataset', 'model', 'num_workers', 'optim.method', 'optim.ratio',
     'optim.lam', 'optim.per_leaf', 'seed', 'batch_size',
     'optim.lr', 'optim.momentum', 'optim.weight_decay', 'optim.schedule',
-    'optim.decay_at', 'optim.warmup_epochs', 'optim.dense_warmup_steps',
-    'optim.block_seed', 'sync_batch_stats', 'crop_padding', 'flip',
+    'optim.decay_at', 'optim.decay_whole_epochs', 'optim.warmup_epochs',
+    'optim.dense_warmup_steps', 'optim.block_seed', 'sync_batch_stats', 'crop_padding', 'flip',
     'num_epochs', 'num_train_steps',
 )
 

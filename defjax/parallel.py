@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -33,6 +34,33 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from defjax import feedback
 
 LOCAL_AXIS = 'local'
+
+# XLA:CPU runs each device's program on its own thread; at a collective the
+# threads meet in a rendezvous that LOG(FATAL)s (SIGABRT, the whole process)
+# when one participant is more than 40 s late (XLA's default for
+# xla_cpu_collective_call_terminate_timeout_seconds). Eight CPU devices on two
+# busy cores miss that easily, so a loaded machine killed correct runs. A late
+# thread is not a hang: wait for it. (Cross-process collectives keep their
+# own timeout, and jax.distributed's heartbeat still ends a run whose peer
+# died.)
+CPU_COLLECTIVE_FLAGS = {
+    'xla_cpu_collective_call_terminate_timeout_seconds': 2**31 - 1,  # never
+    'xla_cpu_collective_call_warn_stuck_timeout_seconds': 300,
+}
+
+
+def tolerate_slow_cpu_devices() -> None:
+  """Lets XLA:CPU collectives wait for arbitrarily late device threads.
+
+  Adds ``CPU_COLLECTIVE_FLAGS`` to ``XLA_FLAGS`` (a flag already set there
+  wins). XLA reads the flags when the first backend starts, so call this
+  before the first computation; ``train.py`` and the tests do.
+  """
+  flags = os.environ.get('XLA_FLAGS', '')
+  for name, value in CPU_COLLECTIVE_FLAGS.items():
+    if f'--{name}=' not in flags:
+      flags += f' --{name}={value}'
+  os.environ['XLA_FLAGS'] = flags.strip()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -544,7 +544,8 @@ def _first_decay_epoch(results: list[Result]) -> float | None:
       return first * steps / steps_per_epoch
     epochs = _config_get(r.run.config, 'num_epochs')
     if epochs and not steps:
-      return first * float(epochs)
+      whole = _config_get(r.run.config, 'optim.decay_whole_epochs')
+      return float(int(first * epochs)) if whole else first * float(epochs)
     # Neither tells the length: a completed run's last eval is its end.
     ends = [m['epoch'] for m in r.run.metrics if _is_number(m.get('epoch'))]
     if r.run.status == 'completed' and ends:

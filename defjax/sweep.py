@@ -24,7 +24,9 @@ result (see ``defjax.report``), so ``def_a`` rarely needs its own runs.
 
 ``<out>/sweep.json`` records the command line, the date, the machine, the
 package versions and every run's command and status; it is rewritten after
-each run, so it is current even when the sweep is interrupted. The exit code
+each run, so it is current even when the sweep is interrupted. Grids that
+share an ``--out`` keep each other's runs there (``earlier_commands`` lists
+the other grids' command lines). The exit code
 is 0 when every run completed or diverged (divergence is a result), 1 when a
 run failed, 130 when the sweep was interrupted.
 """
@@ -342,8 +344,19 @@ def _launch(run: Run, index: int, progress: _Progress, poll_s: float) -> None:
     run.status = 'failed'
 
 
-def _write_record(path: pathlib.Path, header: dict, runs: list[Run]) -> None:
-  record = dict(header, runs=[r.record() for r in runs])
+def _write_record(path: pathlib.Path, header: dict, runs: list[Run],
+                  previous: dict | None = None) -> None:
+  # Several grids may share one --out (a queue adds a second seed later): keep
+  # the other grids' runs and commands instead of forgetting them.
+  previous = previous or {}
+  names = {r.name for r in runs}
+  kept = [r for r in previous.get('runs', []) if r.get('name') not in names]
+  earlier = list(previous.get('earlier_commands', []))
+  if kept and previous.get('command') and previous['command'] != header['command']:
+    earlier.append(previous['command'])
+  record = dict(header, runs=[r.record() for r in runs] + kept)
+  if earlier:
+    record['earlier_commands'] = list(dict.fromkeys(earlier))
   tmp = path.with_suffix('.json.tmp')
   tmp.write_text(json.dumps(record, indent=2) + '\n')
   tmp.replace(path)  # never leave a half-written sweep.json behind
@@ -400,8 +413,8 @@ def run_sweep(
   }
   todo_names = {r.name for r in todo}
   record_path = out / 'sweep.json'
-  _warn_if_base_changed(record_path, runs, stream)
-  _write_record(record_path, header, runs)
+  previous = _warn_if_base_changed(record_path, runs, stream)
+  _write_record(record_path, header, runs, previous)
   for index, run in enumerate(runs, start=1):
     if run.name not in todo_names:
       progress.done(index, run, 'finished earlier, skipped')
@@ -410,14 +423,14 @@ def run_sweep(
       _launch(run, index, progress, poll_s)
     except KeyboardInterrupt:
       progress.done(index, run)
-      _write_record(record_path, header, runs)
+      _write_record(record_path, header, runs, previous)
       print('sweep interrupted; rerun the same command to resume',
             file=stream, flush=True)
       return 130
     detail = (f'exit code {run.returncode}, see {run.workdir / "log.txt"}'
               if run.status not in FINISHED else _progress_detail(run.workdir))
     progress.done(index, run, detail)
-    _write_record(record_path, header, runs)
+    _write_record(record_path, header, runs, previous)
 
   failed = [r for r in runs if r.status not in FINISHED]
   counts = {}
@@ -429,13 +442,14 @@ def run_sweep(
 
 
 def _warn_if_base_changed(record_path: pathlib.Path, runs: list[Run],
-                          stream) -> None:
+                          stream) -> dict | None:
+  """Warns about runs whose command changed; returns the previous record."""
   # A workdir is recognised by its name only, so resuming into an --out made
   # with another base config or --set would mix results without a word.
   try:
     previous = json.loads(record_path.read_text())
   except (OSError, ValueError):
-    return
+    return None
   old = {r['name']: r['command'] for r in previous.get('runs', [])}
   changed = [r.name for r in runs
              if r.name in old and old[r.name] != shlex.join(r.command)]
@@ -444,6 +458,7 @@ def _warn_if_base_changed(record_path: pathlib.Path, runs: list[Run],
           f'command in the previous {record_path}; finished ones are kept '
           'as they are. Use a new --out for a new base config.',
           file=stream, flush=True)
+  return previous
 
 
 def _int_list(text: str) -> list[int]:

@@ -130,8 +130,13 @@ def learning_rate_schedule(optim, *, steps_per_epoch: int, total_steps: int):
     main = optax.cosine_decay_schedule(optim.lr, max(1, total_steps - warmup))
   else:
     boundaries = {}
+    epochs = total_steps / steps_per_epoch
     for f in optim.decay_at:  # decays that land on one step (short runs) compound
-      b = int(f * total_steps) - warmup
+      # The authors decay at the start of epoch int(f * E); step int(f * T)
+      # differs from that whenever f * E is not a whole number (E = 6: 3, 4.5).
+      at = (int(f * epochs) * steps_per_epoch if optim.decay_whole_epochs
+            else int(f * total_steps))
+      b = at - warmup
       boundaries[b] = boundaries.get(b, 1.0) * 0.1
     main = optax.piecewise_constant_schedule(optim.lr, boundaries)
   if warmup <= 0:

@@ -10,47 +10,70 @@ cd "$(dirname "$0")/.."
 exec 9>/tmp/defjax-results-queue.lock
 flock -n 9 || { echo 'results/queue.sh is already running' >&2; exit 1; }
 PY=${PY:-.venv/bin/python}
+# Where the runs go: RESULTS=/path/to/checkout/results lets a second checkout
+# (pinned at one commit while the first one is edited) run the queue.
+R=${RESULTS:-results}
 sweep() { "$PY" -m defjax.sweep "$@"; }
+# Sections 1-8 and 10 predate per-leaf blocks and whole-epoch decays as
+# defaults (2026-11-29) and pin the settings they ran with.
+OLD=(--set optim.per_leaf=False --set optim.decay_whole_epochs=False)
 # block_seed=0: the Fashion-MNIST seeds vary initialisation and data order over
 # one block sequence (the runs before optim.block_seed existed all used 0).
 FM=(--config configs/fashion_mnist.py --set num_epochs=6 --set checkpoint_every_steps=468
-    --set max_to_keep=1 --set optim.block_seed=0)
-C10=(--config configs/cifar10_vgg16_slim.py --set num_epochs=4 --set max_to_keep=1)
+    --set max_to_keep=1 --set optim.block_seed=0 "${OLD[@]}")
+C10=(--config configs/cifar10_vgg16_slim.py --set num_epochs=4 --set max_to_keep=1 "${OLD[@]}")
+# The long-horizon study (per-leaf blocks, whole-epoch decays: the defaults).
+LONG=(--config configs/fashion_mnist_long.py)
+L="$R"/fashion_mnist_long
 
 # 1. Fashion-MNIST, Table 1 (lr 0.05 for every method, as the authors' SGD/DEF).
-sweep "${FM[@]}" --out results/fashion_mnist/runs --methods sgd,ef,def,saef,psync \
+sweep "${FM[@]}" --out "$R"/fashion_mnist/runs --methods sgd,ef,def,saef,psync \
   --ratios 16,64,256,1024 --seeds 0,1,2
 # 2. Fashion-MNIST, lam at ratio 256 (lam 0.3 is in 1.).
-sweep "${FM[@]}" --out results/fashion_mnist_lam/runs --methods def --ratios 256 --seeds 0 \
+sweep "${FM[@]}" --out "$R"/fashion_mnist_lam/runs --methods def --ratios 256 --seeds 0 \
   --lams 0,0.1,0.6,0.8,1
 # 3. Fashion-MNIST, EF at the authors' EF learning rate 0.01.
-sweep "${FM[@]}" --out results/fashion_mnist_ef_lr0.01/runs --methods ef \
+sweep "${FM[@]}" --out "$R"/fashion_mnist_ef_lr0.01/runs --methods ef \
   --ratios 16,64,256,1024 --seeds 0 --set optim.lr=0.01
 # ... and at low ratios, to find where EF starts to fail.
-sweep "${FM[@]}" --out results/fashion_mnist_ef_lr0.01/runs --methods ef \
+sweep "${FM[@]}" --out "$R"/fashion_mnist_ef_lr0.01/runs --methods ef \
   --ratios 2,4,8 --seeds 0 --set optim.lr=0.01
 # ... and SGD at the same rate, for reference.
-sweep "${FM[@]}" --out results/fashion_mnist_ef_lr0.01/runs --methods sgd --seeds 0 \
+sweep "${FM[@]}" --out "$R"/fashion_mnist_ef_lr0.01/runs --methods sgd --seeds 0 \
   --set optim.lr=0.01
 # 4. CIFAR-10, VGG-16 at 1/4 width, 4 epochs, seed 0.
-sweep "${C10[@]}" --out results/cifar10/runs --methods sgd,ef,def,saef,psync --ratios 64,256 \
+sweep "${C10[@]}" --out "$R"/cifar10/runs --methods sgd,ef,def,saef,psync --ratios 64,256 \
   --seeds 0
 # 5. Three times longer (12 epochs): does DEF close the gap to SGD with more steps?
-sweep "${C10[@]}" --out results/cifar10_12ep/runs --methods sgd,def --ratios 64,256 --seeds 0 \
+sweep "${C10[@]}" --out "$R"/cifar10_12ep/runs --methods sgd,def --ratios 64,256 --seeds 0 \
   --set num_epochs=12
 # 6. Fashion-MNIST, lam at ratio 16 (lam 0.3 is in 1.): is the best lam smaller
 #    at ratio 256 than at 16, as DEF's deficit at 16 suggests?
-sweep "${FM[@]}" --out results/fashion_mnist_lam16/runs --methods def --ratios 16 --seeds 0 \
+sweep "${FM[@]}" --out "$R"/fashion_mnist_lam16/runs --methods def --ratios 16 --seeds 0 \
   --lams 0.6,1
 # 7. CIFAR-10 at lr 0.01 (the authors' EF rate) for SGD, EF and DEF: at lr 0.05
 #    every compressed method sits near chance until the first decay (4.).
-sweep "${C10[@]}" --out results/cifar10_lr0.01/runs --methods sgd,ef,def --ratios 64,256 \
+sweep "${C10[@]}" --out "$R"/cifar10_lr0.01/runs --methods sgd,ef,def --ratios 64,256 \
   --seeds 0 --set optim.lr=0.01
 # 8. CIFAR-10, DEF with one block per leaf (the authors' code) instead of one
 #    global block, at lr 0.05 and ratio 64 (4.): does the block layout matter?
-sweep "${C10[@]}" --out results/cifar10_per_leaf/runs --methods def --ratios 64 --seeds 0 \
+sweep "${C10[@]}" --out "$R"/cifar10_per_leaf/runs --methods def --ratios 64 --seeds 0 \
   --set optim.per_leaf=True
-# 9. More seeds where time allows.
-sweep "${C10[@]}" --out results/cifar10/runs --methods sgd,ef,def,saef,psync --ratios 64,256 \
+# 9. Long horizon (55 epochs of Fashion-MNIST, T / ratio = 100 at ratio 256):
+#    does DEF close its gap to SGD when every value is sent often enough?
+#    The most wanted runs first: SGD and DEF at 256 (lam 0.6, the best found,
+#    and the paper's 0.3), EF at 256 at the authors' EF lr, then a second
+#    seed, then ratios 64 and 1024, the other baselines at 256.
+#    EF at lr 0.01 has its own folder (its run names are those of lr 0.05).
+sweep "${LONG[@]}" --out "$L"/runs --methods sgd,def --ratios 256 --lams 0.6,0.3 --seeds 0
+sweep "${LONG[@]}" --out "$L"/runs_ef_lr0.01 --methods ef --ratios 256 --seeds 0 \
+  --set optim.lr=0.01
+sweep "${LONG[@]}" --out "$L"/runs --methods sgd,def --ratios 256 --lams 0.6 --seeds 1
+sweep "${LONG[@]}" --out "$L"/runs --methods def --ratios 64,1024 --lams 0.6,0.3 --seeds 0
+sweep "${LONG[@]}" --out "$L"/runs --methods ef,saef,psync --ratios 256 --seeds 0
+sweep "${LONG[@]}" --out "$L"/runs_ef_lr0.01 --methods ef --ratios 64,1024 --seeds 0 \
+  --set optim.lr=0.01
+# 10. More seeds where time allows.
+sweep "${C10[@]}" --out "$R"/cifar10/runs --methods sgd,ef,def,saef,psync --ratios 64,256 \
   --seeds 0,1
 echo 'queue finished'

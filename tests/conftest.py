@@ -11,7 +11,10 @@ if 'xla_force_host_platform_device_count' not in _flags:
 
 import jax  # noqa: E402
 
+from defjax import parallel  # noqa: E402
+
 jax.config.update('jax_num_cpu_devices', 8)
+parallel.tolerate_slow_cpu_devices()
 
 
 import io  # noqa: E402

@@ -120,6 +120,7 @@ def test_fingerprint_covers_what_the_trajectory_depends_on():
   saved = ckpt.fingerprint(base)
   for key, value in [('optim.lr', 0.5), ('optim.momentum', 0.0), ('optim.weight_decay', 0.0),
                      ('optim.schedule', 'cosine'), ('optim.decay_at', (0.3,)),
+                     ('optim.decay_whole_epochs', False), ('optim.per_leaf', False),
                      ('optim.warmup_epochs', 1.0), ('optim.dense_warmup_steps', 7),
                      ('optim.block_seed', 3), ('sync_batch_stats', False),
                      ('crop_padding', 4), ('flip', True), ('num_epochs', 99),

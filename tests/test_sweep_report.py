@@ -212,6 +212,23 @@ def test_sweep_runs_records_and_skips_finished_runs(fake, tmp_path, capsys):
   assert {r['status'] for r in record['runs']} == {'completed'}
 
 
+def test_grids_sharing_an_out_keep_each_others_records(fake, tmp_path):
+  """A queue adds a second seed to an --out later: the first grid's runs and
+  command stay in sweep.json."""
+  out = tmp_path / 'sweep'
+  assert run_sweep(fake, out, '--methods', 'sgd', '--seeds', '0') == 0
+  first = json.loads((out / 'sweep.json').read_text())['command']
+  assert run_sweep(fake, out, '--methods', 'sgd,ef', '--ratios', '4', '--seeds', '1') == 0
+  record = json.loads((out / 'sweep.json').read_text())
+  assert [r['name'] for r in record['runs']] == ['sgd-r1-s1', 'ef-r4-s1', 'sgd-r1-s0']
+  assert record['earlier_commands'] == [first] and record['command'] != first
+  # Rerunning the first grid again neither duplicates runs nor commands.
+  assert run_sweep(fake, out, '--methods', 'sgd', '--seeds', '0') == 0
+  record = json.loads((out / 'sweep.json').read_text())
+  assert sorted(r['name'] for r in record['runs']) == ['ef-r4-s1', 'sgd-r1-s0', 'sgd-r1-s1']
+  assert len(record['earlier_commands']) == 2
+
+
 def test_unfinished_runs_are_relaunched(fake, tmp_path):
   out = tmp_path / 'sweep'
   args = ('--methods', 'ef', '--ratios', '4,8', '--seeds', '0',

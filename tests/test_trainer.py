@@ -166,9 +166,11 @@ def test_bad_config_errors(overrides, message, tiny_folder, tmp_path):
 
 
 def test_learning_rate_schedule_boundaries():
-  """lr / 10 at 50% and 75% of the steps, counted from step 0 also after a
-  linear warm-up; decays that fall on one step (a 2-step run) compound."""
+  """lr / 10 at 50% and 75% of the steps (or at whole epochs), counted from
+  step 0 also after a linear warm-up; decays that fall on one step (a 2-step
+  run) compound."""
   optim = default.get_config().optim
+  optim.decay_whole_epochs = False
   lr = lambda sched, t: float(sched(t))
   s = trainer.learning_rate_schedule(optim, steps_per_epoch=10, total_steps=100)
   for t, want in [(0, 0.05), (49, 0.05), (50, 0.005), (74, 0.005), (75, 0.0005), (99, 0.0005)]:
@@ -180,6 +182,15 @@ def test_learning_rate_schedule_boundaries():
   optim.warmup_epochs = 0.0
   s = trainer.learning_rate_schedule(optim, steps_per_epoch=1, total_steps=2)
   assert lr(s, 0) == pytest.approx(0.05) and lr(s, 1) == pytest.approx(0.0005)
+  # Counted in steps, E = 6 epochs decay at steps 30 and 45; in whole epochs
+  # (the authors', the default) at epochs 3 and int(4.5) = 4.
+  s = trainer.learning_rate_schedule(optim, steps_per_epoch=10, total_steps=60)
+  for t, want in [(30, 0.005), (40, 0.005), (44, 0.005), (45, 0.0005)]:
+    assert lr(s, t) == pytest.approx(want, rel=1e-6), t
+  optim.decay_whole_epochs = True
+  s = trainer.learning_rate_schedule(optim, steps_per_epoch=10, total_steps=60)
+  for t, want in [(29, 0.05), (30, 0.005), (39, 0.005), (40, 0.0005), (59, 0.0005)]:
+    assert lr(s, t) == pytest.approx(want, rel=1e-6), t
   optim.schedule = 'cosine'
   s = trainer.learning_rate_schedule(optim, steps_per_epoch=10, total_steps=100)
   assert lr(s, 0) == pytest.approx(0.05) and lr(s, 50) == pytest.approx(0.025, rel=1e-5)
