@@ -27,8 +27,8 @@ README = ROOT / 'README.md'
 BEGIN = '<!-- bench:begin: written by python -m bench.run_all from bench/results; do not edit -->'
 END = '<!-- bench:end -->'
 # In order: cluster_projection reads overhead.json.
-BENCHMARKS = ('wire_bytes', 'overhead', 'compressor_cost', 'collectives', 'cluster_projection',
-              'peer_torch')
+BENCHMARKS = ('wire_bytes', 'overhead', 'dispatch', 'compressor_cost', 'collectives',
+              'cluster_projection', 'peer_torch')
 TIMEOUT_S = 900
 
 

@@ -14,7 +14,8 @@ def get_config() -> ml_collections.ConfigDict:
   # /usr/share/datasets/fashion-mnist, TFDS's ~/tensorflow_datasets). For
   # image_folder, a folder or .tar of train/<class>/* and test/<class>/*.
   config.data_dir = ''
-  # Model: cnn | vgg16 | vgg16_slim | resnet20 | preact_resnet110 | wrn28_10 | resnet50.
+  # Model: cnn | vgg16 | vgg16_slim | vgg16_linear | vgg16_slim_linear | resnet20 |
+  # preact_resnet110 | wrn28_10 | resnet50 (defjax/models/__init__.py).
   config.model = 'cnn'
   # K, the number of workers. K > devices simulates K / devices per device.
   config.num_workers = 8
@@ -30,6 +31,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_every_steps = 0
   # Evaluation batch size (split over the devices).
   config.eval_batch_size = 1000
+  # Steps run per compiled call (a lax.scan on the devices): one dispatch and
+  # one host sync per this many steps; metrics, evaluation, checkpoints and
+  # signals are handled between calls. 0 = the platform's measured default
+  # (trainer.AUTO_STEPS_PER_DISPATCH: 1). Every value > 1 gives the same bits;
+  # they differ from 1's in float rounding (another compiled program).
+  config.steps_per_dispatch = 0
   # Checkpoint every this many steps (0 = only at the end and on SIGTERM).
   config.checkpoint_every_steps = 0
   # Checkpoints kept in <workdir>/checkpoints.

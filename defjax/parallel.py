@@ -94,6 +94,11 @@ class WorkerLayout:
   def per_worker(self) -> NamedSharding:
     return NamedSharding(self.mesh, P(self.axis))
 
+  @property
+  def per_step_and_worker(self) -> NamedSharding:
+    """A (n, K, ...) stack of n steps' per-worker arrays (``multi_step``)."""
+    return NamedSharding(self.mesh, P(None, self.axis))
+
   def worker_rows(self, process_index: Optional[int] = None) -> slice:
     """The workers (rows of a per-worker array) whose devices live on a process.
 
@@ -252,6 +257,8 @@ def make_train_step(
     *,
     sync_model_state: bool = True,
     donate: bool = True,
+    multi_step: bool = False,
+    unroll: int | bool = 1,
 ):
   """Builds the jitted data-parallel step of any defjax (or optax) transform.
 
@@ -265,6 +272,17 @@ def make_train_step(
       (the authors sync batch-norm statistics; they are small). If False the
       model state is per worker (leading worker axis).
     donate: donate params, model state and optimizer state buffers.
+    multi_step: run n steps in one call: ``batch`` leaves have a leading step
+      axis, (n, K, ...), the steps run in a ``lax.scan`` on the devices and
+      ``loss`` is the (n,) vector of per-step losses. One dispatch and one
+      host sync per n steps instead of per step. Each distinct n compiles
+      once; every n gives the same bits (the loop body is compiled alike),
+      which agree with n single steps to float rounding, not bitwise, on
+      convolutional models (XLA fuses a lone step differently). On XLA:CPU a
+      rolled loop of a CNN step ran ~6x slower per step than the single
+      step (bench/dispatch.py): there use it for its host-sync savings only
+      where compute is small.
+    unroll: ``lax.scan``'s unroll (with ``multi_step``).
 
   Returns:
     ``step(params, model_state, opt_state, batch) -> (params, model_state,
@@ -288,18 +306,28 @@ def make_train_step(
       worker, layout, in_axes=(None, ms_axis, 0, 0), out_axes=(None, ms_axis, 0, None)
   )
 
+  def one_step(state, batch):
+    params, model_state, opt_state = state
+    updates, model_state, opt_state, loss = mapped(params, model_state, opt_state, batch)
+    return (optax.apply_updates(params, updates), model_state, opt_state), loss
+
   def local_step(params, model_state, opt_state, batch):
     # Runs once per trace, not per step.
     check_worker_collectives(
         tx, params, jax.tree.map(lambda x: x[0], opt_state), layout)
-    updates, model_state, opt_state, loss = mapped(params, model_state, opt_state, batch)
-    return optax.apply_updates(params, updates), model_state, opt_state, loss
+    state = (params, model_state, opt_state)
+    if multi_step:
+      state, loss = jax.lax.scan(one_step, state, batch, unroll=unroll)
+    else:
+      state, loss = one_step(state, batch)
+    return (*state, loss)
 
   ms_spec = P() if sync_model_state else P(layout.axis)
+  batch_spec = P(None, layout.axis) if multi_step else P(layout.axis)
   step = jax.shard_map(
       local_step,
       mesh=layout.mesh,
-      in_specs=(P(), ms_spec, P(layout.axis), P(layout.axis)),
+      in_specs=(P(), ms_spec, P(layout.axis), batch_spec),
       out_specs=(P(), ms_spec, P(layout.axis), P()),
       check_vma=False,
   )

@@ -80,7 +80,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   except ValueError as e:
     raise ConfigError(f'optim.{e}') from None
   for node, key, minimum in ((config, 'num_workers', 1), (config, 'batch_size', 1),
-                             (o, 'dense_warmup_steps', 0)):
+                             (config, 'steps_per_dispatch', 0), (o, 'dense_warmup_steps', 0)):
     value = node[key]
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
       what = 'a positive integer' if minimum == 1 else f'an integer >= {minimum}'
@@ -119,6 +119,20 @@ def output_is_averaged(method: str) -> bool:
   """DEF outputs y = x - mean_k e_k and PSync mean_k x_k (the same formula);
   EF, DEF-A, SAEF and SGD output x."""
   return method in ('def', 'psync')
+
+
+# Steps per dispatch when config.steps_per_dispatch is 0, by platform. On CPU
+# (bench/dispatch.py, the README's Performance section) the quick start's step
+# is compute-bound and a rolled loop of it runs ~6x slower per step, so 1; no
+# other platform has been measured yet, so 1 there too.
+AUTO_STEPS_PER_DISPATCH = {'cpu': 1}
+
+
+def steps_per_dispatch(config) -> int:
+  """Steps run per compiled call: the config's, or the platform's measured best."""
+  if config.steps_per_dispatch:
+    return config.steps_per_dispatch
+  return AUTO_STEPS_PER_DISPATCH.get(jax.devices()[0].platform, 1)
 
 
 # --------------------------------------------------------------- optimizer
@@ -227,15 +241,16 @@ def _make_loss_fn(model, info: data_lib.DatasetInfo, config):
 
   def loss_fn(params, batch_stats, batch):
     images, labels, ids = batch
+    # (step, worker) ids make crops and dropout a function of the step: resumable.
+    key = jax.random.fold_in(jax.random.fold_in(base_key, ids[0]), ids[1])
     if augment:
-      # (step, worker) ids make the crops a function of the step: resumable.
-      key = jax.random.fold_in(jax.random.fold_in(base_key, ids[0]), ids[1])
       images = data_lib.augment(images, key, pad=config.crop_padding, flip=config.flip)
     x = data_lib.standardize(images, mean, std)
     variables = {'params': params}
     if batch_stats:
       variables['batch_stats'] = batch_stats
-    logits, updates = model.apply(variables, x, train=True, mutable=['batch_stats'])
+    logits, updates = model.apply(variables, x, train=True, mutable=['batch_stats'],
+                                  rngs={'dropout': jax.random.fold_in(key, 1)})
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     return loss, updates.get('batch_stats', {})
 
@@ -286,17 +301,6 @@ def _source(config, data_dir, split):
 
 
 # ------------------------------------------------------------------- train
-
-
-def _global(layout, shape, dtype, fill):
-  """A per-worker-sharded global array; ``fill(rows)`` gives the local rows.
-
-  Only the rows on this process's devices are ever materialised, so each
-  process loads only its own share of the data.
-  """
-  return jax.make_array_from_callback(
-      shape, layout.per_worker, lambda idx: np.asarray(fill(idx[0]), dtype)
-  )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict:
@@ -363,8 +367,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log=p
                                    seed=config.seed)
   opt_state = parallel.init_worker_state(tx, params, layout)
   loss_fn = _make_loss_fn(model, info, config)
+  spd = steps_per_dispatch(config)
+  # n > 1: a lax.scan program; its bits are the same for every n > 1 (also
+  # for the shorter calls before an evaluation) but differ from the plain
+  # one-step program's in float rounding on convolutional models.
   step_fn = parallel.make_train_step(
-      loss_fn, tx, layout, sync_model_state=config.sync_batch_stats)
+      loss_fn, tx, layout, sync_model_state=config.sync_batch_stats, multi_step=spd > 1)
   averaged = parallel.make_averaged_params(layout)
   eval_fn = _make_eval_fn(model, info)
 
@@ -452,25 +460,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log=p
       return bs
     return jax.tree.map(lambda x: x.mean(0), bs)
 
-  def batch_at(step):
-    idx = order.indices(step)  # (rows, B) of this process's workers
+  def batches_at(step, n):
+    """Steps [step, step + n) as (n, K, ...) arrays ((K, ...) if spd is 1).
 
-    def local(r):  # global worker rows of one device -> this process's rows
-      start, stop, _ = r.indices(K)
-      return slice(start - rows.start, stop - rows.start)
+    Only the rows of this process's workers are read (decoded, for a stream).
+    """
+    per_step = []
+    for t in range(step, step + n):
+      # A stream decodes and crops on the host, keyed by (seed, step): resumable.
+      images, labels = train.batch(order.indices(t), (config.seed, t))
+      ids = np.stack([np.full(K, t), np.arange(K)], 1)[rows]  # (step, worker) ids
+      per_step.append((np.asarray(images, np.uint8), np.asarray(labels, np.int32),
+                       ids.astype(np.int32)))
+    lead = 1 if spd > 1 else 0  # the step axis, if any
+    sharding = layout.per_step_and_worker if lead else layout.per_worker
 
-    shape = (K, config.batch_size)
-    # A stream decodes and crops on the host, keyed by (seed, step): resumable.
-    images_local, labels_local = train.batch(idx, (config.seed, step))
+    def to_global(arrays):
+      local = np.stack(arrays) if lead else arrays[0]  # (n,) + (this process's workers, ...)
 
-    def local_rows(arr):
-      return lambda r: arr[local(r)]
+      def fill(index):  # one device's global worker rows -> this process's rows
+        start, stop, _ = index[lead].indices(K)
+        return local[(slice(None),) * lead + (slice(start - rows.start, stop - rows.start),)]
 
-    images = _global(layout, shape + train.image_shape, np.uint8, local_rows(images_local))
-    labels = _global(layout, shape, np.int32, local_rows(labels_local))
-    ids = _global(layout, (K, 2), np.int32,
-                  lambda r: np.stack([np.full(K, step), np.arange(K)], 1)[r])
-    return images, labels, ids
+      return jax.make_array_from_callback(local.shape[:lead] + (K,) + local.shape[lead + 1:],
+                                          sharding, fill)
+
+    return tuple(to_global(list(arrays)) for arrays in zip(*per_step))
 
   def save(step, ls, lc, elapsed):
     if step in mngr.all_steps():  # e.g. a signal right after a periodic save
@@ -483,21 +498,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log=p
 
   summary_base = {'config': config.to_dict(), 'steps_per_epoch': steps_per_epoch,
                   'num_params': d, 'bytes_per_step': bytes_per_step, **reshard_info}
-  # Dispatch step t+1 before reading step t's loss, except on the CPU backend:
-  # there the devices share one thread pool, and with several steps in flight
-  # all-reduce participants of different steps can starve each other (seen as
-  # an XLA rendezvous abort on 2 cores with 8 devices).
+  # Dispatch the next steps before reading the last ones' losses, except on
+  # the CPU backend: there all devices share the host's cores, and a run that
+  # queues work ahead only makes device threads wait longer at collectives.
   lookahead = jax.devices()[0].platform != 'cpu'
   t0 = time.time() - elapsed0
   last_record: dict[str, Any] = {}
-  pending = None  # (step, loss array) of the step dispatched last
+  pending = None  # (first step, losses) of the dispatch not yet read
 
   def fetch(pending, ls, lc):
-    s, loss = pending
-    value = float(_host(loss))
-    if not math.isfinite(value):
-      return s, ls, lc, False
-    return s, ls + value, lc + 1, True
+    """Adds one dispatch's losses in step order; diverges at a non-finite one."""
+    first, losses = pending
+    for i, value in enumerate(np.atleast_1d(_host(losses)).tolist()):
+      if not math.isfinite(value):
+        diverge(first + i + 1)
+      ls, lc = ls + value, lc + 1
+    return ls, lc
 
   def diverge(step):
     summary = dict(summary_base, status='diverged', diverged_at_step=step, steps=step,
@@ -506,30 +522,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log=p
     _write_json(os.path.join(workdir, 'summary.json'), summary)
     raise Diverged(step, summary)
 
+  def next_stop(step):
+    """The next step after ``step`` that evaluates, checkpoints or ends."""
+    stops = [total_steps, (step // eval_every + 1) * eval_every]
+    if config.checkpoint_every_steps:
+      every = config.checkpoint_every_steps
+      stops.append((step // every + 1) * every)
+    return min(stops)
+
   with _SignalFlag() as flag, _progress(total_steps, start_step) as bar:
     step = start_step
     while step < total_steps:
-      batch = batch_at(step)
-      params, batch_stats, opt_state, loss = step_fn(params, batch_stats, opt_state, batch)
-      step += 1
+      n = min(spd, next_stop(step) - step)
+      params, batch_stats, opt_state, loss = step_fn(
+          params, batch_stats, opt_state, batches_at(step, n))
       if pending is not None:
-        s, loss_sum, loss_count, ok = fetch(pending, loss_sum, loss_count)
-        if not ok:
-          diverge(s)
+        loss_sum, loss_count = fetch(pending, loss_sum, loss_count)
       pending = (step, loss)
-      if not lookahead:
-        s, loss_sum, loss_count, ok = fetch(pending, loss_sum, loss_count)
-        pending = None
-        if not ok:
-          diverge(s)
-      bar.update(1, loss_sum / max(loss_count, 1))
+      step += n
       is_eval = step % eval_every == 0 or step == total_steps
       is_ckpt = (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)
-      if pending is not None and (is_eval or is_ckpt or flag.signum is not None):
-        s, loss_sum, loss_count, ok = fetch(pending, loss_sum, loss_count)
+      if not lookahead or is_eval or is_ckpt or flag.signum is not None:
+        loss_sum, loss_count = fetch(pending, loss_sum, loss_count)
         pending = None
-        if not ok:
-          diverge(s)
+      bar.update(n, loss_sum / max(loss_count, 1))
       if is_eval:
         if not _all_finite(params):
           diverge(step)

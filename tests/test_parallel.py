@@ -217,3 +217,51 @@ def test_transform_runs_unchanged_under_pmap():
     p = jax.tree.map(lambda a: a[0], new_p)
   x_ref, _, _ = run_workers(tx, params, xs, ys)
   assert_trees_close(p, x_ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('num_workers', [8, 16])
+@pytest.mark.parametrize('method', ['def', 'psync', 'sgd'])
+def test_multi_step_is_bitwise_n_single_steps(num_workers, method):
+  """n steps in one lax.scan dispatch: the same bits as n dispatches of one
+  step (params, every worker's state, each step's loss), with 1 or 2 workers
+  per device, and any n from one function."""
+  def factory(axis_name):
+    if method == 'sgd':
+      return defjax.data_parallel(momentum_sgd(), axis_name=axis_name)
+    if method == 'psync':
+      return defjax.psync(momentum_sgd(), defjax.rbgs(8, per_leaf=True), axis_name=axis_name)
+    return defjax.error_feedback(momentum_sgd(), defjax.rbgs(8), lam=0.3, axis_name=axis_name)
+
+  layout, tx, params, state, step, xs, ys = _setup(factory, num_workers, steps=5)
+  multi = parallel.make_train_step(_loss, tx, layout, donate=False, multi_step=True)
+  p1, s1, losses = params, state, []
+  for t in range(5):
+    p1, _, s1, loss = step(p1, {}, s1, jax.device_put((xs[t], ys[t]), layout.per_worker))
+    losses.append(loss)
+  pn, sn = params, state
+  chunks = []
+  for lo, hi in ((0, 3), (3, 5)):  # two chunk lengths, as at an eval boundary
+    batch = jax.device_put((xs[lo:hi], ys[lo:hi]), layout.per_step_and_worker)
+    pn, _, sn, loss = multi(pn, {}, sn, batch)
+    assert loss.shape == (hi - lo,)
+    chunks.append(loss)
+  assert_trees_close(pn, p1, rtol=0, atol=0)
+  assert_trees_close(sn, s1, rtol=0, atol=0)
+  np.testing.assert_array_equal(np.concatenate(chunks), np.stack(losses))
+  assert jax.tree.map(lambda a: a.sharding, sn) == jax.tree.map(lambda a: a.sharding, s1)
+
+
+def test_multi_step_all_reduces_only_the_block():
+  """Inside the scan each step still all-reduces b values, never d."""
+  layout = parallel.make_layout(8)
+  tx = defjax.error_feedback(momentum_sgd(), defjax.rbgs(256, per_leaf=True), lam=0.3,
+                             axis_name=layout.axis_name)
+  params = jax.device_put(_big_params(), layout.replicated)
+  state = parallel.init_worker_state(tx, params, layout)
+  multi = parallel.make_train_step(_loss, tx, layout, donate=False, multi_step=True)
+  x = jnp.zeros((4, 8, 4, 64)); y = jnp.zeros((4, 8, 4), jnp.int32)
+  compiled = multi.lower(params, {}, state,
+                         jax.device_put((x, y), layout.per_step_and_worker)).compile()
+  sizes = sorted(math.prod(s) for c in wire.collectives(compiled) for _, s in c.shapes)
+  b = sum(max(1, x.size // 256) for x in jax.tree.leaves(params))
+  assert sizes[-1] == b and all(s <= 1 for s in sizes[:-1]), sizes
