@@ -82,10 +82,12 @@ def make_loss(model):
   def loss_fn(params, model_state, batch):
     x, y = batch
     variables = {'params': params, **model_state}
+    rngs = {'dropout': jax.random.PRNGKey(0)}  # the VGGs' classifier
     if model_state:
-      logits, new_state = model.apply(variables, x, train=True, mutable=['batch_stats'])
+      logits, new_state = model.apply(variables, x, train=True, mutable=['batch_stats'],
+                                      rngs=rngs)
     else:
-      logits, new_state = model.apply(variables, x, train=True), model_state
+      logits, new_state = model.apply(variables, x, train=True, rngs=rngs), model_state
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     return loss, new_state
 

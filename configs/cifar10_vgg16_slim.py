@@ -6,7 +6,8 @@ reproduction in results/cifar10 (4 epochs; results/cifar10_12ep passes
 num_epochs=12; lr / 10 at 50% and 75% of the epochs).
 
   python train.py --config configs/cifar10_vgg16_slim.py --workdir runs/slim-def256 \
-      --config.optim.method=def --config.optim.ratio=256
+      --config.optim.method=def --config.optim.ratio=256 \
+      [--config.dataset=image_folder --config.data_dir=/path/to/cifar10-jpeg.tar]
 """
 
 from configs import cifar10_vgg16

@@ -16,11 +16,14 @@ NUM_CLASSES = {  # the datasets each model is trained on
     'cnn': 10,                # Fashion-MNIST
     'vgg16': 10,              # CIFAR-10
     'vgg16_slim': 10,         # CIFAR-10
+    'vgg16_linear': 10,       # CIFAR-10
+    'vgg16_slim_linear': 10,  # CIFAR-10
     'resnet20': 10,           # CIFAR-10
     'preact_resnet110': 100,  # CIFAR-100
     'wrn28_10': 100,          # CIFAR-100
     'resnet50': 1000,         # ImageNet
 }
+DROPOUT = {'dropout': jax.random.PRNGKey(1)}  # the VGGs' classifier; others ignore it
 IMAGE_SHAPE = {'cnn': (28, 28, 1), 'resnet50': (224, 224, 3)}  # else 32x32x3
 
 # Published parameter counts (BN scale and bias included, running statistics
@@ -28,7 +31,10 @@ IMAGE_SHAPE = {'cnn': (28, 28, 1), 'resnet50': (224, 224, 3)}  # else 32x32x3
 # against the formulas.
 PUBLISHED = {
     # kuangliu/pytorch-cifar VGG('VGG16'), CIFAR-10.
-    ('vgg16', 10): 14_728_266,
+    ('vgg16_linear', 10): 14_728_266,
+    # The DEF authors' VGG-16: the same convolutions, then Linear(512, 512)
+    # twice before Linear(512, 10): 14,728,266 + 2 x (512 x 512 + 512).
+    ('vgg16', 10): 15_253_578,
     # WRN-28-10 on CIFAR-10 (Zagoruyko & Komodakis, "36.5M").
     ('wrn28_10', 10): 36_479_194,
     # torchvision.models.resnet50().
@@ -67,12 +73,14 @@ def _cnn(n):
           + _dense(7 * 7 * 64, 128) + _dense(128, n))
 
 
-def _vgg16(n, width=1.0):
+def _vgg16(n, width=1.0, head=True):
   total, cin = 0, 3
   for c in (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512):
     c = int(c * width)
     total += _conv(3, cin, c, True) + _bn(c)
     cin = c
+  if head:
+    total += 2 * _dense(cin, cin)
   return total + _dense(cin, n)
 
 
@@ -119,6 +127,8 @@ EXPECTED = {
     'cnn': _cnn,
     'vgg16': _vgg16,
     'vgg16_slim': lambda n: _vgg16(n, width=0.25),
+    'vgg16_linear': lambda n: _vgg16(n, head=False),
+    'vgg16_slim_linear': lambda n: _vgg16(n, width=0.25, head=False),
     'resnet20': _resnet20,
     'preact_resnet110': lambda n: _preact(n, (18,) * 3, (16, 32, 64)),
     'wrn28_10': lambda n: _preact(n, (4,) * 3, (160, 320, 640)),
@@ -182,7 +192,7 @@ def test_param_count_and_output_shape(name):
   )
   assert _count(variables['params']) == EXPECTED[name](num_classes)
   logits, updates = jax.eval_shape(
-      functools.partial(model.apply, train=True, mutable=['batch_stats']),
+      functools.partial(model.apply, train=True, mutable=['batch_stats'], rngs=DROPOUT),
       variables, x,
   )
   assert logits.shape == (BATCH, num_classes)
@@ -205,10 +215,8 @@ def test_unknown_model_raises():
 def test_forward_train_and_eval(name):
   model, x, variables = _initialised(name)
   num_classes = NUM_CLASSES[name]
-  # No rngs: the models have no dropout, so a train step is deterministic.
   logits, updates = model.apply(
-      variables, x, train=True, mutable=['batch_stats']
-  )
+      variables, x, train=True, mutable=['batch_stats'], rngs=DROPOUT)
   assert logits.shape == (BATCH, num_classes)
   assert bool(jnp.isfinite(logits).all())
   eval_logits = model.apply(variables, x, train=False)
@@ -237,8 +245,7 @@ def test_forward_train_and_eval(name):
       rtol=1e-4, atol=1e-5,
   )
   train_single, _ = model.apply(
-      variables, x[:1], train=True, mutable=['batch_stats']
-  )
+      variables, x[:1], train=True, mutable=['batch_stats'], rngs=DROPOUT)
   assert not np.allclose(train_single, logits[:1])
 
 
@@ -246,7 +253,7 @@ def test_forward_train_and_eval(name):
 def test_batch_norm_uses_pytorch_momentum(name):
   model, x, variables = _initialised(name)
   _, state = model.apply(
-      variables, x, train=True, mutable=['batch_stats', 'intermediates'],
+      variables, x, train=True, mutable=['batch_stats', 'intermediates'], rngs=DROPOUT,
       capture_intermediates=lambda mdl, _: isinstance(mdl, nn.Conv),
   )
   # Both models start conv -> BN; PyTorch's momentum=0.1 moves the running

@@ -9,8 +9,10 @@ Every model is called the same way; the trainer relies on it::
   logits = model.apply(variables, x, train=False)
 
 ``updates`` has a 'batch_stats' entry only for models with BatchNorm (all but
-'cnn'). No model uses dropout or any other randomness, so ``apply`` needs no
-rngs and a train step is a deterministic function of (params, batch).
+'cnn'). The VGGs with the authors' classifier ('vgg16', 'vgg16_slim') use
+dropout in training: pass ``rngs={'dropout': key}`` (the trainer derives the
+key from the seed, the step and the worker, so a step stays a deterministic,
+resumable function of its inputs); the other models ignore it.
 """
 
 from __future__ import annotations
@@ -27,8 +29,12 @@ from defjax.models import vgg
 
 _FACTORIES: dict[str, Callable[[int], nn.Module]] = {
     'cnn': cnn.CNN,                                          # 28x28x1
+    # The authors' VGG-16 (classifier 512-512 with dropout) and at 1/4 width.
     'vgg16': functools.partial(vgg.VGG, cfg=vgg.VGG16),      # 32x32x3
-    'vgg16_slim': functools.partial(vgg.VGG, cfg=vgg.VGG16_SLIM),  # 32x32x3
+    'vgg16_slim': functools.partial(vgg.VGG, cfg=vgg.VGG16_SLIM, head_width=128),
+    # pytorch-cifar's VGG-16 (one Linear), as the results before 2026-11-29.
+    'vgg16_linear': functools.partial(vgg.VGG, cfg=vgg.VGG16, head_width=None),
+    'vgg16_slim_linear': functools.partial(vgg.VGG, cfg=vgg.VGG16_SLIM, head_width=None),
     'resnet20': resnet_cifar.resnet20,                       # 32x32x3
     'preact_resnet110': resnet_cifar.preact_resnet110,       # 32x32x3
     'wrn28_10': resnet_cifar.wrn28_10,                       # 32x32x3

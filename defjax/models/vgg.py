@@ -1,12 +1,16 @@
-"""VGG with BatchNorm for 32x32 inputs, as in kuangliu/pytorch-cifar.
+"""VGG with BatchNorm for 32x32 inputs, as in the DEF authors' code.
 
-The DEF paper trains this VGG-16 on CIFAR: 13 conv3x3 (with bias) + BN + ReLU
-layers, five max-pools taking 32x32 down to 1x1, then a single Linear layer.
+13 conv3x3 (with bias) + BN + ReLU layers and five max-pools take 32x32 down
+to 1x1; the authors' CIFAR VGG-16 (anxuthu/DEF, models/vgg.py) then has the
+classifier Dropout, Linear(512, 512), ReLU, Dropout, Linear(512, 512), ReLU,
+Linear(512, classes) (``head_width=512``). kuangliu/pytorch-cifar's VGG ends
+in one Linear instead (``head_width=None``, the ``*_linear`` models: the
+results before 2026-11-29 used it).
 """
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import flax.linen as nn
 
@@ -26,9 +30,13 @@ class VGG(nn.Module):
 
   num_classes: int
   cfg: Sequence[Union[int, str]] = VGG16
+  # Width of the two hidden Linear layers of the classifier; None = one Linear.
+  head_width: Optional[int] = 512
+  dropout: float = 0.5  # PyTorch's nn.Dropout() default
 
   @nn.compact
   def __call__(self, x, *, train: bool):
+    """Logits; with ``train=True`` and a head, needs ``rngs={'dropout': key}``."""
     for item in self.cfg:
       if item == 'M':
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
@@ -38,4 +46,8 @@ class VGG(nn.Module):
         x = layers.conv(item, 3, use_bias=True)(x)
         x = nn.relu(layers.batch_norm(train)(x))
     x = x.reshape(x.shape[0], -1)
+    if self.head_width is not None:
+      for _ in range(2):
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        x = nn.relu(layers.dense(self.head_width)(x))
     return layers.dense(self.num_classes)(x)
