@@ -28,8 +28,12 @@ $(FMNIST):
 	  || echo "apt-get failed: the loader will download Fashion-MNIST instead"; \
 	else echo "no apt-get: the loader will download Fashion-MNIST instead"; fi
 
+# Two pytest workers (pytest-xdist): the suite's compiles and subprocess runs
+# overlap on two cores, and a test that crashes its process (e.g. an XLA
+# abort) is reported as one failed test while the rest of the suite goes on.
+PYTEST_WORKERS ?= 2
 test: install data
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --max-worker-restart=4
 
 train: install data
 	$(PY) train.py --config configs/fashion_mnist.py --workdir $(WORKDIR)

@@ -52,18 +52,22 @@ def _launch_two(tiny_folder, workdir, steps, *extra, logs=None):
   ]
 
 
+def _run_two(tiny_folder, workdir, steps, timeout=300):
+  procs = _launch_two(tiny_folder, workdir, steps)
+  errs = [p.communicate(timeout=timeout)[1] for p in procs]
+  for i, p in enumerate(procs):
+    assert p.returncode == 0, f'process {i}:\n' + '\n'.join(e[-2500:] for e in errs)
+  with open(workdir / 'summary.json') as f:
+    return json.load(f)
+
+
 def test_two_processes_match_one(tiny_folder, tmp_path):
   single = subprocess.run(_args(tiny_folder, tmp_path / 'one', 10), cwd=REPO, env=_env(8),
                           capture_output=True, text=True, timeout=300)
   assert single.returncode == 0, single.stderr[-3000:]
-  procs = _launch_two(tiny_folder, tmp_path / 'two', 10)
-  errs = [p.communicate(timeout=300)[1] for p in procs]
-  for i, p in enumerate(procs):
-    assert p.returncode == 0, f'process {i}:\n' + '\n'.join(e[-2500:] for e in errs)
+  two = _run_two(tiny_folder, tmp_path / 'two', 10)
   with open(tmp_path / 'one' / 'summary.json') as f:
     one = json.load(f)
-  with open(tmp_path / 'two' / 'summary.json') as f:
-    two = json.load(f)
   assert two['steps'] == one['steps'] == 10
   for key in ('final_train_loss', 'final_test_accuracy', 'final_test_accuracy_x'):
     assert two[key] == pytest.approx(one[key], rel=1e-5), key
@@ -91,3 +95,13 @@ def test_dead_peer_fails_the_other_within_bound(tiny_folder, tmp_path):
     pytest.fail(f'the surviving process still ran {bound} s after its peer died')
   assert procs[0].returncode != 0
   assert time.time() - t < bound
+
+
+@pytest.mark.slow
+def test_two_processes_under_cpu_hogs_match_idle(tiny_folder, tmp_path):
+  """4 x cores busy processes next to both processes: the same bits as idle."""
+  from test_load import cpu_hogs
+  idle = _run_two(tiny_folder, tmp_path / 'idle', 6)
+  with cpu_hogs(max(8, 4 * os.cpu_count())):
+    loaded = _run_two(tiny_folder, tmp_path / 'loaded', 6, timeout=1200)
+  assert loaded['params_sha256'] == idle['params_sha256']
