@@ -18,6 +18,7 @@ import textwrap
 import numpy as np
 import pytest
 
+from defjax import gap
 from defjax import report
 from defjax import sweep
 
@@ -471,3 +472,30 @@ def test_readme_results_tables_are_the_generated_ones():
       missing.append((folder.name, row))
   assert checked, 'no result tables in the README'
   assert not missing, missing
+
+
+def test_gap_report_is_sgd_minus_method_against_sends_per_value(fake, tmp_path):
+  """The gap-vs-length table: SGD's mean minus DEF's (and DEF-A's) mean over
+  seeds, at T / ratio; a setting may borrow its SGD run from another folder."""
+  out = tmp_path / 'sweep'
+  assert run_sweep(fake, out, '--methods', 'sgd,def', '--ratios', '64,256',
+                   '--seeds', '0,1') == 0
+  lam_out = tmp_path / 'lam'
+  assert run_sweep(fake, lam_out, '--methods', 'def', '--ratios', '256', '--seeds', '0',
+                   '--lams', '0.6') == 0
+  rows = gap.write([('short', [str(out)]), ('lam', [str(lam_out), str(out / 'sgd-r1-s0')])],
+                   tmp_path / 'gap', ['python', '-m', 'defjax.gap'])
+  by_key = {(r['setting'], r['method'], r['ratio'], r['lam']): r for r in rows}
+  sgd = np.mean([100 * fake_accuracy('sgd', 1, 0.3, s, False) for s in (0, 1)])
+  for ratio in (64, 256):
+    for label, x in (('DEF', False), ('DEF-A', True)):
+      row = by_key[('short', label, ratio, 0.3)]
+      want = np.mean([100 * fake_accuracy('def', ratio, 0.3, s, x) for s in (0, 1)])
+      assert row['gap'] == pytest.approx(sgd - want)
+      assert row['steps'] == 40 and row['sends_per_value'] == 40 / ratio
+  row = by_key[('lam', 'DEF', 256, 0.6)]
+  assert row['gap'] == pytest.approx(100 * (fake_accuracy('sgd', 1, 0.3, 0, False)
+                                            - fake_accuracy('def', 256, 0.6, 0, False)))
+  assert (tmp_path / 'gap' / 'gap.png').read_bytes()[:8] == PNG_MAGIC
+  table = (tmp_path / 'gap' / 'gap.md').read_text()
+  assert table.count('\n') == 2 + len(rows)

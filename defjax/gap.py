@@ -1,0 +1,150 @@
+r"""DEF's gap to SGD against training length: one table and one figure.
+
+The paper's claim (DEF within 0.7 points of SGD up to ratio 1024) is made at
+78,125 steps, where every value is sent T / ratio = 305 times at ratio 256.
+This report puts every committed setting on that axis: for each setting (a
+name and its run folder) and each (DEF or DEF-A, ratio, lam), the gap is
+SGD's final test accuracy minus the method's (means over seeds; points), and
+T / ratio counts how often each value crossed the wire.
+
+Usage::
+
+  python -m defjax.gap fm-6ep=results/fashion_mnist/runs \
+      fm-lam=results/fashion_mnist_lam/runs,results/fashion_mnist/runs/sgd-r1-s0 \
+      fm-55ep=results/fashion_mnist_long/runs ... --out results/gap
+
+A setting is NAME=PATH[,PATH...]: run folders or single runs, read together
+(so a lam sweep can borrow the SGD run of its base setting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+import shlex
+import sys
+from collections.abc import Sequence
+
+from defjax import report
+
+MARKERS = {16: 'v', 64: 'o', 256: 's', 1024: '^'}
+
+
+def rows_of(setting: str, paths: Sequence[str]) -> list[dict]:
+  """One row per (DEF or DEF-A, ratio, lam) of the setting's runs."""
+  runs, groups, _, scale = report._collect(paths)
+  sgd = groups.get(('SGD', 1, None))
+  sgd_cell = report._cell(sgd, scale) if sgd else None
+  rows = []
+  for (label, ratio, lam), results in sorted(groups.items(), key=lambda kv: (
+      kv[0][1], kv[0][2] or 0, kv[0][0])):
+    if label not in report.LAM_ROWS:
+      continue
+    cell = report._cell(results, scale)
+    steps = sorted({r.run.summary.get('steps') for r in results} - {None})
+    per_leaf = {bool(report._config_get(r.run.config, 'optim.per_leaf', False))
+                for r in results}
+    row = {
+        'setting': setting, 'method': label, 'ratio': ratio, 'lam': lam,
+        'layout': 'per-leaf' if per_leaf == {True} else (
+            'global' if per_leaf == {False} else 'mixed'),
+        'steps': steps[0] if len(steps) == 1 else None,
+        'sends_per_value': steps[0] / ratio if len(steps) == 1 else None,
+        'accuracy': cell['mean'], 'accuracy_text': cell['text'],
+        'sgd': sgd_cell['mean'] if sgd_cell else None,
+        'sgd_text': sgd_cell['text'] if sgd_cell else None,
+    }
+    row['gap'] = (row['sgd'] - row['accuracy']
+                  if row['sgd'] is not None and row['accuracy'] is not None else None)
+    rows.append(row)
+  return rows
+
+
+def _fmt(value, spec):
+  return report._DASH if value is None else format(value, spec)
+
+
+def table_markdown(rows: list[dict]) -> str:
+  columns = ('setting', 'layout', 'method', 'lam', 'ratio', 'steps T', 'T / ratio',
+             'SGD (%)', 'method (%)', 'gap to SGD (points)')
+  lines = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
+  for r in rows:
+    lines.append(
+        f'| {r["setting"]} | {r["layout"]} | {r["method"]} | {_fmt(r["lam"], "g")} |'
+        f' {r["ratio"]} | {_fmt(r["steps"], ",")} | {_fmt(r["sends_per_value"], ".1f")} |'
+        f' {r["sgd_text"] or report._DASH} | {r["accuracy_text"]} | {_fmt(r["gap"], "+.2f")} |')
+  return '\n'.join(lines) + '\n'
+
+
+def figure(rows: list[dict], path: pathlib.Path) -> None:
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  settings = list(dict.fromkeys(r['setting'] for r in rows))
+  colors = {s: f'C{i}' for i, s in enumerate(settings)}
+  fig, ax = plt.subplots(figsize=(7.5, 4.8))
+  for r in rows:
+    if r['gap'] is None or r['sends_per_value'] is None:
+      continue
+    filled = r['method'] == 'DEF'
+    ax.scatter(r['sends_per_value'], r['gap'], marker=MARKERS.get(r['ratio'], 'D'),
+               s=44, color=colors[r['setting']] if filled else 'none',
+               edgecolors=colors[r['setting']], linewidths=1.2)
+  ax.axhline(0.7, color='grey', ls='--', lw=0.8, label="the paper's 0.7 points")
+  ax.axvline(305, color='grey', ls=':', lw=0.8)
+  ax.set_xscale('log')
+  ax.set_xlabel('T / ratio: times each value is sent')
+  ax.set_ylabel('SGD accuracy - method accuracy (points)')
+  handles = [plt.Line2D([], [], ls='', marker='o', color=colors[s], label=s) for s in settings]
+  handles += [plt.Line2D([], [], ls='', marker=m, color='black', label=f'ratio {k}')
+              for k, m in MARKERS.items() if any(r['ratio'] == k for r in rows)]
+  handles += [plt.Line2D([], [], ls='', marker='o', color='black', label='DEF (y)'),
+              plt.Line2D([], [], ls='', marker='o', color='none', markeredgecolor='black',
+                         label='DEF-A (x)')]
+  ax.legend(handles=handles, fontsize=7, ncol=2)
+  ax.set_title("DEF's gap to SGD vs training length\n(dashed: 0.7 points;"
+               " dotted: the paper's T / ratio = 305 at ratio 256)", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def write(settings: Sequence[tuple[str, Sequence[str]]], out, argv: Sequence[str] = ()) -> list[dict]:
+  out = pathlib.Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  rows = [row for name, paths in settings for row in rows_of(name, paths)]
+  table = table_markdown(rows)
+  (out / 'gap.md').write_text(table)
+  figure(rows, out / 'gap.png')
+  (out / 'gap.json').write_text(json.dumps(rows, indent=2) + '\n')
+  now = datetime.datetime.now().astimezone().isoformat(timespec='seconds')
+  (out / 'README.md').write_text('\n'.join([
+      "# DEF's gap to SGD against training length", '', f'Made {now} by', '', '```',
+      shlex.join(argv), '```', '', 'Settings: ' + ', '.join(
+          f'`{name}` = `{", ".join(paths)}`' for name, paths in settings) + '.', '', table,
+      '![gap](gap.png)', '']))
+  return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  parser = argparse.ArgumentParser(prog='python -m defjax.gap', description=__doc__.split('\n')[0])
+  parser.add_argument('settings', nargs='+', metavar='NAME=RUNDIR[,RUNDIR...]')
+  parser.add_argument('--out', required=True)
+  args = parser.parse_args(argv)
+  settings = []
+  for item in args.settings:
+    name, eq, path = item.partition('=')
+    if not eq:
+      parser.error(f'expected NAME=RUNDIR[,RUNDIR...], got {item!r}')
+    settings.append((name, path.split(',')))
+  rows = write(settings, args.out, ['python', '-m', 'defjax.gap', *argv])
+  print(table_markdown(rows))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
