@@ -85,7 +85,7 @@ def figure(rows: list[dict], path: pathlib.Path) -> None:
 
   settings = list(dict.fromkeys(r['setting'] for r in rows))
   colors = {s: f'C{i}' for i, s in enumerate(settings)}
-  fig, ax = plt.subplots(figsize=(7.5, 4.8))
+  fig, ax = plt.subplots(figsize=(9, 4.8))
   for r in rows:
     if r['gap'] is None or r['sends_per_value'] is None:
       continue
@@ -96,6 +96,9 @@ def figure(rows: list[dict], path: pathlib.Path) -> None:
   ax.axhline(0.7, color='grey', ls='--', lw=0.8, label="the paper's 0.7 points")
   ax.axvline(305, color='grey', ls=':', lw=0.8)
   ax.set_xscale('log')
+  # Gaps span 0.1 to 80 points (lam 0 is EF); linear near 0, log above 2.
+  ax.set_yscale('symlog', linthresh=2)
+  ax.set_ylim(bottom=-0.5)
   ax.set_xlabel('T / ratio: times each value is sent')
   ax.set_ylabel('SGD accuracy - method accuracy (points)')
   handles = [plt.Line2D([], [], ls='', marker='o', color=colors[s], label=s) for s in settings]
@@ -104,7 +107,7 @@ def figure(rows: list[dict], path: pathlib.Path) -> None:
   handles += [plt.Line2D([], [], ls='', marker='o', color='black', label='DEF (y)'),
               plt.Line2D([], [], ls='', marker='o', color='none', markeredgecolor='black',
                          label='DEF-A (x)')]
-  ax.legend(handles=handles, fontsize=7, ncol=2)
+  ax.legend(handles=handles, fontsize=7, loc='upper left', bbox_to_anchor=(1.01, 1))
   ax.set_title("DEF's gap to SGD vs training length\n(dashed: 0.7 points;"
                " dotted: the paper's T / ratio = 305 at ratio 256)", fontsize=9)
   fig.tight_layout()
