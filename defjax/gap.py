@@ -120,7 +120,7 @@ def write(settings: Sequence[tuple[str, Sequence[str]]], out, argv: Sequence[str
   out.mkdir(parents=True, exist_ok=True)
   rows = [row for name, paths in settings for row in rows_of(name, paths)]
   table = table_markdown(rows)
-  (out / 'gap.md').write_text(table)
+  (out / 'table_gap.md').write_text(table)
   figure(rows, out / 'gap.png')
   (out / 'gap.json').write_text(json.dumps(rows, indent=2) + '\n')
   now = datetime.datetime.now().astimezone().isoformat(timespec='seconds')

@@ -6,7 +6,8 @@ a participant is more than xla_cpu_collective_call_warn_stuck_timeout_seconds
 + xla_cpu_collective_call_terminate_timeout_seconds late (20 + 40 s by
 default). ``parallel.tolerate_slow_cpu_devices`` (called by train.py and
 conftest) lifts the termination; these tests show the abort with short
-timeouts, its absence with defjax's, and unchanged results under CPU hogs.
+timeouts, its absence with defjax's (a device 45 s late), and unchanged
+results under CPU hogs.
 Each run is a subprocess: an abort must be a failed test, not a dead pytest.
 """
 
@@ -66,8 +67,9 @@ def test_a_late_device_aborts_xla_at_its_timeout():
 
 @pytest.mark.slow
 def test_defjax_waits_for_a_device_later_than_xlas_default():
-  """65 s late: past XLA's default 20 + 40 s, still a completed all-reduce."""
-  proc = _slow_device(65, 'defjax')
+  """45 s late, with the stuck warning shortened to 1 s: XLA's default would
+  terminate at 1 + 40 s; defjax's lifted timeout completes the all-reduce."""
+  proc = _slow_device(45, 'defjax', '--xla_cpu_collective_call_warn_stuck_timeout_seconds=1')
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert 'sum 72.0' in proc.stdout  # 2 values, each sum_i (1 + i) over 8 devices
   assert 'Termination timeout' not in proc.stderr

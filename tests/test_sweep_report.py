@@ -497,5 +497,5 @@ def test_gap_report_is_sgd_minus_method_against_sends_per_value(fake, tmp_path):
   assert row['gap'] == pytest.approx(100 * (fake_accuracy('sgd', 1, 0.3, 0, False)
                                             - fake_accuracy('def', 256, 0.6, 0, False)))
   assert (tmp_path / 'gap' / 'gap.png').read_bytes()[:8] == PNG_MAGIC
-  table = (tmp_path / 'gap' / 'gap.md').read_text()
+  table = (tmp_path / 'gap' / 'table_gap.md').read_text()
   assert table.count('\n') == 2 + len(rows)

@@ -115,13 +115,12 @@ def test_runs_are_deterministic_seeded_and_steps_per_dispatch_only_rounds(
       tiny_config(tiny_folder, num_train_steps=7, **kw), str(tmp_path / name),
       log=lambda *_: None)
   a = run('a', steps_per_dispatch=1)
-  a2 = run('a2', steps_per_dispatch=1)
   b = run('b', steps_per_dispatch=4)
   c = run('c', steps_per_dispatch=2)
   d = run('d', steps_per_dispatch=1, seed=1)
   drop_time = lambda w: [{k: v for k, v in r.items() if k != 'wall_time'}
                          for r in _records(tmp_path / w)]
-  assert a2['params_sha256'] == a['params_sha256'] and drop_time('a2') == drop_time('a')
+  # (A same-config rerun is bitwise equal too: test_checkpoint's resume tests.)
   assert c['params_sha256'] == b['params_sha256'] and drop_time('c') == drop_time('b')
   assert [r['step'] for r in _records(tmp_path / 'b')] == [3, 6, 7]
   for x, y in zip(drop_time('b'), drop_time('a')):
