@@ -1,77 +1,12 @@
-r"""Trains one defjax run. Exit codes: 0 completed, 2 bad config or data,
-3 diverged (a result: summary.json says where), 4 interrupted by
-SIGTERM/SIGINT after saving a checkpoint (rerun the same command to resume).
+r"""Trains one defjax run: the README's entry point (``defjax.main``).
 
-  python train.py --config configs/fashion_mnist.py --workdir runs/fm-def256 \
-      --config.optim.method=def --config.optim.ratio=256 --config.seed=1
+  python train.py --config configs/fashion_mnist.py --workdir runs/quickstart
 
-Several hosts: the same command on each, plus
-  --coordinator_address=HOST0:PORT --num_processes=N --process_id=I
+Flags, exit codes and multi-host use: ``python train.py --help`` and
+``defjax/main.py``.
 """
 
-import os
-import sys
-
-from absl import app
-from absl import flags
-from absl import logging
-from ml_collections import config_flags
-
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (metrics, checkpoints).')
-_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes.')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process\'s index.')
-_HEARTBEAT = flags.DEFINE_integer(
-    'heartbeat_timeout_seconds', 60,
-    'A process that misses heartbeats this long is declared dead and the'
-    ' others exit with an error instead of hanging.')
-flags.mark_flags_as_required(['config', 'workdir'])
-
-
-def _fail(msg, code=2):
-  print(f'error: {msg}', file=sys.stderr)
-  sys.exit(code)
-
-
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-  config = _CONFIG.value
-  import jax  # after flag parsing; backends start on first use
-
-  from defjax import parallel
-
-  parallel.tolerate_slow_cpu_devices()  # before the backends start
-
-  if _COORDINATOR.value or _NUM_PROCESSES.value:
-    jax.distributed.initialize(
-        _COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-        process_id=_PROCESS_ID.value,
-        heartbeat_timeout_seconds=_HEARTBEAT.value)
-  elif ('xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', '')
-        and os.environ.get('JAX_PLATFORMS', 'cpu') == 'cpu' and config.num_workers > 1):
-    # On a CPU-only machine run K real devices so real collectives run.
-    jax.config.update('jax_num_cpu_devices', config.num_workers)
-
-  from defjax import checkpoint, trainer
-
-  try:
-    summary = trainer.train_and_evaluate(config, _WORKDIR.value)
-  except (trainer.ConfigError, checkpoint.CheckpointMismatch, checkpoint.CheckpointError) as e:
-    _fail(str(e))
-  except trainer.Diverged as e:
-    print(f'diverged at step {e.step}: the loss or the parameters became'
-          f' non-finite; summary in {_WORKDIR.value}/summary.json', file=sys.stderr)
-    sys.exit(trainer.EXIT_DIVERGED)
-  except trainer.Interrupted as e:
-    print(str(e), file=sys.stderr)
-    sys.exit(trainer.EXIT_INTERRUPTED)
-  acc = summary['final_test_accuracy']
-  print(f'final test accuracy {100 * acc:.2f}% (train loss'
-        f' {summary["final_train_loss"]:.4f}) after {summary["steps"]} steps in'
-        f' {summary["wall_time"]:.0f}s; summary in {_WORKDIR.value}/summary.json')
-
+from defjax import main
 
 if __name__ == '__main__':
-  app.run(main)
+  main.run()

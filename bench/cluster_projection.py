@@ -1,4 +1,4 @@
-"""Projected step time and speedup on a cluster (``defjax.netmodel``).
+"""Projected step time and speedup on a cluster (``bench/netmodel.py``).
 
 Combines a measured compute time per step with the ring all-reduce model
 t = 2 (K-1) latency + 2 (K-1)/K bytes / bandwidth to project the step time
@@ -28,7 +28,7 @@ import json  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
 
-from defjax import netmodel  # noqa: E402
+from bench import netmodel  # noqa: E402
 from defjax.models import vgg  # noqa: E402
 
 WORKERS = (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)

@@ -10,5 +10,4 @@ def get_config():
   config = cifar10_vgg16.get_config()
   config.model = 'resnet20'
   config.num_epochs = 30
-  config.optim.lr = 0.05
   return config

@@ -19,13 +19,10 @@ def get_config():
   config = default.get_config()
   config.dataset = 'cifar10'
   config.model = 'vgg16'
-  config.num_workers = 8
-  config.batch_size = 16
   config.num_epochs = 200
   config.crop_padding = 4
   config.flip = True
   config.checkpoint_every_steps = 2000
-  config.optim.lr = 0.05
-  config.optim.weight_decay = 5e-4
-  config.optim.decay_at = (0.5, 0.75)
+  # K = 8 x 16, lr 0.05, momentum 0.9, weight decay 5e-4, decays at 50% and
+  # 75%: the defaults are this setting's.
   return config

@@ -14,11 +14,17 @@ def get_config() -> ml_collections.ConfigDict:
   # /usr/share/datasets/fashion-mnist, TFDS's ~/tensorflow_datasets). For
   # image_folder, a folder or .tar of train/<class>/* and test/<class>/*.
   config.data_dir = ''
-  # Model: cnn | vgg16 | vgg16_slim | vgg16_linear | vgg16_slim_linear | resnet20 |
-  # preact_resnet110 | wrn28_10 | resnet50 (defjax/models/__init__.py).
+  # Model: cnn | mlp_tp | vgg16 | vgg16_slim | vgg16_linear | vgg16_slim_linear |
+  # resnet20 | preact_resnet110 | wrn28_10 | resnet50 (defjax/models/__init__.py).
   config.model = 'cnn'
   # K, the number of workers. K > devices simulates K / devices per device.
   config.num_workers = 8
+  # M, the devices of one worker (tensor parallelism, defjax.sharded): K
+  # workers of M devices on a ('data', 'model') mesh, the params sharded over
+  # 'model' by the model's nn.with_partitioning specs (mlp_tp has them), one
+  # RBGS block per local shard. 1 = the 1-D layout. M > 1 must divide the
+  # device count and needs K * M <= devices.
+  config.model_axis_size = 1
   # Mini-batch per worker (the global batch is num_workers * batch_size).
   config.batch_size = 16
   config.num_epochs = 3

@@ -5,6 +5,7 @@ method's recursion (paper Algorithm 1).
 """
 
 from defjax.compress import Compressor
+from defjax.compress import dense_warmup
 from defjax.compress import identity
 from defjax.compress import randomk
 from defjax.compress import rbgs
@@ -26,6 +27,7 @@ __all__ = [
     'ErrorFeedbackState',
     'averaged_params',
     'data_parallel',
+    'dense_warmup',
     'error_feedback',
     'eval_point',
     'identity',

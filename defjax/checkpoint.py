@@ -4,9 +4,13 @@ A checkpoint is the train state (params, batch-norm statistics and every
 worker's optimizer state: error, momentum, the shared block-selection key and
 step counter) plus a small JSON record: the step, the running train-loss
 accumulator, the elapsed wall time and a fingerprint of the config fields
-the state's meaning depends on. The input pipeline's position (epoch and
-offset in the shuffled order) is a function of the step, so restoring the
-step restores it.
+the state's meaning depends on, and the input pipeline's iterator state
+(grain's; the order is a function of the step, so it also follows from the
+step, which a resume checks).
+
+``resume`` is what a training program calls at start-up: it restores the
+newest checkpoint that fits the config, or maps another worker count's
+state onto this one (``config.resume_reshard``).
 
 orbax writes each checkpoint to a temporary directory and renames it when
 complete, so a save killed half-way is never listed and never restored.
@@ -15,17 +19,19 @@ complete, so a save killed half-way is never listed and never restored.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from defjax import feedback
+
 # Config fields whose change makes a saved state meaningless for this run, or
 # makes the resumed run a mix of two runs (the run length fixes where the
 # learning rate decays, so it is one of them).
 FINGERPRINT_KEYS = (
-    'dataset', 'model', 'num_workers', 'optim.method', 'optim.ratio',
+    'dataset', 'model', 'num_workers', 'model_axis_size', 'optim.method', 'optim.ratio',
     'optim.lam', 'optim.per_leaf', 'seed', 'batch_size',
     'optim.lr', 'optim.momentum', 'optim.weight_decay', 'optim.schedule',
     'optim.decay_at', 'optim.decay_whole_epochs', 'optim.warmup_epochs',
@@ -172,3 +178,58 @@ def reshard_workers(tree, old: int, new: int):
     return np.broadcast_to(mean, (new, *x.shape[1:])).copy()
 
   return jax.tree.map(one, tree)
+
+
+class Resumed(NamedTuple):
+  """Where a run starts: its state, step and the saved JSON record."""
+
+  state: Any
+  step: int
+  meta: dict  # {} for a fresh start
+  reshard_info: dict  # resharded_from_workers, reshard_output_change (if so)
+
+
+def _output(params, opt_state):
+  """y = x - mean_k e_k of a state with stacked worker errors (host arrays)."""
+  average = lambda p, s: feedback.averaged_params(p, s, axis_name='workers')
+  return jax.vmap(average, in_axes=(None, 0), out_axes=None, axis_name='workers')(
+      params, opt_state)
+
+
+def resume(mngr: ocp.CheckpointManager, config, state, *, per_worker: tuple[str, ...],
+           log: Callable[[str], Any] = print) -> Resumed:
+  """Restores the newest checkpoint onto ``state`` (a dict), or starts fresh.
+
+  A checkpoint of another ``num_workers`` is mapped onto this run's workers
+  when ``config.resume_reshard`` is set (``reshard_workers`` on the entries
+  named in ``per_worker``: their leaves lead with the worker axis), so that
+  DEF's output model is preserved; otherwise any fingerprint difference
+  raises CheckpointMismatch.
+  """
+  found = latest_meta(mngr)
+  if found is None:
+    return Resumed(state, 0, {}, {})
+  step, meta = found
+  saved_k = meta['fingerprint'].get('num_workers')
+  k = config.num_workers
+  if not (config.resume_reshard and saved_k != k):
+    compare(meta['fingerprint'], fingerprint(config))
+    log(f'resuming from the checkpoint at step {step}')
+    return Resumed(restore(mngr, step, state), step, meta, {})
+  compare(meta['fingerprint'], fingerprint(config), allow=('num_workers',))
+  saved_shapes = {
+      key: jax.tree.map(lambda x: jax.ShapeDtypeStruct((saved_k, *x.shape[1:]), x.dtype), v)
+      if key in per_worker else v for key, v in state.items()}
+  raw = restore_host(mngr, step, saved_shapes)
+  y_before = _output(raw['params'], raw['opt_state'])
+  for key in per_worker:
+    raw[key] = reshard_workers(raw[key], saved_k, k)
+  y_after = _output(raw['params'], raw['opt_state'])
+  change = max((float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(
+      jax.tree.leaves(y_before), jax.tree.leaves(y_after))), default=0.0)
+  state = jax.tree.map(lambda x, t: jax.device_put(x.astype(t.dtype), t.sharding), raw, state)
+  log(f'resharded the checkpoint from {saved_k} to {k} workers: the output'
+      f' model y = x - mean_k e_k moved by at most {change:.2g}')
+  log(f'resuming from the checkpoint at step {step}')
+  return Resumed(state, step, meta,
+                 {'resharded_from_workers': saved_k, 'reshard_output_change': change})

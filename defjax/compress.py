@@ -25,11 +25,15 @@ import math
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
+from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 AxisName = Optional[Union[str, Sequence[str]]]
 PyTree = Any
+# An int seed, a typed key (jax.random.key) or a raw uint32 key (PRNGKey).
+KeyLike = Union[int, jax.Array]
 
 
 class Compressor(NamedTuple):
@@ -46,10 +50,6 @@ class RandomState(NamedTuple):
 
   key: jax.Array
   count: jax.Array
-
-
-class EmptyState(NamedTuple):
-  """State of a deterministic compressor."""
 
 
 # ---------------------------------------------------------------- validation
@@ -82,16 +82,16 @@ def check_ratio(ratio) -> float:
   return float(ratio)
 
 
-def check_float_leaves(tree: PyTree, what: str = 'params') -> None:
-  """Raises ValueError naming the first leaf that is not floating point."""
+def check_float_leaves(tree: PyTree) -> None:
+  """Raises ValueError naming the first leaf of params that is not floating point."""
   leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
   if not leaves:
-    raise ValueError(f'{what} is an empty pytree: nothing to compress')
+    raise ValueError('params is an empty pytree: nothing to compress')
   for path, leaf in leaves:
     dtype = jnp.result_type(leaf)
     if not jnp.issubdtype(dtype, jnp.floating):
       raise ValueError(
-          f'{what} leaf {jax.tree_util.keystr(path)} has dtype {dtype}; error'
+          f'params leaf {jax.tree_util.keystr(path)} has dtype {dtype}; error'
           ' feedback and compression need floating-point leaves (mask integer'
           ' leaves out with optax.masked or keep them outside params)'
       )
@@ -115,46 +115,89 @@ def block_size(d: int, ratio: float) -> int:
 
 
 def _leaf_sizes(tree: PyTree) -> list[int]:
-  return [int(np.prod(jnp.shape(x), dtype=np.int64)) for x in jax.tree.leaves(tree)]
+  # np.size, not optax.tree.size's jnp.size: it also sizes ShapeDtypeStruct
+  # leaves (jnp.size deprecates them), so payloads work on jax.eval_shape trees.
+  return [np.size(x) for x in jax.tree.leaves(tree)]
 
 
-# ----------------------------------------------------- flat-vector machinery
+# -------------------------------------------------------------- shared keys
 
 
-def _ravel(tree: PyTree):
-  """Concatenates all leaves into one vector; returns it and an inverse."""
-  leaves, treedef = jax.tree.flatten(tree)
-  dtype = jnp.result_type(*leaves)
-  shapes = [jnp.shape(x) for x in leaves]
-  dtypes = [jnp.result_type(x) for x in leaves]
-  sizes = [int(np.prod(s, dtype=np.int64)) for s in shapes]
-  flat = jnp.concatenate([jnp.ravel(x).astype(dtype) for x in leaves])
+def check_key(key: KeyLike) -> KeyLike:
+  """Returns ``key`` if it is an int seed or a key, else raises ValueError.
 
-  def unravel(vec):
-    parts = jnp.split(vec, np.cumsum(sizes)[:-1]) if len(sizes) > 1 else [vec]
-    return treedef.unflatten(
-        [p.reshape(s).astype(t) for p, s, t in zip(parts, shapes, dtypes)]
-    )
+  Checks types and shapes only: building a compressor computes nothing, so it
+  may come before the program configures JAX's backends. A compressor calls
+  it when built and ``as_key`` in its ``init``.
+  """
+  dtype = getattr(key, 'dtype', None)
+  if isinstance(key, jax.Array) and jnp.issubdtype(dtype, jax.dtypes.prng_key):
+    impl = jax.random.key_impl(key)
+    if key.shape != () or str(impl) != jax.config.jax_default_prng_impl:
+      raise ValueError(
+          f'key must be a single key of the default PRNG implementation'
+          f' ({jax.config.jax_default_prng_impl}), got {key.shape} keys of {impl}')
+    return key
+  if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+    return key
+  if dtype is not None and np.ndim(key) == 0 and np.issubdtype(dtype, np.integer):
+    return key  # a 0-d integer array: a seed
+  raw = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+  if dtype != raw.dtype or np.shape(key) != raw.shape:
+    raise ValueError(
+        'key must be an int seed, a jax.random.key or a raw jax.random.PRNGKey'
+        f' ({raw.dtype}{list(raw.shape)}), got {key!r}')
+  return key
 
-  return flat, unravel
+
+def as_key(key: KeyLike) -> jax.Array:
+  """``key`` as a raw uint32 key: a seed s gives PRNGKey(s), a typed key its bits.
+
+  What a compressor's state keeps whatever was given: checkpoints store it
+  as a plain uint32 array, and PRNGKey(s) is the key the committed runs drew
+  their blocks from (a typed jax.random.key(s) holds the same bits). Computes
+  (PRNGKey), so call it in ``init``, not when building a compressor.
+
+  Args:
+    key: an int seed, a ``jax.random.key`` or a raw ``jax.random.PRNGKey``.
+
+  Returns:
+    A uint32 array shaped like ``jax.random.PRNGKey(0)``.
+
+  Raises:
+    ValueError: if ``key`` is none of those (see ``check_key``).
+
+  Example:
+    >>> import jax, numpy as np
+    >>> from defjax import compress
+    >>> bool(np.all(compress.as_key(3) == jax.random.PRNGKey(3)))
+    True
+  """
+  key = check_key(key)
+  if jnp.issubdtype(jnp.result_type(key), jax.dtypes.prng_key):
+    return jax.random.key_data(key)
+  if np.ndim(key) == 0:
+    return jax.random.PRNGKey(key)
+  return jnp.asarray(key)
 
 
 def _step_key(state: RandomState) -> jax.Array:
   return jax.random.fold_in(state.key, state.count)
 
 
-def _random_init(seed: int):
+def _random_init(key: KeyLike):
   def init(params):
     check_float_leaves(params)
-    return RandomState(
-        key=jax.random.PRNGKey(seed), count=jnp.zeros([], jnp.int32)
-    )
+    return RandomState(key=as_key(key), count=jnp.zeros([], jnp.int32))
 
   return init
 
 
 def _advance(state: RandomState) -> RandomState:
-  return RandomState(key=state.key, count=state.count + 1)
+  return RandomState(key=state.key, count=optax.safe_increment(state.count))
+
+
+# ----------------------------------------------------- flat-vector machinery
 
 
 def _split_like(flat: jax.Array, tree: PyTree) -> PyTree:
@@ -168,54 +211,60 @@ def _split_like(flat: jax.Array, tree: PyTree) -> PyTree:
 def _indexed_compressor(
     indices_fn: Callable[[RandomState, int], jax.Array],
     payload_fn: Callable[[int], int],
-    seed: int,
-    unique: bool,
+    key: KeyLike,
 ) -> Compressor:
-  """A compressor that keeps a shared set of flat indices (RBGS, Random-K).
+  """A compressor that keeps a shared set of flat indices (Random-K).
 
   ``indices_fn(state, d)`` returns the selected indices into the flattened
   tree; they depend only on the shared key and the step count, so every
   worker on every host selects the same ones and ``C`` is linear and shared:
   mean_k C(p_k) = C(mean_k p_k) is one all-reduce of the selected values.
+  Indices may repeat (Random-K draws with replacement), so no scatter or
+  gather here promises unique indices.
   """
 
   def select(tree, state):
-    flat, _ = _ravel(tree)
+    flat, _ = ravel_pytree(tree)
     d = flat.shape[0]
     idx = indices_fn(state, d)
-    values = flat.at[idx].get(unique_indices=unique, mode='promise_in_bounds')
+    values = flat.at[idx].get(mode='promise_in_bounds')
     # Scatter only into fresh zero buffers: XLA:CPU fuses a scatter into its
     # operand, and a scatter into the concatenated tree recomputed it per
     # index (17 ms instead of 1 ms per step on a 0.4M-value CNN).
-    mask = jnp.zeros(d, jnp.bool_).at[idx].set(True, unique_indices=unique)
+    mask = jnp.zeros(d, jnp.bool_).at[idx].set(True)
     return idx, values, _split_like(mask, tree)
 
-  def place(idx, values, d, tree):
-    dtype = jnp.result_type(*jax.tree.leaves(tree))
-    flat = jnp.zeros(d, dtype).at[idx].set(values.astype(dtype), unique_indices=unique)
+  def place(idx, values, tree):
+    # values are in the raveled tree's dtype (the leaves' promoted dtype).
+    flat = jnp.zeros(optax.tree.size(tree), values.dtype).at[idx].set(values)
     return jax.tree.map(lambda f, x: f.astype(jnp.result_type(x)), _split_like(flat, tree), tree)
 
   def compress(tree, state):
     idx, values, _ = select(tree, state)
-    return place(idx, values, sum(_leaf_sizes(tree)), tree)
+    return place(idx, values, tree)
 
   def aggregate(tree, state, axis_name=None):
     idx, values, mask = select(tree, state)
     mean_values = worker_mean(values, axis_name)  # the only collective: b values
-    mean_c = place(idx, mean_values, sum(_leaf_sizes(tree)), tree)
+    mean_c = place(idx, mean_values, tree)
     residual = jax.tree.map(lambda x, m: jnp.where(m, jnp.zeros_like(x), x), tree, mask)
     return mean_c, residual, _advance(state)
 
   def payload(params):
     return payload_fn(sum(_leaf_sizes(params)))
 
-  return Compressor(_random_init(seed), compress, aggregate, payload)
+  return Compressor(_random_init(key), compress, aggregate, payload)
 
 
 # --------------------------------------------------------------------- RBGS
 
 
-def rbgs(ratio: float, *, seed: int = 0, per_leaf: bool = False) -> Compressor:
+def rbgs(
+    ratio: float,
+    *,
+    key: KeyLike = 0,
+    per_leaf: bool = False,
+) -> Compressor:
   """Random block-wise gradient sparsification (RBGS).
 
   Each step keeps one circular block of b = ceil(d / ratio) consecutive values
@@ -225,7 +274,9 @@ def rbgs(ratio: float, *, seed: int = 0, per_leaf: bool = False) -> Compressor:
 
   Args:
     ratio: compression ratio d / b, >= 1 (1 keeps everything).
-    seed: seed of the shared block-selection key; must be equal on all workers.
+    key: the shared block-selection key, equal on all workers: an int seed s
+      (the key jax.random.PRNGKey(s)), a jax.random.key or a raw
+      jax.random.PRNGKey.
     per_leaf: if True, as in the authors' PyTorch code, each leaf gets its own
       circular block of max(1, floor(n_leaf / ratio)) values at its own shared
       random start; all leaf blocks still travel in one all-reduce.
@@ -237,8 +288,9 @@ def rbgs(ratio: float, *, seed: int = 0, per_leaf: bool = False) -> Compressor:
     Xu & Huang, ICML 2022, Section 3 and Algorithm 1.
   """
   ratio = check_ratio(ratio)
+  key = check_key(key)
   if per_leaf:
-    return _rbgs_per_leaf(ratio, seed)
+    return _rbgs_per_leaf(ratio, key)
 
   def block(tree, state):
     """The shared start s_t and, per leaf, each value's position in the block."""
@@ -311,7 +363,7 @@ def rbgs(ratio: float, *, seed: int = 0, per_leaf: bool = False) -> Compressor:
   def payload(params):
     return block_size(sum(_leaf_sizes(params)), ratio)
 
-  return Compressor(_random_init(seed), compress, aggregate, payload)
+  return Compressor(_random_init(key), compress, aggregate, payload)
 
 
 def per_leaf_block_sizes(params: PyTree, ratio: float) -> list[int]:
@@ -319,7 +371,7 @@ def per_leaf_block_sizes(params: PyTree, ratio: float) -> list[int]:
   return [max(1, int(n // ratio)) for n in _leaf_sizes(params)]
 
 
-def _rbgs_per_leaf(ratio: float, seed: int) -> Compressor:
+def _rbgs_per_leaf(ratio: float, key: KeyLike) -> Compressor:
   def leaf_indices(state, tree):
     sizes = _leaf_sizes(tree)
     blocks = [max(1, int(n // ratio)) for n in sizes]
@@ -369,29 +421,32 @@ def _rbgs_per_leaf(ratio: float, seed: int) -> Compressor:
   def payload(params):
     return sum(per_leaf_block_sizes(params, ratio))
 
-  return Compressor(_random_init(seed), compress, aggregate, payload)
+  return Compressor(_random_init(key), compress, aggregate, payload)
 
 
 # ------------------------------------------------------ comparison compressors
 
 
-def randomk(ratio: float, *, seed: int = 0) -> Compressor:
+def randomk(ratio: float, *, key: KeyLike = 0) -> Compressor:
   """Random-K: b = ceil(d / ratio) random coordinates from a shared key.
 
   Coordinates are drawn with replacement (a permutation of d values per step
   would cost O(d log d)); duplicates carry the same value, so C stays a linear
   projection shared by all workers, onto slightly fewer than b coordinates.
   All-reduce compatible but scattered in memory; for comparison with RBGS.
+
+  Args:
+    ratio: compression ratio d / b, >= 1.
+    key: the shared selection key, as in ``rbgs``.
   """
   ratio = check_ratio(ratio)
+  key = check_key(key)
 
   def indices(state, d):
     b = block_size(d, ratio)
     return jax.random.randint(_step_key(state), (b,), 0, d, dtype=jnp.int32)
 
-  return _indexed_compressor(
-      indices, lambda d: block_size(d, ratio), seed, unique=False
-  )
+  return _indexed_compressor(indices, lambda d: block_size(d, ratio), key)
 
 
 def topk(ratio: float) -> Compressor:
@@ -409,16 +464,16 @@ def topk(ratio: float) -> Compressor:
 
   def init(params):
     check_float_leaves(params)
-    return EmptyState()
+    return optax.EmptyState()
 
   def compress(tree, state):
     del state
-    flat, unravel = _ravel(tree)
+    flat, unravel = ravel_pytree(tree)
     idx = select(flat)
     return unravel(jnp.zeros_like(flat).at[idx].set(flat[idx]))
 
   def aggregate(tree, state, axis_name=None):
-    flat, unravel = _ravel(tree)
+    flat, unravel = ravel_pytree(tree)
     idx = select(flat)
     values = flat[idx]
     mask = jnp.zeros(flat.shape, jnp.bool_).at[idx].set(True, unique_indices=True)
@@ -453,7 +508,7 @@ def scaled(delta: float) -> Compressor:
 
   def init(params):
     check_float_leaves(params)
-    return EmptyState()
+    return optax.EmptyState()
 
   def compress(tree, state):
     del state
@@ -475,7 +530,7 @@ def identity() -> Compressor:
 
   def init(params):
     check_float_leaves(params)
-    return EmptyState()
+    return optax.EmptyState()
 
   def compress(tree, state):
     del state
@@ -515,13 +570,13 @@ def dense_warmup(compressor: Compressor, steps: int) -> Compressor:
   def compress(tree, state):
     return jax.lax.cond(
         state.count < steps,
-        lambda: dense.compress(tree, EmptyState()),
+        lambda: dense.compress(tree, optax.EmptyState()),
         lambda: compressor.compress(tree, state.inner),
     )
 
   def aggregate(tree, state, axis_name=None):
     def dense_branch():
-      mean_c, residual, _ = dense.aggregate(tree, EmptyState(), axis_name)
+      mean_c, residual, _ = dense.aggregate(tree, optax.EmptyState(), axis_name)
       return mean_c, residual, state.inner
 
     def compressed_branch():
@@ -530,6 +585,6 @@ def dense_warmup(compressor: Compressor, steps: int) -> Compressor:
     mean_c, residual, inner = jax.lax.cond(
         state.count < steps, dense_branch, compressed_branch
     )
-    return mean_c, residual, WarmupState(count=state.count + 1, inner=inner)
+    return mean_c, residual, WarmupState(count=optax.safe_increment(state.count), inner=inner)
 
   return Compressor(init, compress, aggregate, compressor.payload)

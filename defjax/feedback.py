@@ -50,10 +50,10 @@ def check_lam(lam) -> float:
   return float(lam)
 
 
-def _check_transformation(inner, name='inner'):
+def _check_transformation(inner):
   if not isinstance(inner, optax.GradientTransformation):
     raise ValueError(
-        f'{name} must be an optax.GradientTransformation, got {type(inner)}'
+        f'inner must be an optax.GradientTransformation, got {type(inner)}'
     )
 
 

@@ -27,25 +27,27 @@ import shlex
 import sys
 from collections.abc import Sequence
 
-from defjax import report
+from defjax import methods
+from defjax import results as results_lib
 
 MARKERS = {16: 'v', 64: 'o', 256: 's', 1024: '^'}
 
 
 def rows_of(setting: str, paths: Sequence[str]) -> list[dict]:
   """One row per (DEF or DEF-A, ratio, lam) of the setting's runs."""
-  runs, groups, _, scale = report._collect(paths)
+  collected = results_lib.collect(paths)
+  groups, scale = collected.groups, collected.scale
   sgd = groups.get(('SGD', 1, None))
-  sgd_cell = report._cell(sgd, scale) if sgd else None
+  sgd_cell = results_lib.cell(sgd, scale) if sgd else None
   rows = []
-  for (label, ratio, lam), results in sorted(groups.items(), key=lambda kv: (
+  for (label, ratio, lam), group in sorted(groups.items(), key=lambda kv: (
       kv[0][1], kv[0][2] or 0, kv[0][0])):
-    if label not in report.LAM_ROWS:
+    if label not in methods.LAM_LABELS:
       continue
-    cell = report._cell(results, scale)
-    steps = sorted({r.run.summary.get('steps') for r in results} - {None})
-    per_leaf = {bool(report._config_get(r.run.config, 'optim.per_leaf', False))
-                for r in results}
+    cell = results_lib.cell(group, scale)
+    steps = sorted({r.run.summary.get('steps') for r in group} - {None})
+    per_leaf = {bool(results_lib.config_get(r.run.config, 'optim.per_leaf', False))
+                for r in group}
     row = {
         'setting': setting, 'method': label, 'ratio': ratio, 'lam': lam,
         'layout': 'per-leaf' if per_leaf == {True} else (
@@ -63,7 +65,7 @@ def rows_of(setting: str, paths: Sequence[str]) -> list[dict]:
 
 
 def _fmt(value, spec):
-  return report._DASH if value is None else format(value, spec)
+  return results_lib.DASH if value is None else format(value, spec)
 
 
 def table_markdown(rows: list[dict]) -> str:
@@ -74,7 +76,7 @@ def table_markdown(rows: list[dict]) -> str:
     lines.append(
         f'| {r["setting"]} | {r["layout"]} | {r["method"]} | {_fmt(r["lam"], "g")} |'
         f' {r["ratio"]} | {_fmt(r["steps"], ",")} | {_fmt(r["sends_per_value"], ".1f")} |'
-        f' {r["sgd_text"] or report._DASH} | {r["accuracy_text"]} | {_fmt(r["gap"], "+.2f")} |')
+        f' {r["sgd_text"] or results_lib.DASH} | {r["accuracy_text"]} | {_fmt(r["gap"], "+.2f")} |')
   return '\n'.join(lines) + '\n'
 
 
@@ -93,7 +95,7 @@ def figure(rows: list[dict], path: pathlib.Path) -> None:
     ax.scatter(r['sends_per_value'], r['gap'], marker=MARKERS.get(r['ratio'], 'D'),
                s=44, color=colors[r['setting']] if filled else 'none',
                edgecolors=colors[r['setting']], linewidths=1.2)
-  ax.axhline(0.7, color='grey', ls='--', lw=0.8, label="the paper's 0.7 points")
+  ax.axhline(0.7, color='grey', ls='--', lw=0.8)
   ax.axvline(305, color='grey', ls=':', lw=0.8)
   ax.set_xscale('log')
   # Gaps span 0.1 to 80 points (lam 0 is EF); linear near 0, log above 2.

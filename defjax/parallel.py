@@ -21,7 +21,6 @@ from the same all-reduced block values and the same shared block indices.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from typing import Any, Callable, Optional, Sequence
 
@@ -40,17 +39,25 @@ LOCAL_AXIS = 'local'
 # when one participant is more than 40 s late (XLA's default for
 # xla_cpu_collective_call_terminate_timeout_seconds). Eight CPU devices on two
 # busy cores miss that easily, so a loaded machine killed correct runs. A late
-# thread is not a hang: wait for it. (Cross-process collectives keep their
-# own timeout, and jax.distributed's heartbeat still ends a run whose peer
-# died.)
+# thread is not a hang: wait for it, up to XLA's own limit for cross-process
+# collectives (30 minutes), so that a real deadlock still ends in an error.
+# (jax.distributed's heartbeat still ends a run whose peer died.)
+#
+# The other way to reach that timeout is a real deadlock: two multi-device
+# programs that do not depend on each other, both in flight (e.g. a mean of
+# every leaf of a per-worker tree, dispatched leaf by leaf), can interleave
+# their participants across the device threads so that neither rendezvous
+# completes (bench/cpu_collective_deadlock.py reproduces it). Programs that
+# consume each other's outputs are ordered, so the training program runs its
+# collectives as one program at a time (``run_alone``).
 CPU_COLLECTIVE_FLAGS = {
-    'xla_cpu_collective_call_terminate_timeout_seconds': 2**31 - 1,  # never
+    'xla_cpu_collective_call_terminate_timeout_seconds': 1800,
     'xla_cpu_collective_call_warn_stuck_timeout_seconds': 300,
 }
 
 
 def tolerate_slow_cpu_devices() -> None:
-  """Lets XLA:CPU collectives wait for arbitrarily late device threads.
+  """Lets XLA:CPU collectives wait up to 30 minutes for late device threads.
 
   Adds ``CPU_COLLECTIVE_FLAGS`` to ``XLA_FLAGS`` (a flag already set there
   wins). XLA reads the flags when the first backend starts, so call this
@@ -112,6 +119,24 @@ class WorkerLayout:
       return slice(0, 0)
     w = self.workers_per_device
     return slice(mine[0] * w, (mine[-1] + 1) * w)
+
+  def global_batch(self, local: np.ndarray, *, stacked: bool = False) -> jax.Array:
+    """A per-worker array of all K workers from this process's rows of it.
+
+    ``local`` holds the rows ``worker_rows()`` of a (K, ...) array, or of a
+    (n, K, ...) stack of n steps' arrays with ``stacked``; each device gets
+    its workers' rows, and no process reads another's.
+    """
+    lead = 1 if stacked else 0
+    rows = self.worker_rows()
+
+    def fill(index):  # one device's global worker rows -> this process's rows
+      start, stop, _ = index[lead].indices(self.num_workers)
+      return local[(slice(None),) * lead + (slice(start - rows.start, stop - rows.start),)]
+
+    shape = local.shape[:lead] + (self.num_workers,) + local.shape[lead + 1:]
+    sharding = self.per_step_and_worker if stacked else self.per_worker
+    return jax.make_array_from_callback(shape, sharding, fill)
 
 
 def make_layout(
@@ -197,20 +222,25 @@ _REDUCTIONS = ('psum', 'pmax', 'pmin', 'all_gather', 'reduce_scatter', 'psum_sca
                'all_to_all')
 
 
-def _collective_axes(jaxpr, found: list) -> list:
-  """The named axes of every cross-worker collective in ``jaxpr`` (recursively)."""
+def collective_eqns(jaxpr, manual: frozenset = frozenset()):
+  """Every cross-worker collective in ``jaxpr``, recursively.
+
+  Yields ``(axes, eqn, manual)``: the collective's named axes, its equation
+  (``eqn.invars`` are the operands) and the mesh axes made manual by the
+  ``shard_map``s around it inside ``jaxpr``.
+  """
   for eqn in jaxpr.eqns:
     if eqn.primitive.name in _REDUCTIONS:
       axes = eqn.params.get('axes', eqn.params.get('axis_name'))
       axes = axes if isinstance(axes, (tuple, list)) else (axes,)
-      found.append(tuple(a for a in axes if isinstance(a, str)))
+      yield tuple(a for a in axes if isinstance(a, str)), eqn, manual
+    inner = manual | frozenset(eqn.params.get('newly_manual_axes', ()))
     for value in eqn.params.values():
       for sub in value if isinstance(value, (tuple, list)) else (value,):
         if hasattr(sub, 'eqns'):
-          _collective_axes(sub, found)
+          yield from collective_eqns(sub, inner)
         elif hasattr(getattr(sub, 'jaxpr', None), 'eqns'):
-          _collective_axes(sub.jaxpr, found)
-  return found
+          yield from collective_eqns(sub.jaxpr, inner)
 
 
 def check_worker_collectives(tx, params, worker_opt_state, layout: WorkerLayout) -> None:
@@ -237,7 +267,7 @@ def check_worker_collectives(tx, params, worker_opt_state, layout: WorkerLayout)
         f'the transform uses a collective over an axis this layout lacks ({e});'
         f' build it with axis_name={layout.axis_name!r} (layout.axis_name)'
     ) from None
-  found = _collective_axes(jaxpr.jaxpr, [])
+  found = [axes for axes, _, _ in collective_eqns(jaxpr.jaxpr)]
   wrong = sorted({a for a in found if set(a) != set(axes)})
   hint = f'; build the transform with axis_name={layout.axis_name!r} (layout.axis_name)'
   if wrong:
@@ -334,16 +364,60 @@ def make_train_step(
   return jax.jit(step, donate_argnums=(0, 1, 2) if donate else ())
 
 
-def make_averaged_params(layout: WorkerLayout):
+def make_averaged_params():
   """``f(params, opt_state) -> y = x - mean_k e_k`` for stacked worker state.
 
-  One all-reduce of the error: for evaluation and export, not the step.
+  One all-reduce of the error: for evaluation and export, not the step. Needs
+  no layout: the stacked state's sharding tells XLA where the workers are.
   """
-  del layout  # the stacked state's sharding tells XLA where the workers are
   average = lambda p, s: feedback.averaged_params(p, s, axis_name='workers')
   return jax.jit(jax.vmap(average, in_axes=(None, 0), out_axes=None, axis_name='workers'))
 
 
-def num_params(tree) -> int:
-  """The number of values d in a pytree."""
-  return int(sum(math.prod(jnp.shape(x)) for x in jax.tree.leaves(tree)))
+def host_value(x) -> np.ndarray:
+  """A replicated (or host) array as numpy, also on a multi-process mesh.
+
+  An array replicated over processes but sharded within each (a parameter
+  sharded over the 'model' axis of ``sharded``'s mesh, whose workers' devices
+  are on one process) is put together from this process's shards.
+  """
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.asarray(x)
+  if x.sharding.is_fully_replicated:
+    return np.asarray(x.addressable_data(0))
+  out, covered = np.empty(x.shape, x.dtype), {}
+  for shard in x.addressable_shards:
+    key = tuple((s.start, s.stop) for s in shard.index)
+    if key not in covered:
+      out[shard.index] = np.asarray(shard.data)
+      covered[key] = shard.data.size
+  if sum(covered.values()) != x.size:
+    raise ValueError(f'this process holds only part of a {x.shape} array ({x.sharding})')
+  return out
+
+
+def all_finite(tree) -> bool:
+  """Whether every value of ``tree`` is finite, reduced on the devices.
+
+  Copying every worker's state to the host would move K times the model.
+  """
+  return bool(host_value(_all_finite(tree)))
+
+
+@jax.jit
+def _all_finite(tree):
+  # One program for the whole tree: leaf by leaf, each per-worker leaf's
+  # reduction would be a separate collective program (see run_alone).
+  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)] or
+                           [jnp.bool_(True)]))
+
+
+def run_alone(tree):
+  """Waits until ``tree`` is computed: no other program runs beside it.
+
+  Call it on the outputs of a multi-device program that nothing dispatched
+  next depends on (an evaluation's model, averaged statistics): XLA:CPU can
+  deadlock when two independent programs with collectives are in flight at
+  once (see ``CPU_COLLECTIVE_FLAGS``).
+  """
+  return jax.block_until_ready(tree)

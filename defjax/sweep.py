@@ -1,18 +1,18 @@
 r"""Run a grid of methods x ratios x seeds (x lam) from one base config.
 
-Each run is one ``train.py`` subprocess with its own workdir, so a sweep is
-resumable at two levels: a run whose ``summary.json`` exists (completed or
-diverged) is skipped, and an unfinished one is relaunched with the same
-command, which makes ``train.py`` resume from its own checkpoint. Runs are
-launched one after another: on a machine with few cores parallel runs would
-only share them.
+Each run is one ``python -m defjax.main`` subprocess with its own workdir, so
+a sweep is resumable at two levels: a run whose ``summary.json`` exists
+(completed or diverged) is skipped, and an unfinished one is relaunched with
+the same command, which makes the program resume from its own checkpoint.
+Runs are launched one after another (``defjax.launch``): on a machine with
+few cores parallel runs would only share them.
 
 Usage::
 
   python -m defjax.sweep --config configs/fashion_mnist.py \
       --out runs/sweep-fm --methods sgd,ef,def,saef,psync \
       --ratios 16,64,256,1024 --seeds 0,1,2 [--lams 0.2,0.3,0.6] \
-      [--set num_epochs=5 --set optim.lr=0.05 ...] [--train train.py] \
+      [--set num_epochs=5 --set optim.lr=0.05 ...] [--train SCRIPT] \
       [--dry-run]
 
 Workdirs are ``<out>/<method>-r<ratio>[-lam<lam>]-s<seed>``. SGD does not
@@ -20,7 +20,7 @@ compress, so it runs once per seed at ratio 1. ``lam`` only changes DEF and
 DEF-A (EF is lam = 0 and SAEF lam = 1 by definition), so only those methods
 are repeated over ``--lams``; without ``--lams`` the config's own lam is used
 and the name has no lam part. A def run yields both the DEF and the DEF-A
-result (see ``defjax.report``), so ``def_a`` rarely needs its own runs.
+result (see ``defjax.results``), so ``def_a`` rarely needs its own runs.
 
 ``<out>/sweep.json`` records the command line, the date, the machine, the
 package versions and every run's command and status; it is rewritten after
@@ -34,7 +34,6 @@ run failed, 130 when the sweep was interrupted.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import importlib.metadata
 import json
@@ -44,58 +43,14 @@ import platform
 import shlex
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 
-METHODS = ('sgd', 'ef', 'def', 'def_a', 'saef', 'psync')
-LAM_METHODS = ('def', 'def_a')  # the methods whose result depends on lam
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+from defjax import launch
+from defjax import methods as methods_lib
+from defjax.runfiles import FINISHED
+from defjax.runfiles import finished_status
 
-# train.py's exit codes.
-EXIT_COMPLETED = 0
-EXIT_BAD_CONFIG = 2
-EXIT_DIVERGED = 3
-EXIT_INTERRUPTED = 4
-_STATUS_BY_CODE = {
-    EXIT_COMPLETED: 'completed',
-    EXIT_BAD_CONFIG: 'bad_config',
-    EXIT_DIVERGED: 'diverged',
-    EXIT_INTERRUPTED: 'interrupted',
-}
-FINISHED = ('completed', 'diverged')
 _PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'numpy')
-
-
-@dataclasses.dataclass
-class Run:
-  """One cell of the grid: one train.py invocation and what became of it."""
-
-  method: str
-  ratio: int
-  lam: float | None
-  seed: int
-  name: str
-  workdir: pathlib.Path
-  command: list[str]
-  status: str = 'pending'
-  returncode: int | None = None
-  elapsed_s: float | None = None
-  launched: bool = False
-
-  def record(self) -> dict:
-    return {
-        'name': self.name,
-        'method': self.method,
-        'ratio': self.ratio,
-        'lam': self.lam,
-        'seed': self.seed,
-        'workdir': str(self.workdir),
-        'command': shlex.join(self.command),
-        'status': self.status,
-        'returncode': self.returncode,
-        'elapsed_s': self.elapsed_s,
-        'launched': self.launched,
-    }
 
 
 def run_name(method: str, ratio: int, lam: float | None, seed: int) -> str:
@@ -119,22 +74,23 @@ def expand_grid(
     seeds: Sequence[int],
     lams: Sequence[float] | None = None,
     overrides: Sequence[str] = (),
-    train: str | os.PathLike[str] = REPO_ROOT / 'train.py',
+    train: str | os.PathLike[str] | None = None,
     python: str = sys.executable,
-) -> list[Run]:
+) -> list[launch.Run]:
   """Lists the runs of a sweep, in launch order, with their commands.
 
   Args:
-    config: the base config file given to ``train.py --config``.
+    config: the base config file given to the program's ``--config``.
     out: the sweep directory; each run gets a workdir below it.
-    methods: names from ``METHODS``.
+    methods: names from ``defjax.methods.NAMES``.
     ratios: compression ratios; SGD ignores them and runs at ratio 1.
     seeds: one run per seed for every (method, ratio, lam).
     lams: lam values for DEF and DEF-A; None keeps the config's lam.
     overrides: ``key=value`` config overrides shared by all runs, e.g.
       ``num_epochs=5`` (a leading ``config.`` is accepted).
-    train: the training script.
-    python: the interpreter that runs it.
+    train: a training script to run instead of ``python -m defjax.main``
+      (it takes the same flags).
+    python: the interpreter that runs the program.
 
   Returns:
     The runs, seed-major so that a partial sweep already covers the whole grid
@@ -143,9 +99,9 @@ def expand_grid(
   Raises:
     ValueError: on an unknown method, a ratio below 1 or a malformed override.
   """
-  unknown = [m for m in methods if m not in METHODS]
+  unknown = [m for m in methods if m not in methods_lib.NAMES]
   if unknown:
-    raise ValueError(f'unknown methods {unknown}; known: {", ".join(METHODS)}')
+    raise ValueError(f'unknown methods {unknown}; known: {", ".join(methods_lib.NAMES)}')
   if any(r < 1 for r in ratios):
     raise ValueError(f'ratios must be >= 1, got {list(ratios)}')
   sets = []
@@ -156,14 +112,15 @@ def expand_grid(
       raise ValueError(f'--set expects key=value, got {item!r}')
     sets.append(f'--config.{key}={value}')
   out = pathlib.Path(out).resolve()
-  base = [python, str(pathlib.Path(train).resolve()),
-          '--config', _absolute_config(config)]
+  program = ([python, '-m', 'defjax.main'] if train is None
+             else [python, str(pathlib.Path(train).resolve())])
+  base = program + ['--config', _absolute_config(config)]
 
   runs, seen = [], set()
   for seed in seeds:
     for method in methods:
       method_ratios = [1] if method == 'sgd' else ratios
-      method_lams = lams if (lams and method in LAM_METHODS) else [None]
+      method_lams = lams if (lams and method in methods_lib.LAM_NAMES) else [None]
       for ratio in method_ratios:
         for lam in method_lams:
           name = run_name(method, ratio, lam, seed)
@@ -182,23 +139,13 @@ def expand_grid(
           # Shared overrides come last; they cannot silently undo the grid
           # because a grid key given twice is the user's explicit choice.
           command += sets
-          runs.append(Run(method, ratio, lam, seed, name, workdir, command))
+          runs.append(
+              launch.Run(method, ratio, lam, seed, name, workdir, command))
   return runs
 
 
-def finished_status(workdir: pathlib.Path) -> str | None:
-  """The status in ``workdir/summary.json``; None for an unfinished run."""
-  try:
-    summary = json.loads((workdir / 'summary.json').read_text())
-  except FileNotFoundError:
-    return None
-  except (OSError, json.JSONDecodeError):
-    return None  # a summary cut off mid-write: the run did not finish
-  return summary.get('status', 'completed')
-
-
-def environment() -> dict:
-  """The machine and package versions, for the record."""
+def environment(cwd: str | os.PathLike[str] | None = None) -> dict:
+  """The machine, the package versions and the commit of ``cwd``'s checkout."""
   versions = {}
   for package in _PACKAGES:
     try:
@@ -207,10 +154,10 @@ def environment() -> dict:
       versions[package] = None
   try:
     commit = subprocess.run(
-        ['git', 'rev-parse', 'HEAD'], cwd=REPO_ROOT, capture_output=True,
+        ['git', 'rev-parse', 'HEAD'], cwd=cwd, capture_output=True,
         text=True, timeout=10, check=True).stdout.strip()
     dirty = bool(subprocess.run(
-        ['git', 'status', '--porcelain'], cwd=REPO_ROOT, capture_output=True,
+        ['git', 'status', '--porcelain'], cwd=cwd, capture_output=True,
         text=True, timeout=10, check=True).stdout.strip())
   except (OSError, subprocess.SubprocessError):
     commit, dirty = None, None
@@ -227,124 +174,11 @@ def environment() -> dict:
   }
 
 
-def _format_elapsed(seconds: float) -> str:
-  seconds = int(seconds)
-  h, rem = divmod(seconds, 3600)
-  m, s = divmod(rem, 60)
-  return f'{h}:{m:02d}:{s:02d}' if h else f'{m:02d}:{s:02d}'
+def _config_dir(runs: list[launch.Run]) -> str | None:
+  return str(pathlib.Path(launch.config_path(runs[0].command)).parent) if runs else None
 
 
-def _last_metrics(workdir: pathlib.Path) -> dict | None:
-  """The last complete line of metrics.jsonl, read from the end of the file."""
-  try:
-    with open(workdir / 'metrics.jsonl', 'rb') as f:
-      f.seek(0, os.SEEK_END)
-      f.seek(max(0, f.tell() - 4096))
-      lines = f.read().splitlines()
-  except OSError:
-    return None
-  for line in reversed(lines):
-    try:
-      return json.loads(line)
-    except ValueError:
-      continue  # the line being written, or the tail of a cut-off one
-  return None
-
-
-def _progress_detail(workdir: pathlib.Path) -> str:
-  last = _last_metrics(workdir)
-  if not last:
-    return ''
-  parts = []
-  if isinstance(last.get('step'), int):
-    parts.append(f'step {last["step"]}')
-  if isinstance(last.get('epoch'), (int, float)):
-    parts.append(f'epoch {last["epoch"]:.3g}')
-  if isinstance(last.get('test_accuracy'), (int, float)):
-    parts.append(f'test accuracy {last["test_accuracy"]:.4g}')
-  return ', '.join(parts)
-
-
-class _Progress:
-  """One line per run; on a terminal the running line updates in place."""
-
-  def __init__(self, total: int, stream):
-    self._total = total
-    self._stream = stream
-    self._live = stream.isatty()
-    self._width = len(str(total))
-
-  def _prefix(self, index: int, run: Run) -> str:
-    return f'[{index:>{self._width}}/{self._total}] {run.name}'
-
-  def update(self, index: int, run: Run, elapsed: float, detail: str = ''):
-    if not self._live:
-      return
-    line = f'{self._prefix(index, run)}  running {_format_elapsed(elapsed)}'
-    if detail:
-      line += f'  ({detail})'
-    self._stream.write('\r\033[K' + line)
-    self._stream.flush()
-
-  def start(self, index: int, run: Run):
-    if self._live:
-      self.update(index, run, 0.0)
-    else:
-      print(f'{self._prefix(index, run)}  running', file=self._stream,
-            flush=True)
-
-  def done(self, index: int, run: Run, detail: str = ''):
-    line = f'{self._prefix(index, run)}  {run.status}'
-    if run.elapsed_s is not None:
-      line += f' {_format_elapsed(run.elapsed_s)}'
-    if detail:
-      line += f'  ({detail})'
-    if self._live:
-      self._stream.write('\r\033[K')
-    print(line, file=self._stream, flush=True)
-
-
-def _launch(run: Run, index: int, progress: _Progress, poll_s: float) -> None:
-  """Runs one train.py to its end, its output appended to ``log.txt``."""
-  run.workdir.mkdir(parents=True, exist_ok=True)
-  progress.start(index, run)
-  run.launched = True
-  start = time.monotonic()
-  # Append: a resumed run keeps the log of its earlier attempts.
-  with open(run.workdir / 'log.txt', 'ab') as log:
-    log.write(f'\n$ {shlex.join(run.command)}\n'.encode())
-    log.flush()
-    # Unbuffered, so that log.txt is current while the run is going.
-    env = dict(os.environ, PYTHONUNBUFFERED='1')
-    proc = subprocess.Popen(run.command, cwd=REPO_ROOT, stdout=log,
-                            stderr=subprocess.STDOUT, env=env)
-    try:
-      while proc.poll() is None:
-        try:
-          proc.wait(timeout=poll_s)
-        except subprocess.TimeoutExpired:
-          progress.update(index, run, time.monotonic() - start,
-                          _progress_detail(run.workdir))
-    except KeyboardInterrupt:
-      # The child got the same SIGINT; let it checkpoint and exit 4.
-      try:
-        proc.wait(timeout=60)
-      except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-      run.returncode = proc.returncode
-      run.status = 'interrupted'
-      run.elapsed_s = round(time.monotonic() - start, 1)
-      raise
-  run.returncode = proc.returncode
-  run.elapsed_s = round(time.monotonic() - start, 1)
-  run.status = _STATUS_BY_CODE.get(proc.returncode, 'failed')
-  if run.status in FINISHED and finished_status(run.workdir) is None:
-    # Exit code and summary.json disagree; a rerun would redo it, so say so.
-    run.status = 'failed'
-
-
-def _write_record(path: pathlib.Path, header: dict, runs: list[Run],
+def _write_record(path: pathlib.Path, header: dict, runs: list[launch.Run],
                   previous: dict | None = None) -> None:
   # Several grids may share one --out (a queue adds a second seed later): keep
   # the other grids' runs and commands instead of forgetting them.
@@ -363,7 +197,7 @@ def _write_record(path: pathlib.Path, header: dict, runs: list[Run],
 
 
 def run_sweep(
-    runs: list[Run],
+    runs: list[launch.Run],
     out: str | os.PathLike[str],
     *,
     argv: Sequence[str] = (),
@@ -388,7 +222,7 @@ def run_sweep(
   """
   out = pathlib.Path(out)
   stream = stream or sys.stdout
-  progress = _Progress(len(runs), stream)
+  progress = launch.Progress(len(runs), stream)
   todo = []
   for run in runs:
     status = finished_status(run.workdir)
@@ -409,7 +243,7 @@ def run_sweep(
       'cwd': os.getcwd(),
       'date': datetime.datetime.now().astimezone().isoformat(
           timespec='seconds'),
-      **environment(),
+      **environment(_config_dir(runs)),
   }
   todo_names = {r.name for r in todo}
   record_path = out / 'sweep.json'
@@ -420,7 +254,7 @@ def run_sweep(
       progress.done(index, run, 'finished earlier, skipped')
       continue
     try:
-      _launch(run, index, progress, poll_s)
+      launch.launch(run, index, progress, poll_s)
     except KeyboardInterrupt:
       progress.done(index, run)
       _write_record(record_path, header, runs, previous)
@@ -428,7 +262,7 @@ def run_sweep(
             file=stream, flush=True)
       return 130
     detail = (f'exit code {run.returncode}, see {run.workdir / "log.txt"}'
-              if run.status not in FINISHED else _progress_detail(run.workdir))
+              if run.status not in FINISHED else launch.progress_detail(run.workdir))
     progress.done(index, run, detail)
     _write_record(record_path, header, runs, previous)
 
@@ -441,7 +275,7 @@ def run_sweep(
   return 1 if failed else 0
 
 
-def _warn_if_base_changed(record_path: pathlib.Path, runs: list[Run],
+def _warn_if_base_changed(record_path: pathlib.Path, runs: list[launch.Run],
                           stream) -> dict | None:
   """Warns about runs whose command changed; returns the previous record."""
   # A workdir is recognised by its name only, so resuming into an --out made
@@ -476,14 +310,14 @@ def _str_list(text: str) -> list[str]:
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
       prog='python -m defjax.sweep',
-      description='Run a grid of methods x ratios x seeds (x lam) of train.py, '
-                  'one workdir per run, skipping finished runs.')
+      description='Run a grid of methods x ratios x seeds (x lam) of the '
+                  'training program, one workdir per run, skipping finished runs.')
   parser.add_argument('--config', required=True,
                       help='base config file, as for train.py --config')
   parser.add_argument('--out', required=True,
                       help='sweep directory; one workdir per run below it')
   parser.add_argument('--methods', type=_str_list, required=True,
-                      help=f'comma-separated, from {",".join(METHODS)}')
+                      help=f'comma-separated, from {",".join(methods_lib.NAMES)}')
   parser.add_argument('--ratios', type=_int_list, default=[1],
                       help='comma-separated compression ratios (SGD uses 1)')
   parser.add_argument('--seeds', type=_int_list, default=[0],
@@ -495,8 +329,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                       metavar='KEY=VALUE',
                       help='config override for every run, e.g. '
                            'num_epochs=5 (repeatable)')
-  parser.add_argument('--train', default=str(REPO_ROOT / 'train.py'),
-                      help='training script (default: %(default)s)')
+  parser.add_argument('--train', default=None,
+                      help='a training script taking the same flags, run '
+                           'instead of python -m defjax.main')
   parser.add_argument('--dry-run', action='store_true',
                       help='print the commands of unfinished runs and exit')
   return parser.parse_args(argv)
@@ -505,7 +340,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
   """The command line entry point; returns the exit code."""
   args = parse_args(sys.argv[1:] if argv is None else argv)
-  if not pathlib.Path(args.train).is_file():
+  if args.train is not None and not pathlib.Path(args.train).is_file():
     print(f'error: no training script at {args.train}', file=sys.stderr)
     return 2
   config_path = args.config.partition(':')[0]

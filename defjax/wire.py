@@ -3,7 +3,8 @@
 The claim "only the b block values are all-reduced" is checked on the
 program XLA actually runs, not on the Python source: ``collectives`` parses
 the optimized HLO of a compiled step and lists every cross-device collective
-with its payload.
+with its payload; ``transfers`` adds which mesh axes each one's device groups
+span (on a ('data', 'model') mesh: across workers, inside a worker, or both).
 """
 
 from __future__ import annotations
@@ -77,6 +78,68 @@ def collectives(compiled) -> list[Collective]:
   return found
 
 
+_GROUPS_LIST = re.compile(r'replica_groups=\{((?:\{[\d,]*\},?)*)\}')
+_GROUPS_IOTA = re.compile(
+    r'replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?')
+
+
+def replica_groups(line: str, num_devices: int) -> list[list[int]]:
+  """The device groups of one HLO collective line (explicit or iota form)."""
+  m = _GROUPS_IOTA.search(line)
+  if m:
+    groups, size = int(m.group(1)), int(m.group(2))
+    dims = [int(d) for d in m.group(3).split(',')]
+    ids = np.arange(math.prod(dims)).reshape(dims)
+    if m.group(4):
+      ids = ids.transpose([int(p) for p in m.group(4).split(',')])
+    return ids.reshape(groups, size).tolist()
+  m = _GROUPS_LIST.search(line)
+  if m:
+    groups = [[int(i) for i in g.split(',') if i]
+              for g in re.findall(r'\{([\d,]*)\}', m.group(1))]
+    groups = [g for g in groups if g]
+    if groups:
+      return groups
+  return [list(range(num_devices))]  # replica_groups={} (or absent): everyone
+
+
+@dataclasses.dataclass(frozen=True)
+class Transfer:
+  """One collective of a compiled program and the mesh axes its groups span."""
+
+  collective: Collective
+  axes: tuple[str, ...]
+
+  def spans(self, axis: str) -> bool:
+    """Whether some group of this collective has devices at two positions on ``axis``."""
+    return axis in self.axes
+
+
+def transfers(compiled, mesh) -> list[Transfer]:
+  """Every collective of a program compiled on ``mesh``, with the axes it spans.
+
+  Device ids in the groups are positions in the mesh (the program's device
+  assignment), row-major over ``mesh.axis_names``.
+
+  Args:
+    compiled: a compiled program or its HLO text.
+    mesh: the ``jax.sharding.Mesh`` it was compiled for (anything with an
+      ordered ``shape`` mapping axis names to sizes).
+  """
+  names, sizes = tuple(mesh.shape), tuple(mesh.shape.values())
+  out = []
+  for line in _hlo_text(compiled).splitlines():
+    found = collectives(line)
+    if not found:
+      continue
+    spanned = set()
+    for group in replica_groups(line, math.prod(sizes)):
+      coords = np.unravel_index(np.asarray(group), sizes)
+      spanned |= {n for n, c in zip(names, coords) if len(set(c.tolist())) > 1}
+    out.append(Transfer(found[0], tuple(n for n in names if n in spanned)))
+  return out
+
+
 def all_reduce_elements(compiled, *, min_elements: int = 1) -> list[int]:
   """Sizes (in elements) of all-reduces of at least ``min_elements`` values."""
   return sorted(
@@ -88,3 +151,13 @@ def all_reduce_elements(compiled, *, min_elements: int = 1) -> list[int]:
 def payload_bytes(compiled) -> int:
   """Total bytes produced by the collectives of one run of the program."""
   return int(np.sum([c.bytes for c in collectives(compiled)], dtype=np.int64))
+
+
+def bytes_per_step(payload: int, model_state: int = 0, *, bytes_per_value: int = 4) -> int:
+  """Bytes one worker all-reduces per step, as the compiled step does.
+
+  ``payload`` values of the update (the RBGS blocks; all d for SGD), the
+  ``model_state`` values synced every step (batch-norm statistics) and the
+  mean loss. ``bench/wire_bytes.py`` checks this against the HLO.
+  """
+  return bytes_per_value * (payload + model_state + 1)

@@ -13,7 +13,7 @@ import pytest
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from bench import cluster_projection, common, compressor_cost, overhead, run_all, wire_bytes  # noqa: E402
-from defjax import netmodel  # noqa: E402
+from bench import netmodel  # noqa: E402
 
 
 @pytest.mark.parametrize('method,ratio', [('def', 64), ('sgd', 1)])

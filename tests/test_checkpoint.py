@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 
 from defjax import checkpoint as ckpt
+from defjax import runfiles
+from defjax import task
 from defjax import trainer
 from configs import default
 from test_trainer import override, tiny_config
@@ -95,11 +97,15 @@ def test_sigterm_saves_exits_cleanly_and_resumes(tiny_folder, reference, tmp_pat
   proc = _start_and_wait_for_checkpoint(args, workdir, EVERY)
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=120)
-  assert proc.returncode == trainer.EXIT_INTERRUPTED, err[-3000:]
+  assert proc.returncode == runfiles.EXIT_INTERRUPTED, err[-3000:]
   assert 'received SIGTERM: saved a checkpoint at step' in err
   assert 'Traceback' not in err
-  saved = ckpt.manager(str(workdir / 'checkpoints'), max_to_keep=2).latest_step()
+  mngr = ckpt.manager(str(workdir / 'checkpoints'), max_to_keep=2)
+  saved, meta = ckpt.latest_meta(mngr)
   assert EVERY <= saved < STEPS
+  # The input pipeline's iterator state travels with the checkpoint: the
+  # next step to read, which the resumed iterator starts from.
+  assert meta['data_state'] == {'step': saved}
   resumed = _run(args)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   _same_result(workdir, reference)
@@ -124,7 +130,7 @@ def test_fingerprint_covers_what_the_trajectory_depends_on():
                      ('optim.warmup_epochs', 1.0), ('optim.dense_warmup_steps', 7),
                      ('optim.block_seed', 3), ('sync_batch_stats', False),
                      ('crop_padding', 4), ('flip', True), ('num_epochs', 99),
-                     ('num_train_steps', 99)]:
+                     ('num_train_steps', 99), ('model_axis_size', 2)]:
     config = override(copy.deepcopy(base), **{key: value})
     with pytest.raises(ckpt.CheckpointMismatch, match=re.escape(key + ': checkpoint')):
       ckpt.compare(saved, ckpt.fingerprint(config))
@@ -185,7 +191,7 @@ def test_full_disk_during_save_is_a_clear_error(tiny_folder, tmp_path, monkeypat
 def test_nan_in_one_worker_is_divergence_and_spares_checkpoints(tiny_folder, tmp_path,
                                                                 monkeypatch):
   bad_step, bad_worker = 7, 3  # the 8th step, one worker of eight
-  make = trainer._make_loss_fn
+  make = task.make_loss_fn
 
   def poisoned(model, info, config):
     loss_fn = make(model, info, config)
@@ -197,7 +203,7 @@ def test_nan_in_one_worker_is_divergence_and_spares_checkpoints(tiny_folder, tmp
       return jnp.where(hit, jnp.nan, 1.0) * loss, stats
     return wrapped
 
-  monkeypatch.setattr(trainer, '_make_loss_fn', poisoned)
+  monkeypatch.setattr(task, 'make_loss_fn', poisoned)
   config = tiny_config(tiny_folder, num_train_steps=12, checkpoint_every_steps=4,
                        eval_every_steps=4)
   with pytest.raises(trainer.Diverged) as e:

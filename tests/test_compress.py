@@ -1,10 +1,12 @@
 """Compressors: linearity, block selection, coverage, comparison compressors."""
 
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import defjax
@@ -29,9 +31,9 @@ def _state_at(compressor, params, step):
 
 
 LINEAR = {
-    'rbgs': lambda: defjax.rbgs(7, seed=3),
-    'rbgs_per_leaf': lambda: defjax.rbgs(7, seed=3, per_leaf=True),
-    'randomk': lambda: defjax.randomk(7, seed=3),
+    'rbgs': lambda: defjax.rbgs(7, key=3),
+    'rbgs_per_leaf': lambda: defjax.rbgs(7, key=3, per_leaf=True),
+    'randomk': lambda: defjax.randomk(7, key=3),
     'scaled': lambda: defjax.scaled(0.25),
     'identity': defjax.identity,
 }
@@ -67,7 +69,7 @@ def test_linear_and_shared(name):
 def test_rbgs_first_step_block_values():
   """The kept values are exactly the circular block at the shared start."""
   ratio, seed = 10, 5
-  c = defjax.rbgs(ratio, seed=seed)
+  c = defjax.rbgs(ratio, key=seed)
   params = mlp_params()
   d = _flat(params).size
   b = math.ceil(d / ratio)
@@ -88,7 +90,7 @@ def test_rbgs_first_step_block_values():
 def test_rbgs_block_wraps_around():
   """A block starting near the end continues at index 0 (no clamping)."""
   d, ratio = 20, 4  # b = 5
-  c = defjax.rbgs(ratio, seed=0)
+  c = defjax.rbgs(ratio, key=0)
   params = {'v': jnp.zeros(d)}
   for step in range(200):
     state = _state_at(c, params, step)
@@ -115,7 +117,7 @@ def test_uniform_coverage(per_leaf):
   """
   params = {'a': jnp.zeros((6, 5)), 'b': jnp.zeros(20)}  # d = 50
   ratio, T = 5, 4000
-  c = defjax.rbgs(ratio, seed=11, per_leaf=per_leaf)
+  c = defjax.rbgs(ratio, key=11, per_leaf=per_leaf)
   state = c.init(params)
   ones = jax.tree.map(jnp.ones_like, params)
 
@@ -139,7 +141,7 @@ def test_uniform_coverage(per_leaf):
 
 def test_all_workers_select_the_same_block():
   """Identity 6: the block depends on the shared seed and step, not the worker."""
-  c = defjax.rbgs(16, seed=2)
+  c = defjax.rbgs(16, key=2)
   params = mlp_params()
   stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
   # Every worker initialises and carries its own state, from its own values:
@@ -205,7 +207,7 @@ def test_topk_keeps_largest_and_aggregates():
 
 
 def test_randomk_selects_shared_random_coordinates():
-  c = defjax.randomk(4, seed=9)
+  c = defjax.randomk(4, key=9)
   params = {'v': jnp.zeros(400)}
   kept0 = np.asarray(c.compress({'v': jnp.ones(400)}, _state_at(c, params, 0))['v'])
   kept1 = np.asarray(c.compress({'v': jnp.ones(400)}, _state_at(c, params, 1))['v'])
@@ -244,8 +246,8 @@ def test_dense_warmup_then_blocks():
   """dense_warmup: C = identity for the first steps (nothing left behind),
   then the wrapped compressor, continuing its own step count."""
   params = mlp_params()
-  c = compress_lib.dense_warmup(defjax.rbgs(10, seed=1), 2)
-  plain = defjax.rbgs(10, seed=1)
+  c = defjax.dense_warmup(defjax.rbgs(10, key=1), 2)
+  plain = defjax.rbgs(10, key=1)
   state = c.init(params)
   ps = jax.tree.map(lambda *xs: jnp.stack(xs), *[_tree(40 + k) for k in range(K)])
   agg = jax.jit(jax.vmap(c.aggregate, in_axes=(0, None, None), axis_name='w'), static_argnums=2)
@@ -263,4 +265,148 @@ def test_dense_warmup_then_blocks():
       assert np.count_nonzero(got) == plain.payload(params)
     state = jax.tree.map(lambda x: x[0], states)
   with pytest.raises(ValueError, match='steps'):
-    compress_lib.dense_warmup(defjax.rbgs(4), -1)
+    defjax.dense_warmup(defjax.rbgs(4), -1)
+
+
+# ------------------------------------------------------------ keys and state
+
+
+@pytest.mark.parametrize('per_leaf', [False, True])
+def test_every_key_form_gives_the_int_seeds_blocks(per_leaf):
+  """An int seed s, PRNGKey(s) and jax.random.key(s) select the same blocks, bit for bit: the state holds PRNGKey(s) in every case,
+  the key the committed runs drew their blocks from."""
+  params = mlp_params()
+  a = _tree(5)
+  for s in (0, 7):
+    forms = {
+        'int': defjax.rbgs(9, key=s, per_leaf=per_leaf),
+        'numpy int': defjax.rbgs(9, key=np.int64(s), per_leaf=per_leaf),
+        'raw key': defjax.rbgs(9, key=jax.random.PRNGKey(s), per_leaf=per_leaf),
+        'typed key': defjax.rbgs(9, key=jax.random.key(s), per_leaf=per_leaf),
+    }
+    if s == 0:
+      forms['default'] = defjax.rbgs(9, per_leaf=per_leaf)
+    expected = None
+    for name, c in forms.items():
+      state = c.init(params)
+      np.testing.assert_array_equal(state.key, jax.random.PRNGKey(s), err_msg=name)
+      assert jax.typeof(state.key) == jax.typeof(jax.random.PRNGKey(s)), name
+      kept = [_flat(c.compress(a, _state_at(c, params, t))) for t in range(20)]
+      if expected is None:
+        expected = kept
+      for t, (got, want) in enumerate(zip(kept, expected)):
+        np.testing.assert_array_equal(got, want, err_msg=f'{name}, step {t}')
+
+
+def test_randomk_key_forms_agree():
+  params = {'v': jnp.zeros(300)}
+  ones = {'v': jnp.ones(300)}
+  kept = [np.asarray(c.compress(ones, _state_at(c, params, 3))['v'])
+          for c in (defjax.randomk(4, key=2), defjax.randomk(4, key=jax.random.key(2)),
+                    defjax.randomk(4, key=jax.random.PRNGKey(2)))]
+  np.testing.assert_array_equal(kept[0], kept[1])
+  np.testing.assert_array_equal(kept[0], kept[2])
+
+
+@pytest.mark.parametrize('factory', [
+    lambda: defjax.rbgs(4, key=True), lambda: defjax.rbgs(4, key=1.5),
+    lambda: defjax.rbgs(4, key='0'), lambda: defjax.rbgs(4, key=jnp.zeros(3, jnp.uint32)),
+    lambda: defjax.rbgs(4, key=jnp.zeros(2, jnp.int32)),
+    lambda: defjax.rbgs(4, key=jax.random.split(jax.random.key(0), 2)),
+    lambda: defjax.rbgs(4, key=jax.random.key(0, impl='rbg')),
+    lambda: defjax.rbgs(4, key=None), lambda: defjax.randomk(4, key=None),
+])
+def test_bad_keys(factory):
+  with pytest.raises(ValueError, match='key'):
+    factory()
+
+
+def test_as_key_is_the_raw_key_of_every_form():
+  """compress.as_key, what a compressor's init (also sharded.rbgs's) keeps."""
+  from defjax import compress
+  for key in (7, np.int64(7), jax.random.PRNGKey(7), jax.random.key(7)):
+    raw = compress.as_key(key)
+    np.testing.assert_array_equal(raw, jax.random.PRNGKey(7))
+    assert jax.typeof(raw) == jax.typeof(jax.random.PRNGKey(7))
+    assert compress.check_key(key) is key
+  with pytest.raises(ValueError, match='key'):
+    compress.as_key(jnp.zeros(3, jnp.uint32))
+
+
+STATEFUL = {
+    **LINEAR,
+    'topk': lambda: defjax.topk(7),
+    'dense_warmup': lambda: defjax.dense_warmup(defjax.rbgs(7, key=3), 1),
+}
+
+
+@pytest.mark.parametrize('name', STATEFUL)
+def test_state_types_unchanged_by_aggregate(name):
+  """jit'd aggregate keeps every state leaf's type (counters stay int32)."""
+  c = STATEFUL[name]()
+  params = mlp_params()
+  state = c.init(params)
+  types = jax.tree.map(jax.typeof, state)
+  aggregate = jax.jit(c.aggregate)
+  for t in range(2):
+    _, _, state = aggregate(_tree(t), state)
+    assert jax.tree.map(jax.typeof, state) == types
+
+
+def test_step_counters_saturate():
+  """optax.safe_increment: the step count stops at int32's max, never wraps."""
+  top = jnp.iinfo(jnp.int32).max
+  params = {'w': jnp.ones(8)}
+  c = defjax.rbgs(4)
+  state = c.init(params)._replace(count=jnp.asarray(top, jnp.int32))
+  _, _, state = c.aggregate(params, state)
+  assert state.count.dtype == jnp.int32 and int(state.count) == top
+  w = defjax.dense_warmup(c, 1)
+  state = w.init(params)._replace(count=jnp.asarray(top, jnp.int32))
+  _, _, state = w.aggregate(params, state)
+  assert state.count.dtype == jnp.int32 and int(state.count) == top
+
+
+@pytest.mark.parametrize('factory', [defjax.identity, lambda: defjax.scaled(0.5),
+                                     lambda: defjax.topk(4)])
+def test_deterministic_compressors_hold_optax_empty_state(factory):
+  state = factory().init(mlp_params())
+  assert isinstance(state, optax.EmptyState)
+  assert jax.tree.leaves(state) == []
+
+
+def test_mixed_dtype_trees():
+  """Random-K and Top-K ravel a float32 + bfloat16 tree in float32 (the
+  promoted dtype, jax.flatten_util's convention) and give each leaf back in
+  its own dtype."""
+  tree = {'a': jax.random.normal(jax.random.PRNGKey(0), (40,)),
+          'b': jax.random.normal(jax.random.PRNGKey(1), (24,)).astype(jnp.bfloat16)}
+  flat = np.concatenate([np.asarray(tree['a']), np.asarray(tree['b'], np.float32)])
+  for c in (defjax.topk(8), defjax.randomk(8, key=4)):
+    state = c.init(tree)
+    kept = c.compress(tree, state)
+    mean_c, residual, _ = jax.jit(c.aggregate)(tree, state)
+    for out in (kept, mean_c, residual):
+      assert jax.tree.map(lambda x: x.dtype, out) == jax.tree.map(lambda x: x.dtype, tree)
+    got = np.concatenate([np.asarray(kept['a']), np.asarray(kept['b'], np.float32)])
+    nz = np.flatnonzero(got)
+    np.testing.assert_array_equal(got[nz], flat[nz])  # bfloat16 -> float32 is exact
+    assert 0 < nz.size <= 8
+    assert_trees_close(mean_c, kept)
+    np.testing.assert_array_equal(  # C(p) + (p - C(p)) = p exactly
+        np.concatenate([np.asarray(x, np.float32).ravel()
+                        for x in jax.tree.leaves(jax.tree.map(jnp.add, mean_c, residual))]),
+        flat)
+    if isinstance(state, optax.EmptyState):  # Top-K: the largest |values| of the tree
+      np.testing.assert_array_equal(nz, np.sort(np.argsort(-np.abs(flat))[:8]))
+
+
+@pytest.mark.parametrize('name', STATEFUL)
+def test_payload_of_abstract_params(name):
+  """payload sizes a jax.eval_shape tree as it sizes the arrays (no warning:
+  jnp.size, hence optax.tree.size, deprecates ShapeDtypeStruct leaves)."""
+  c = STATEFUL[name]()
+  params = mlp_params()
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    assert c.payload(jax.eval_shape(lambda: params)) == c.payload(params)

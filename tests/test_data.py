@@ -1,9 +1,13 @@
-"""Tests for defjax.data: loaders, per-worker batch order, augmentation."""
+"""Tests for defjax.data's sources, cache, batch order and augmentation.
+
+The grain pipeline over them is tested in test_data_pipeline.py.
+"""
 
 import gzip
 import pathlib
 import tarfile
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,7 +35,7 @@ FASHION_MNIST = pathlib.Path(data.FASHION_MNIST_DIR)
 def _private_cache(tmp_path, monkeypatch):
   """Each test gets an empty cache, on disk and in memory."""
   monkeypatch.setenv('DEFJAX_CACHE', str(tmp_path / 'cache'))
-  monkeypatch.setattr(data, '_MEMO', type(data._MEMO)())
+  monkeypatch.setattr(data.cache, '_MEMO', type(data.cache._MEMO)())
 
 
 def idx_bytes(array):
@@ -128,7 +132,7 @@ def test_real_fashion_mnist():
 
 def test_missing_fashion_mnist_says_how_to_get_it(tmp_path, monkeypatch):
   # A URL that fails at once, so the test never waits on the network.
-  monkeypatch.setattr(data, 'FASHION_MNIST_URL', f'file://{tmp_path}/nowhere/')
+  monkeypatch.setattr(data.fashion_mnist, 'URL', f'file://{tmp_path}/nowhere/')
   (tmp_path / 'empty').mkdir()
   with pytest.raises(FileNotFoundError) as error:
     data.load('fashion_mnist', str(tmp_path / 'empty'), split='train')
@@ -144,7 +148,7 @@ def test_fashion_mnist_downloads_into_the_cache(tmp_path, monkeypatch):
   mirror.mkdir()
   write_idx(mirror / 't10k-images-idx3-ubyte.gz', np.ones((2, 28, 28)))
   write_idx(mirror / 't10k-labels-idx1-ubyte.gz', [3, 4])
-  monkeypatch.setattr(data, 'FASHION_MNIST_URL', f'file://{mirror}/')
+  monkeypatch.setattr(data.fashion_mnist, 'URL', f'file://{mirror}/')
   (tmp_path / 'empty').mkdir()
   split = data.load('fashion_mnist', str(tmp_path / 'empty'), split='test')
   assert split.labels.tolist() == [3, 4]
@@ -228,17 +232,17 @@ def test_image_folder_second_load_reads_the_cache(tmp_path, monkeypatch):
   make_image_folder(tmp_path / 'images')
   first = data.load('image_folder', str(tmp_path / 'images'), split='train')
   assert list((tmp_path / 'cache').glob('image_folder-*.npz'))
-  data._MEMO.clear()
+  data.cache._MEMO.clear()
 
   def no_decoding(root):
     raise AssertionError('decoded again instead of reading the cache')
 
-  monkeypatch.setattr(data, '_decode_image_folder', no_decoding)
+  monkeypatch.setattr(data.image_folder, '_decode_folder', no_decoding)
   second = data.load('image_folder', str(tmp_path / 'images'), split='train')
   np.testing.assert_array_equal(first.images, second.images)
   # Editing a file changes the key: the stale cache is not used.
   Image.new('RGB', (5, 6)).save(tmp_path / 'images' / 'train' / 'ant' / '9.png')
-  data._MEMO.clear()
+  data.cache._MEMO.clear()
   with pytest.raises(AssertionError, match='decoded again'):
     data.load('image_folder', str(tmp_path / 'images'), split='train')
 
@@ -250,6 +254,20 @@ def test_image_folder_rejects_mixed_sizes(tmp_path):
   )
   with pytest.raises(ValueError, match='mixes image sizes'):
     data.load('image_folder', str(tmp_path / 'images'), split='train')
+
+
+def test_split_is_a_grain_random_access_source():
+  split = data.Split(
+      images=np.arange(24, dtype=np.uint8).reshape(6, 2, 2, 1),
+      labels=np.arange(6, dtype=np.int32),
+  )
+  assert isinstance(split, grain.sources.RandomAccessDataSource)
+  records = grain.MapDataset.source(split)
+  assert len(records) == 6 and records[4]['label'] == 4
+  np.testing.assert_array_equal(records[4]['image'], split.images[4])
+  images, labels = split.batch(np.array([[5, 0], [2, 2]]))
+  assert images.shape == (2, 2, 2, 2, 1) and images.dtype == np.uint8
+  assert labels.tolist() == [[5, 0], [2, 2]] and labels.dtype == np.int32
 
 
 @pytest.mark.skipif(CIFAR_TAR is None, reason='cifar10-jpeg.tar not found')
@@ -310,14 +328,35 @@ def test_imagenet_stream_mock_data():
     assert not np.array_equal(images.reshape(-1, 16, 16, 3)[:5], other)
     eval_images, _ = test.batch(np.arange(5))
     assert eval_images.shape == (5, 16, 16, 3)
-    order = data.WorkerBatches(5, num_workers=2, batch_size=2, seed=0)
-    stream = train.batches(order, seed=3, start_step=1)
-    step1, step1_labels = next(stream)
-    step2, _ = next(stream)
-    stream.close()
-    expected, _ = train.batch(order.indices(1), rng_key=(3, 1))
-    np.testing.assert_array_equal(step1, expected)
-    assert step1.shape == step2.shape == (2, 2, 16, 16, 3)
+    # The train crop of an example depends on (key, index), not on the batch.
+    alone, _ = train.batch(np.array([4]), rng_key=(7, 0))
+    np.testing.assert_array_equal(alone[0], images[1, 1])
+
+
+@pytest.mark.parametrize(
+    'key,box,flip',
+    [((3, 5), (10, 3, 38, 30), True), ((2, 0), (2, 8, 30, 29), False)],
+)
+def test_imagenet_train_crop_is_pinned_to_seed_step_index(key, box, flip):
+  # The boxes and flips the pre-grain code drew for index 7 and 1 of a 40x30
+  # image: resumed and committed ImageNet runs depend on them.
+  index = 7 if key == (3, 5) else 1
+  pixels = np.arange(30 * 40 * 3, dtype=np.uint32).reshape(30, 40, 3) % 251
+  pixels = pixels.astype(np.uint8)
+  image, label = data.imagenet.crop(
+      {'image': pixels, 'label': 9},
+      train=True,
+      image_size=8,
+      rng_key=key,
+      index=index,
+  )
+  want = Image.fromarray(pixels).resize(
+      (8, 8), Image.Resampling.BILINEAR, box=box
+  )
+  if flip:
+    want = want.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+  np.testing.assert_array_equal(image, np.asarray(want))
+  assert label == 9
 
 
 # ---------------------------------------------------------- WorkerBatches
@@ -368,21 +407,6 @@ def test_worker_batches_position_and_slice():
 def test_worker_batches_rejects_too_few_examples():
   with pytest.raises(ValueError, match='fewer than one step'):
     data.WorkerBatches(10, num_workers=4, batch_size=3, seed=0)
-
-
-def test_batches_gathers_the_rows():
-  split = data.Split(
-      images=np.arange(40, dtype=np.uint8).reshape(40, 1, 1, 1),
-      labels=np.arange(40, dtype=np.int32),
-  )
-  order = data.WorkerBatches(
-      40, num_workers=4, batch_size=3, seed=0, worker_slice=slice(1, 3)
-  )
-  stream = data.batches(split, order, start_step=5)
-  images, labels = next(stream)
-  assert images.shape == (2, 3, 1, 1, 1)
-  np.testing.assert_array_equal(labels, order.indices(5))
-  np.testing.assert_array_equal(images[..., 0, 0, 0], order.indices(5))
 
 
 # ------------------------------------------------------------ augmentation

@@ -98,7 +98,7 @@ def test_first_step_block_values():
   lr, wd, ratio, seed = 0.1, 5e-4, 10, 4
   params = mlp_params()
   xs, ys = batches(1)
-  tx = defjax.error_feedback(momentum_sgd(lr, 0.9, wd), defjax.rbgs(ratio, seed=seed),
+  tx = defjax.error_feedback(momentum_sgd(lr, 0.9, wd), defjax.rbgs(ratio, key=seed),
                              lam=0.3, axis_name='w')
   x1, states, _ = run_workers(tx, params, xs, ys)
 
@@ -130,14 +130,14 @@ def test_psync_semantics():
   lr, ratio, seed = 0.1, 6, 7
   params = mlp_params()
   xs, ys = batches(STEPS)
-  tx = defjax.psync(momentum_sgd(lr), defjax.rbgs(ratio, seed=seed), axis_name='w')
+  tx = defjax.psync(momentum_sgd(lr), defjax.rbgs(ratio, key=seed), axis_name='w')
   x, states, _ = run_workers(tx, params, xs, ys)
 
   # Direct implementation: stacked models, a local optimizer each, block mask.
   local = momentum_sgd(lr)
   models = jax.tree.map(lambda a: jnp.stack([a] * K), params)
   opt_states = jax.vmap(local.init)(models)
-  c = defjax.rbgs(ratio, seed=seed)
+  c = defjax.rbgs(ratio, key=seed)
   cstate = c.init(params)
   ones = jax.tree.map(jnp.ones_like, params)
 

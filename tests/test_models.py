@@ -14,6 +14,7 @@ from defjax import models
 BATCH = 2
 NUM_CLASSES = {  # the datasets each model is trained on
     'cnn': 10,                # Fashion-MNIST
+    'mlp_tp': 10,             # Fashion-MNIST
     'vgg16': 10,              # CIFAR-10
     'vgg16_slim': 10,         # CIFAR-10
     'vgg16_linear': 10,       # CIFAR-10
@@ -24,7 +25,8 @@ NUM_CLASSES = {  # the datasets each model is trained on
     'resnet50': 1000,         # ImageNet
 }
 DROPOUT = {'dropout': jax.random.PRNGKey(1)}  # the VGGs' classifier; others ignore it
-IMAGE_SHAPE = {'cnn': (28, 28, 1), 'resnet50': (224, 224, 3)}  # else 32x32x3
+IMAGE_SHAPE = {'cnn': (28, 28, 1), 'mlp_tp': (28, 28, 1),
+               'resnet50': (224, 224, 3)}  # else 32x32x3
 
 # Published parameter counts (BN scale and bias included, running statistics
 # excluded), reproduced by the formulas below before the models are checked
@@ -125,6 +127,7 @@ def _resnet50(n):
 
 EXPECTED = {
     'cnn': _cnn,
+    'mlp_tp': lambda n: _dense(784, 1024) + _dense(1024, 1024) + _dense(1024, n),
     'vgg16': _vgg16,
     'vgg16_slim': lambda n: _vgg16(n, width=0.25),
     'vgg16_linear': lambda n: _vgg16(n, head=False),
@@ -198,12 +201,25 @@ def test_param_count_and_output_shape(name):
   assert logits.shape == (BATCH, num_classes)
   assert logits.dtype == jnp.float32
   # Running statistics exist exactly for the models with BatchNorm.
-  has_bn = name != 'cnn'
+  has_bn = name not in ('cnn', 'mlp_tp')
   assert ('batch_stats' in variables) == has_bn
   assert set(updates) == ({'batch_stats'} if has_bn else set())
   if has_bn:
     assert jax.tree.structure(updates['batch_stats']) == jax.tree.structure(
         variables['batch_stats'])
+
+
+def test_mlp_tp_is_column_then_row_parallel():
+  """Megatron's pairing: the first layer's output units and the second's
+  input units are split over 'model'; the classifier is whole."""
+  from jax.sharding import PartitionSpec as P
+  model = models.get_model('mlp_tp', 10)
+  variables = jax.eval_shape(functools.partial(model.init, train=False),
+                             jax.random.PRNGKey(0), _images('mlp_tp'))
+  assert nn.get_partition_spec(variables)['params'] == {
+      'column': {'kernel': P(None, 'model'), 'bias': P('model')},
+      'row': {'kernel': P('model', None), 'bias': P(None)},
+      'head': {'kernel': P(), 'bias': P()}}
 
 
 def test_unknown_model_raises():

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -106,3 +107,25 @@ def test_dead_peer_fails_the_other_within_bound(tiny_folder, tmp_path):
   assert procs[0].returncode != 0
   assert time.time() - t < bound
 
+
+
+@pytest.mark.slow
+def test_sharded_workers_on_two_processes_match_one(tmp_path):
+  """DEF on a 2 x 4 ('data', 'model') mesh: 2 processes x 4 devices (one
+  worker of 4 model shards each, the block all-reduce across processes) give
+  the parameters and y of 1 x 8 to float tolerance."""
+  script = os.path.join(REPO, 'tests', 'multihost_sharded.py')
+  port = _free_port()
+  runs = [subprocess.Popen([sys.executable, script, str(tmp_path / 'one.npz')], cwd=REPO,
+                           env=_env(8), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)]
+  runs += [subprocess.Popen([sys.executable, script, str(tmp_path / 'two.npz'), str(port),
+                             str(i), '2'], cwd=REPO, env=_env(4), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  errs = [p.communicate(timeout=300)[1] for p in runs]
+  for p, err in zip(runs, errs):
+    assert p.returncode == 0, err[-3000:]
+  one, two = np.load(tmp_path / 'one.npz'), np.load(tmp_path / 'two.npz')
+  assert sorted(one) == sorted(two) and len(one) == 9  # x, y (4 leaves each), loss
+  for key in one:
+    np.testing.assert_allclose(two[key], one[key], rtol=1e-6, atol=1e-7, err_msg=key)

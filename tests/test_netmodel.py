@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from defjax import netmodel
+from bench import netmodel
 
 NET = netmodel.Network(bandwidth_gbps=10, latency_s=5e-6)
 

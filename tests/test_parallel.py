@@ -42,7 +42,7 @@ def test_compiled_step_all_reduces_only_the_block(ratio, per_leaf):
   tx = defjax.error_feedback(momentum_sgd(), defjax.rbgs(ratio, per_leaf=per_leaf),
                              lam=0.3, axis_name=layout.axis_name)
   params = jax.device_put(_big_params(), layout.replicated)
-  d = parallel.num_params(params)
+  d = optax.tree.size(params)
   state = parallel.init_worker_state(tx, params, layout)
   step = parallel.make_train_step(_loss, tx, layout, donate=False)
   x = jnp.zeros((8, 4, 64)); y = jnp.zeros((8, 4), jnp.int32)
@@ -92,7 +92,7 @@ def test_hlo_check_catches_the_full_gradient_all_reduce():
   the full gradient. The HLO check above must see it (so it can fail)."""
   layout = parallel.make_layout(8)
   params = jax.device_put(_big_params(), layout.replicated)
-  d = parallel.num_params(params)
+  d = optax.tree.size(params)
 
   def naive(params, batch):
     x, y = batch
@@ -178,7 +178,7 @@ def test_averaged_params_of_stacked_state():
       lambda a: defjax.error_feedback(momentum_sgd(), defjax.rbgs(8), lam=0.3, axis_name=a), 8)
   for t in range(3):
     params, _, state, _ = step(params, {}, state, jax.device_put((xs[t], ys[t]), layout.per_worker))
-  y = parallel.make_averaged_params(layout)(params, state)
+  y = parallel.make_averaged_params()(params, state)
   expected = jax.tree.map(lambda p, e: p - e.mean(0), params, state.error)
   assert_trees_close(y, expected, rtol=1e-6, atol=1e-7)
 

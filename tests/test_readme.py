@@ -26,3 +26,19 @@ def test_readme_example_runs():
       jax.tree.leaves(x), jax.tree.leaves(namespace['model'].init(
           jax.random.PRNGKey(0), jnp.zeros((1, 784)))['params'])))
   assert 0 < moved <= -(-d // 256)
+
+
+def test_readme_sharded_example_runs():
+  """The sharded workers' example runs as written: a 4 x 2 mesh, one step."""
+  with open(README) as f:
+    text = f.read()
+  block = re.search(r'### Sharded workers \(2-D mesh\)\n.*?```python\n(.*?)```', text,
+                    re.S).group(1)
+  namespace = {}
+  exec(block, namespace)
+  assert np.isfinite(float(namespace['loss']))
+  layout, params, specs = namespace['layout'], namespace['params'], namespace['specs']
+  assert layout.mesh.shape == {'data': 4, 'model': 2}
+  for x, want in zip(jax.tree.leaves(params), jax.tree.leaves(layout.param_shardings(specs))):
+    assert x.sharding.is_equivalent_to(want, x.ndim)
+  assert jax.tree.structure(namespace['y']) == jax.tree.structure(params)

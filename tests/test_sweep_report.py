@@ -18,8 +18,10 @@ import textwrap
 import numpy as np
 import pytest
 
+from defjax import figures
 from defjax import gap
 from defjax import report
+from defjax import results
 from defjax import sweep
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -170,7 +172,9 @@ def test_grid_without_lams_and_config_argument():
   runs = sweep.expand_grid(config='c.py:small', out='o', methods=['def'],
                            ratios=[4], seeds=[3])
   assert [r.name for r in runs] == ['def-r4-s3']
-  assert runs[0].command[3] == str(pathlib.Path('c.py').resolve()) + ':small'
+  command = runs[0].command
+  assert command[command.index('--config') + 1] == (
+      str(pathlib.Path('c.py').resolve()) + ':small')
 
 
 @pytest.mark.parametrize('kwargs', [
@@ -374,8 +378,8 @@ def test_report_files(swept, tmp_path):
 
 
 def test_fig3_stops_at_the_first_decay(swept):
-  runs, groups, lam, scale = report._collect([swept])
-  until = report._first_decay_epoch(groups[('DEF', 16, lam)])
+  collected = results.collect([swept])
+  until = figures.first_decay_epoch(collected.groups[('DEF', 16, collected.lam)])
   assert until == 0.5 * 4  # decay_at[0] of num_epochs
 
 

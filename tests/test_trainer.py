@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -12,7 +13,11 @@ import pytest
 
 from configs import default, fashion_mnist
 from defjax import checkpoint as ckpt
+from defjax import methods
+from defjax import optimizer
+from defjax import runfiles
 from defjax import trainer
+from defjax import validation
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FMNIST = '/usr/share/datasets/fashion-mnist'
@@ -58,7 +63,7 @@ def _records(workdir):
     return [json.loads(l) for l in f if l.strip()]
 
 
-@pytest.mark.parametrize('method', trainer.METHODS)
+@pytest.mark.parametrize('method', methods.NAMES)
 def test_every_method_trains_and_evaluates(method, tiny_folder, tmp_path):
   config = tiny_config(tiny_folder, **{'optim.method': method})
   summary = trainer.train_and_evaluate(config, str(tmp_path), log=lambda *_: None)
@@ -165,6 +170,12 @@ def test_divergence_is_a_result(tiny_folder, tmp_path):
     ({'data_dir': '/nonexistent/data.tar'}, '/nonexistent'),
     ({'optim.schedule': 'linear'}, 'schedule'),
     ({'dataset': 'imagenet2012'}, 'augmented on the host'),
+    ({'model_axis_size': 0}, 'model_axis_size must be a positive integer'),
+    ({'model_axis_size': 3, 'num_workers': 2}, 'model_axis_size=3 must divide the 8 devices'),
+    ({'model_axis_size': 2}, 'num_workers=8 x model_axis_size=2 needs 16 devices'),
+    ({'model_axis_size': 2, 'num_workers': 4, 'steps_per_dispatch': 2}, 'steps_per_dispatch'),
+    ({'model_axis_size': 2, 'num_workers': 4, 'sync_batch_stats': False}, 'sync_batch_stats'),
+    ({'model_axis_size': 2, 'num_workers': 4, 'optim.per_leaf': False}, 'optim.per_leaf'),
     ({'optim.lr': 0.0}, 'optim.lr must be a number > 0'),
     ({'optim.lr': -0.1}, 'optim.lr must be a number > 0'),
     ({'optim.momentum': 1.0}, r'optim.momentum must be a number in \[0, 1\)'),
@@ -177,6 +188,55 @@ def test_bad_config_errors(overrides, message, tiny_folder, tmp_path):
     trainer.train_and_evaluate(tiny_config(tiny_folder, **overrides), str(tmp_path))
 
 
+def _tp_config(tiny_folder, **overrides):
+  """K = 4 workers of M = 2 devices, the Megatron-annotated MLP."""
+  return tiny_config(tiny_folder, **{'model': 'mlp_tp', 'num_workers': 4, 'model_axis_size': 2,
+                                     'num_train_steps': 4, 'eval_every_steps': 2, **overrides})
+
+
+@pytest.mark.slow
+def test_model_axis_size_two_trains_and_resumes_bitwise(tiny_folder, tmp_path):
+  """Workers of two devices train end to end; resumed from the step-2
+  checkpoint (restored onto the sharded state's shardings), the run ends on
+  the uninterrupted run's bits."""
+  config = _tp_config(tiny_folder, checkpoint_every_steps=2)
+  whole = trainer.train_and_evaluate(config, str(tmp_path / 'whole'), log=lambda *_: None)
+  assert whole['status'] == 'completed' and np.isfinite(whole['final_train_loss'])
+  assert [r['step'] for r in _records(tmp_path / 'whole')] == [2, 4]
+  # Per worker: each of its 2 devices all-reduces its per-shard blocks and the loss.
+  d = whole['num_params']
+  assert whole['bytes_per_step'] == 2 * 4 * (sum(max(1, n // 16) for n in (
+      3072 * 1024 // 2, 1024 // 2, 1024 * 1024 // 2, 1024, 1024 * 3, 3)) + 1)
+  assert d == 3072 * 1024 + 1024 + 1024 * 1024 + 1024 + 1024 * 3 + 3
+  mngr = ckpt.manager(str(tmp_path / 'whole' / 'checkpoints'), max_to_keep=2)
+  saved = mngr.restore(4, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
+  assert saved['opt_state']['error']['column']['kernel'].shape == (4, 3072, 1024)
+  shutil.copytree(tmp_path / 'whole' / 'checkpoints' / '2',
+                  tmp_path / 'resumed' / 'checkpoints' / '2')
+  logs = []
+  resumed = trainer.train_and_evaluate(config, str(tmp_path / 'resumed'), log=logs.append)
+  assert 'resuming from the checkpoint at step 2' in logs
+  for key in ('params_sha256', 'final_train_loss', 'final_test_accuracy',
+              'final_test_accuracy_x', 'bytes_sent'):
+    assert resumed[key] == whole[key], key
+
+
+@pytest.mark.slow
+def test_model_axis_size_two_at_ratio_one_matches_one_device_workers(tiny_folder, tmp_path):
+  """At ratio 1 per-shard RBGS keeps every value, as the 1-D layout's RBGS
+  does: K = 4 workers of 2 devices train what K = 4 workers of one device
+  train, to float tolerance (losses, accuracies, the output model's hash aside)."""
+  run = lambda m: trainer.train_and_evaluate(
+      _tp_config(tiny_folder, model_axis_size=m, **{'optim.ratio': 1.0}),
+      str(tmp_path / str(m)), log=lambda *_: None)
+  one, two = run(1), run(2)
+  assert two['final_train_loss'] == pytest.approx(one['final_train_loss'], rel=1e-5)
+  assert two['final_test_accuracy'] == one['final_test_accuracy']
+  assert two['final_test_accuracy_x'] == one['final_test_accuracy_x']
+  for a, b in zip(_records(tmp_path / '1'), _records(tmp_path / '2')):
+    assert b['train_loss'] == pytest.approx(a['train_loss'], rel=1e-5)
+
+
 def test_learning_rate_schedule_boundaries():
   """lr / 10 at 50% and 75% of the steps (or at whole epochs), counted from
   step 0 also after a linear warm-up; decays that fall on one step (a 2-step
@@ -184,27 +244,27 @@ def test_learning_rate_schedule_boundaries():
   optim = default.get_config().optim
   optim.decay_whole_epochs = False
   lr = lambda sched, t: float(sched(t))
-  s = trainer.learning_rate_schedule(optim, steps_per_epoch=10, total_steps=100)
+  s = optimizer.learning_rate_schedule(optim, steps_per_epoch=10, total_steps=100)
   for t, want in [(0, 0.05), (49, 0.05), (50, 0.005), (74, 0.005), (75, 0.0005), (99, 0.0005)]:
     assert lr(s, t) == pytest.approx(want, rel=1e-6), t
   optim.warmup_epochs = 1.0
-  s = trainer.learning_rate_schedule(optim, steps_per_epoch=10, total_steps=100)
+  s = optimizer.learning_rate_schedule(optim, steps_per_epoch=10, total_steps=100)
   for t, want in [(0, 0.0), (5, 0.025), (10, 0.05), (49, 0.05), (50, 0.005), (75, 0.0005)]:
     assert lr(s, t) == pytest.approx(want, rel=1e-6, abs=1e-9), t
   optim.warmup_epochs = 0.0
-  s = trainer.learning_rate_schedule(optim, steps_per_epoch=1, total_steps=2)
+  s = optimizer.learning_rate_schedule(optim, steps_per_epoch=1, total_steps=2)
   assert lr(s, 0) == pytest.approx(0.05) and lr(s, 1) == pytest.approx(0.0005)
   # Counted in steps, E = 6 epochs decay at steps 30 and 45; in whole epochs
   # (the authors', the default) at epochs 3 and int(4.5) = 4.
-  s = trainer.learning_rate_schedule(optim, steps_per_epoch=10, total_steps=60)
+  s = optimizer.learning_rate_schedule(optim, steps_per_epoch=10, total_steps=60)
   for t, want in [(30, 0.005), (40, 0.005), (44, 0.005), (45, 0.0005)]:
     assert lr(s, t) == pytest.approx(want, rel=1e-6), t
   optim.decay_whole_epochs = True
-  s = trainer.learning_rate_schedule(optim, steps_per_epoch=10, total_steps=60)
+  s = optimizer.learning_rate_schedule(optim, steps_per_epoch=10, total_steps=60)
   for t, want in [(29, 0.05), (30, 0.005), (39, 0.005), (40, 0.0005), (59, 0.0005)]:
     assert lr(s, t) == pytest.approx(want, rel=1e-6), t
   optim.schedule = 'cosine'
-  s = trainer.learning_rate_schedule(optim, steps_per_epoch=10, total_steps=100)
+  s = optimizer.learning_rate_schedule(optim, steps_per_epoch=10, total_steps=100)
   assert lr(s, 0) == pytest.approx(0.05) and lr(s, 50) == pytest.approx(0.025, rel=1e-5)
   assert lr(s, 100) == pytest.approx(0.0, abs=1e-9)
 
@@ -217,8 +277,8 @@ def test_resolved_lam_and_output_model():
   want = {'sgd': 0.6, 'ef': 0.0, 'def': 0.6, 'def_a': 0.6, 'saef': 1.0, 'psync': 1.0}
   for method, lam in want.items():
     optim.method = method
-    assert trainer.resolved_lam(optim) == lam
-  assert {m for m in trainer.METHODS if trainer.output_is_averaged(m)} == {'def', 'psync'}
+    assert methods.resolved_lam(method, optim.lam) == lam
+  assert {m.name for m in methods.TABLE if m.averaged_output} == {'def', 'psync'}
 
 
 def _train_py(tmp_path, *args, env=None, timeout=300):
@@ -264,7 +324,7 @@ def test_cli_divergence_exit_code(tmp_path, tiny_folder):
                    str(tmp_path / 'd'), f'--config.data_dir={tiny_folder}',
                    '--config.dataset=image_folder', '--config.optim.lr=1e12',
                    '--config.num_train_steps=4', '--config.batch_size=2')
-  assert proc.returncode == trainer.EXIT_DIVERGED, proc.stderr[-2000:]
+  assert proc.returncode == runfiles.EXIT_DIVERGED, proc.stderr[-2000:]
   assert 'diverged at step' in proc.stderr
 
 
@@ -297,7 +357,7 @@ def test_block_sequence_follows_the_seed_unless_pinned(seed, block_seed, expecte
   import jax.numpy as jnp
   optim = default.get_config().optim
   optim.block_seed = block_seed
-  _, compressor = trainer.build_optimizer(optim, schedule=0.1, axis_name=None, seed=seed)
+  _, compressor = optimizer.build(optim, schedule=0.1, axis_name=None, seed=seed)
   state = compressor.init({'w': jnp.zeros(1000)})
   np.testing.assert_array_equal(state.key, jax.random.PRNGKey(expected))
 
@@ -309,4 +369,4 @@ def test_every_shipped_config_is_valid(name):
   """Each file in configs/ loads and passes the checks run before any compute."""
   import importlib
   config = importlib.import_module(f'configs.{name}').get_config()
-  trainer.validate(config)
+  validation.validate(config)

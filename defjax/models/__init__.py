@@ -9,10 +9,12 @@ Every model is called the same way; the trainer relies on it::
   logits = model.apply(variables, x, train=False)
 
 ``updates`` has a 'batch_stats' entry only for models with BatchNorm (all but
-'cnn'). The VGGs with the authors' classifier ('vgg16', 'vgg16_slim') use
-dropout in training: pass ``rngs={'dropout': key}`` (the trainer derives the
-key from the seed, the step and the worker, so a step stays a deterministic,
-resumable function of its inputs); the other models ignore it.
+'cnn' and 'mlp_tp'). The VGGs with the authors' classifier ('vgg16',
+'vgg16_slim') use dropout in training: pass ``rngs={'dropout': key}`` (the
+trainer derives the key from the seed, the step and the worker, so a step
+stays a deterministic, resumable function of its inputs); the other models
+ignore it. 'mlp_tp' carries ``nn.with_partitioning`` specs for tensor
+parallelism (``defjax.sharded``): unbox its variables with ``nn.unbox``.
 """
 
 from __future__ import annotations
@@ -23,12 +25,15 @@ from typing import Callable
 import flax.linen as nn
 
 from defjax.models import cnn
+from defjax.models import mlp
 from defjax.models import resnet_cifar
 from defjax.models import resnet_imagenet
 from defjax.models import vgg
 
 _FACTORIES: dict[str, Callable[[int], nn.Module]] = {
     'cnn': cnn.CNN,                                          # 28x28x1
+    # 784 -> 1024 -> 1024 -> classes, Megatron-annotated for model_axis_size > 1.
+    'mlp_tp': mlp.MLP,                                       # any image size
     # The authors' VGG-16 (classifier 512-512 with dropout) and at 1/4 width.
     'vgg16': functools.partial(vgg.VGG, cfg=vgg.VGG16),      # 32x32x3
     'vgg16_slim': functools.partial(vgg.VGG, cfg=vgg.VGG16_SLIM, head_width=128),

@@ -67,3 +67,13 @@ def batch_norm(train: bool, name: Optional[str] = None) -> nn.BatchNorm:
 
 def global_avg_pool(x):
   return x.mean(axis=(1, 2))
+
+
+def stage_blocks(stage_sizes, widths):
+  """(width, strides) of every residual block, stage by stage.
+
+  The first block of each stage after the first halves the resolution.
+  """
+  for stage, (blocks, width) in enumerate(zip(stage_sizes, widths)):
+    for block in range(blocks):
+      yield width, 2 if stage > 0 and block == 0 else 1

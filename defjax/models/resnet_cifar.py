@@ -75,10 +75,8 @@ class ResNet(nn.Module):
   def __call__(self, x, *, train: bool):
     x = layers.conv(STEM_WIDTH, 3)(x)
     x = nn.relu(layers.batch_norm(train)(x))
-    for stage, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
-      for block in range(blocks):
-        strides = 2 if stage > 0 and block == 0 else 1
-        x = BasicBlock(width, strides)(x, train=train)
+    for width, strides in layers.stage_blocks(self.stage_sizes, self.widths):
+      x = BasicBlock(width, strides)(x, train=train)
     x = layers.global_avg_pool(x)
     return layers.dense(self.num_classes)(x)
 
@@ -93,10 +91,8 @@ class PreActResNet(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool):
     x = layers.conv(STEM_WIDTH, 3)(x)
-    for stage, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
-      for block in range(blocks):
-        strides = 2 if stage > 0 and block == 0 else 1
-        x = PreActBlock(width, strides)(x, train=train)
+    for width, strides in layers.stage_blocks(self.stage_sizes, self.widths):
+      x = PreActBlock(width, strides)(x, train=train)
     # The last block ends on an addition; normalise and activate before
     # pooling.
     x = nn.relu(layers.batch_norm(train)(x))

@@ -53,10 +53,8 @@ class ResNet(nn.Module):
     x = nn.relu(layers.batch_norm(train)(x))
     # flax pads max_pool with -inf, like PyTorch's MaxPool2d(3, 2, padding=1).
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    for stage, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
-      for block in range(blocks):
-        strides = 2 if stage > 0 and block == 0 else 1
-        x = Bottleneck(width, strides)(x, train=train)
+    for width, strides in layers.stage_blocks(self.stage_sizes, self.widths):
+      x = Bottleneck(width, strides)(x, train=train)
     x = layers.global_avg_pool(x)
     return layers.dense(self.num_classes)(x)
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from defjax import wire
+
 
 @dataclasses.dataclass(frozen=True)
 class Network:
@@ -63,7 +65,7 @@ def payload_bytes(d: int, ratio: float = 1, *, model_state: int = 0,
     bytes_per_value: 4 for float32.
   """
   sent = d if dense or ratio <= 1 else max(1, math.ceil(d / ratio))
-  return bytes_per_value * (sent + model_state + 1)  # + the mean loss
+  return wire.bytes_per_step(sent, model_state, bytes_per_value=bytes_per_value)
 
 
 def step_s(compute_s: float, nbytes: float, num_workers: int, net: Network,

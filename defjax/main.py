@@ -1,0 +1,83 @@
+r"""The training program. Exit codes (``defjax.runfiles``): 0 completed,
+2 bad config or data, 3 diverged (a result: summary.json says where),
+4 interrupted by SIGTERM/SIGINT after saving a checkpoint (rerun the same
+command to resume).
+
+  python -m defjax.main --config configs/fashion_mnist.py --workdir runs/fm-def256 \
+      --config.optim.method=def --config.optim.ratio=256 --config.seed=1
+
+(``python train.py ...`` in a checkout is the same program.) Several hosts:
+the same command on each, plus
+  --coordinator_address=HOST0:PORT --num_processes=N --process_id=I
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (metrics, checkpoints).')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process\'s index.')
+_HEARTBEAT = flags.DEFINE_integer(
+    'heartbeat_timeout_seconds', 60,
+    'A process that misses heartbeats this long is declared dead and the'
+    ' others exit with an error instead of hanging.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+  config = _CONFIG.value
+  import jax  # after flag parsing; backends start on first use
+
+  from defjax import parallel
+
+  parallel.tolerate_slow_cpu_devices()  # before the backends start
+
+  if _COORDINATOR.value or _NUM_PROCESSES.value:
+    jax.distributed.initialize(
+        _COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+        process_id=_PROCESS_ID.value,
+        heartbeat_timeout_seconds=_HEARTBEAT.value)
+  elif ('xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', '')
+        and os.environ.get('JAX_PLATFORMS', 'cpu') == 'cpu' and config.num_workers > 1):
+    # On a CPU-only machine run K real devices (K x M for workers of M
+    # devices) so real collectives run.
+    jax.config.update('jax_num_cpu_devices', config.num_workers * config.model_axis_size)
+
+  from defjax import checkpoint
+  from defjax import runfiles
+  from defjax import trainer
+
+  workdir = _WORKDIR.value
+  try:
+    summary = trainer.train_and_evaluate(config, workdir)
+  except (trainer.ConfigError, checkpoint.CheckpointMismatch, checkpoint.CheckpointError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(runfiles.EXIT_BAD_CONFIG)
+  except trainer.Diverged as e:
+    print(f'diverged at step {e.step}: the loss or the parameters became'
+          f' non-finite; summary in {workdir}/{runfiles.SUMMARY}', file=sys.stderr)
+    sys.exit(runfiles.EXIT_DIVERGED)
+  except trainer.Interrupted as e:
+    print(str(e), file=sys.stderr)
+    sys.exit(runfiles.EXIT_INTERRUPTED)
+  print(f'final test accuracy {100 * summary["final_test_accuracy"]:.2f}% (train loss'
+        f' {summary["final_train_loss"]:.4f}) after {summary["steps"]} steps in'
+        f' {summary["wall_time"]:.0f}s; summary in {workdir}/{runfiles.SUMMARY}')
+
+
+def run():
+  """The console entry point (``defjax-train``)."""
+  app.run(main)
+
+
+if __name__ == '__main__':
+  run()

@@ -1,0 +1,123 @@
+"""A run directory's files and the training program's exit codes.
+
+The trainer writes them, the sweep and the report read them::
+
+  <workdir>/metrics.jsonl   one JSON record per evaluation (step, epoch,
+                            train_loss, test_accuracy, test_accuracy_x, lr,
+                            wall_time, bytes_sent), in step order
+  <workdir>/summary.json    written once, when the run completes or diverges
+                            (status, final accuracies, params_sha256, config)
+  <workdir>/checkpoints/    orbax checkpoints (defjax.checkpoint)
+  <workdir>/log.txt         the program's output, when run by the sweep
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Optional
+
+METRICS = 'metrics.jsonl'
+SUMMARY = 'summary.json'
+
+# The exit codes of ``python -m defjax.main`` (and train.py).
+EXIT_COMPLETED = 0
+EXIT_BAD_CONFIG = 2  # the config or the data cannot run; nothing was trained
+EXIT_DIVERGED = 3  # a result: summary.json says where
+EXIT_INTERRUPTED = 4  # SIGTERM/SIGINT after a checkpoint: rerun to resume
+STATUS_BY_EXIT = {
+    EXIT_COMPLETED: 'completed',
+    EXIT_BAD_CONFIG: 'bad_config',
+    EXIT_DIVERGED: 'diverged',
+    EXIT_INTERRUPTED: 'interrupted',
+}
+FINISHED = ('completed', 'diverged')  # the statuses summary.json records
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+  """Writes ``obj`` atomically: a reader never sees half a file."""
+  path = str(path)
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True, default=str)
+  os.replace(tmp, path)
+
+
+def write_summary(workdir: str | os.PathLike, summary: dict) -> None:
+  write_json(pathlib.Path(workdir) / SUMMARY, summary)
+
+
+def read_summary(workdir: str | os.PathLike) -> Optional[dict]:
+  """The run's summary; None while it is unfinished (or cut off mid-write)."""
+  try:
+    return json.loads((pathlib.Path(workdir) / SUMMARY).read_text())
+  except (OSError, ValueError):
+    return None
+
+
+def finished_status(workdir: str | os.PathLike) -> Optional[str]:
+  """'completed' or 'diverged' from summary.json; None for an unfinished run."""
+  summary = read_summary(workdir)
+  return None if summary is None else summary.get('status', 'completed')
+
+
+def append_metrics(workdir: str | os.PathLike, record: dict) -> None:
+  with open(pathlib.Path(workdir) / METRICS, 'a') as f:
+    f.write(json.dumps(record) + '\n')
+
+
+def truncate_metrics(workdir: str | os.PathLike, step: int) -> None:
+  """Drops records after ``step`` (written before a kill, not in the checkpoint)."""
+  path = pathlib.Path(workdir) / METRICS
+  if step == 0:
+    path.unlink(missing_ok=True)
+    return
+  if not path.exists():
+    return
+  keep = []
+  for line in path.read_text().splitlines():
+    try:
+      if json.loads(line)['step'] <= step:
+        keep.append(line + '\n')
+    except (ValueError, KeyError, TypeError):
+      pass  # a line cut off by the kill: the record is not in the checkpoint
+  tmp = path.with_name(METRICS + '.tmp')
+  tmp.write_text(''.join(keep))
+  os.replace(tmp, path)
+
+
+def read_metrics(workdir: str | os.PathLike) -> list[dict]:
+  """Every record in step order; a cut-off line is skipped, a re-evaluated
+  step (a resumed run) keeps its later record."""
+  path = pathlib.Path(workdir) / METRICS
+  if not path.exists():
+    return []
+  rows = {}
+  for line in path.read_text().splitlines():
+    try:
+      row = json.loads(line)
+    except ValueError:
+      continue  # a line cut off by an interrupted write
+    rows[row.get('step', len(rows))] = row
+  return [rows[k] for k in sorted(rows)]
+
+
+def last_metrics(workdir: str | os.PathLike) -> dict:
+  """The last complete record, read from the end of the file ({} if none).
+
+  Cheap on a long run's file, so a sweep can poll it while the run goes on.
+  """
+  try:
+    with open(pathlib.Path(workdir) / METRICS, 'rb') as f:
+      f.seek(0, os.SEEK_END)
+      f.seek(max(0, f.tell() - 4096))
+      lines = f.read().splitlines()
+  except OSError:
+    return {}
+  for line in reversed(lines):
+    try:
+      return json.loads(line)
+    except ValueError:
+      continue  # the line being written, or the tail of a cut-off one
+  return {}

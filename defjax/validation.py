@@ -1,0 +1,93 @@
+"""Checks a training config before any compute: one clear line per mistake."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import ml_collections
+
+from defjax import compress
+from defjax import data as data_lib
+from defjax import feedback
+from defjax import methods
+from defjax import models as models_lib
+from defjax import parallel
+
+SCHEDULES = ('step', 'cosine')
+
+
+class ConfigError(ValueError):
+  """The config cannot run; the message says what to change."""
+
+
+def _choice(value, known, key):
+  if value not in known:
+    raise ConfigError(f'unknown {key} {value!r}; choose one of {", ".join(known)}')
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first field that cannot run."""
+  o = config.optim
+  _choice(o.method, methods.NAMES, 'optim.method')
+  _choice(config.model, tuple(models_lib.MODELS), 'model')
+  _choice(config.dataset, tuple(data_lib.DATASETS), 'dataset')
+  _choice(o.schedule, SCHEDULES, 'optim.schedule')
+  try:
+    compress.check_ratio(o.ratio)
+    feedback.check_lam(o.lam)
+  except ValueError as e:
+    raise ConfigError(f'optim.{e}') from None
+  for node, key, minimum in ((config, 'num_workers', 1), (config, 'model_axis_size', 1),
+                             (config, 'batch_size', 1),
+                             (config, 'steps_per_dispatch', 0), (o, 'dense_warmup_steps', 0)):
+    value = node[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+      what = 'a positive integer' if minimum == 1 else f'an integer >= {minimum}'
+      raise ConfigError(f'{"optim." if node is o else ""}{key} must be {what}, got {value!r}')
+  if config.num_train_steps <= 0 and config.num_epochs <= 0:
+    raise ConfigError('set num_epochs > 0 or num_train_steps > 0')
+  for key, bounds, ok in (('lr', '> 0', lambda v: v > 0),
+                          ('momentum', 'in [0, 1)', lambda v: 0 <= v < 1),
+                          ('weight_decay', '>= 0', lambda v: v >= 0),
+                          ('warmup_epochs', '>= 0', lambda v: v >= 0)):
+    what = f'a number {bounds}'
+    try:
+      value = compress.as_real_scalar(o[key], key, what)
+    except ValueError as e:
+      raise ConfigError(f'optim.{e}') from None
+    if not (math.isfinite(value) and ok(value)):
+      raise ConfigError(f'optim.{key} must be {what}, got {o[key]!r}')
+  if any(not 0 < f < 1 for f in o.decay_at):
+    raise ConfigError(f'optim.decay_at must be fractions in (0, 1), got {tuple(o.decay_at)}')
+  if config.dataset in data_lib.STREAMED and (config.crop_padding or config.flip):
+    raise ConfigError(
+        f'{config.dataset} is augmented on the host (random-resized crop and flip):'
+        ' set crop_padding=0 and flip=False')
+  if config.model_axis_size > 1:
+    _check_sharded_workers(config)
+    return
+  try:
+    parallel.make_layout(config.num_workers)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
+def _check_sharded_workers(config) -> None:
+  """K workers of M = model_axis_size devices each (``defjax.sharded``)."""
+  k, m, n = config.num_workers, config.model_axis_size, jax.device_count()
+  if n % m:
+    raise ConfigError(f'model_axis_size={m} must divide the {n} devices')
+  if k * m > n:
+    raise ConfigError(
+        f'num_workers={k} x model_axis_size={m} needs {k * m} devices, only {n} are'
+        f' available (workers of several devices are not simulated: use num_workers'
+        f' <= {n // m})')
+  for unsupported, what in (
+      (config.steps_per_dispatch > 1, 'steps_per_dispatch > 1 (it runs one step per call)'),
+      (not config.sync_batch_stats, 'sync_batch_stats=False (it keeps one copy of the'
+       ' model state)'),
+      (not config.optim.per_leaf, 'optim.per_leaf=False (per-shard RBGS keeps one block'
+       ' per leaf shard)')):
+    if unsupported:
+      raise ConfigError(f'model_axis_size > 1 does not support {what}')
