@@ -25,7 +25,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from defjax import feedback
+from defjax import parallel
 
 # Config fields whose change makes a saved state meaningless for this run, or
 # makes the resumed run a mix of two runs (the run length fixes where the
@@ -189,13 +189,6 @@ class Resumed(NamedTuple):
   reshard_info: dict  # resharded_from_workers, reshard_output_change (if so)
 
 
-def _output(params, opt_state):
-  """y = x - mean_k e_k of a state with stacked worker errors (host arrays)."""
-  average = lambda p, s: feedback.averaged_params(p, s, axis_name='workers')
-  return jax.vmap(average, in_axes=(None, 0), out_axes=None, axis_name='workers')(
-      params, opt_state)
-
-
 def resume(mngr: ocp.CheckpointManager, config, state, *, per_worker: tuple[str, ...],
            log: Callable[[str], Any] = print) -> Resumed:
   """Restores the newest checkpoint onto ``state`` (a dict), or starts fresh.
@@ -221,10 +214,11 @@ def resume(mngr: ocp.CheckpointManager, config, state, *, per_worker: tuple[str,
       key: jax.tree.map(lambda x: jax.ShapeDtypeStruct((saved_k, *x.shape[1:]), x.dtype), v)
       if key in per_worker else v for key, v in state.items()}
   raw = restore_host(mngr, step, saved_shapes)
-  y_before = _output(raw['params'], raw['opt_state'])
+  output = parallel.make_averaged_params()  # y = x - mean_k e_k, host arrays in
+  y_before = output(raw['params'], raw['opt_state'])
   for key in per_worker:
     raw[key] = reshard_workers(raw[key], saved_k, k)
-  y_after = _output(raw['params'], raw['opt_state'])
+  y_after = output(raw['params'], raw['opt_state'])
   change = max((float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(
       jax.tree.leaves(y_before), jax.tree.leaves(y_after))), default=0.0)
   state = jax.tree.map(lambda x, t: jax.device_put(x.astype(t.dtype), t.sharding), raw, state)

@@ -127,16 +127,25 @@ class WorkerLayout:
     (n, K, ...) stack of n steps' arrays with ``stacked``; each device gets
     its workers' rows, and no process reads another's.
     """
-    lead = 1 if stacked else 0
-    rows = self.worker_rows()
-
-    def fill(index):  # one device's global worker rows -> this process's rows
-      start, stop, _ = index[lead].indices(self.num_workers)
-      return local[(slice(None),) * lead + (slice(start - rows.start, stop - rows.start),)]
-
-    shape = local.shape[:lead] + (self.num_workers,) + local.shape[lead + 1:]
     sharding = self.per_step_and_worker if stacked else self.per_worker
-    return jax.make_array_from_callback(shape, sharding, fill)
+    return global_from_rows(local, self.worker_rows(), self.num_workers, sharding,
+                            worker_axis=1 if stacked else 0)
+
+
+def global_from_rows(local: np.ndarray, rows: slice, num_workers: int,
+                     sharding: NamedSharding, *, worker_axis: int = 0) -> jax.Array:
+  """The global array of all ``num_workers`` workers from this process's ``rows``.
+
+  ``local`` holds the rows ``rows`` along ``worker_axis``; each device gets
+  its workers' rows (by ``sharding``), and no process reads another's.
+  """
+
+  def fill(index):  # one device's global worker rows -> this process's rows
+    start, stop, _ = index[worker_axis].indices(num_workers)
+    return local[(slice(None),) * worker_axis + (slice(start - rows.start, stop - rows.start),)]
+
+  shape = local.shape[:worker_axis] + (num_workers,) + local.shape[worker_axis + 1:]
+  return jax.make_array_from_callback(shape, sharding, fill)
 
 
 def make_layout(

@@ -154,14 +154,8 @@ class ShardedLayout:
     """
     if stacked:
       raise ValueError('the sharded step runs one step per call: no stacked batches')
-    rows = self.worker_rows()
-
-    def fill(index):  # one device's global worker rows -> this process's rows
-      start, stop, _ = index[0].indices(self.num_workers)
-      return local[start - rows.start:stop - rows.start]
-
-    return jax.make_array_from_callback((self.num_workers, *local.shape[1:]),
-                                        self.per_worker, fill)
+    return parallel.global_from_rows(local, self.worker_rows(), self.num_workers,
+                                     self.per_worker)
 
   def param_shardings(self, param_specs: PyTree) -> PyTree:
     """NamedShardings of the params (replicated over 'data')."""
