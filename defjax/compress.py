@@ -342,11 +342,7 @@ def rbgs(
 
   def place(tree, values, rel, b):
     leaves, treedef = jax.tree.flatten(tree)
-    return treedef.unflatten([
-        jnp.where(r < b, values.at[jnp.minimum(r, b - 1)].get(mode='promise_in_bounds'),
-                  0).astype(x.dtype)
-        for x, r in zip(leaves, rel)
-    ])
+    return treedef.unflatten([place_block(x, values, b, r) for x, r in zip(leaves, rel)])
 
   def compress(tree, state):
     start, b, d, rel = block(tree, state)
@@ -371,52 +367,54 @@ def per_leaf_block_sizes(params: PyTree, ratio: float) -> list[int]:
   return [max(1, int(n // ratio)) for n in _leaf_sizes(params)]
 
 
+def circular_block(start, n: int, b: int, shape):
+  """One leaf's circular block of b values at ``start`` in its n flattened
+  values: the block's indices in block order, and each value's position
+  (i - start) mod n, shaped like the leaf (in the block iff < b)."""
+  i = start + jnp.arange(b, dtype=jnp.int32)
+  r = jnp.arange(n, dtype=jnp.int32) - start
+  return jnp.where(i >= n, i - n, i), jnp.where(r < 0, r + n, r).reshape(shape)
+
+
+def place_block(x, values, b: int, rel):
+  """The leaf that holds ``values`` at its block positions ``rel`` and zeros
+  elsewhere: an elementwise select with a b-element lookup, which fuses into
+  the pass that uses it (a scatter into a zero leaf is a pass of its own)."""
+  lookup = values.at[jnp.minimum(rel, b - 1)].get(mode='promise_in_bounds')
+  return jnp.where(rel < b, lookup, 0).astype(x.dtype)
+
+
 def _rbgs_per_leaf(ratio: float, key: KeyLike) -> Compressor:
-  def leaf_indices(state, tree):
+  def blocks(state, tree):
+    """(b, block indices, positions) of every leaf, as ``circular_block``."""
     sizes = _leaf_sizes(tree)
-    blocks = [max(1, int(n // ratio)) for n in sizes]
     starts = jax.random.randint(
         _step_key(state), (len(sizes),), 0, jnp.asarray(sizes, jnp.int32),
         dtype=jnp.int32,
     )
     out = []
-    for j, (n, b) in enumerate(zip(sizes, blocks)):
-      i = starts[j] + jnp.arange(b, dtype=jnp.int32)
-      out.append(jnp.where(i >= n, i - n, i))
+    for j, (x, n) in enumerate(zip(jax.tree.leaves(tree), sizes)):
+      b = max(1, int(n // ratio))
+      out.append((b, *circular_block(starts[j], n, b, jnp.shape(x))))
     return out
 
   def compress(tree, state):
     leaves, treedef = jax.tree.flatten(tree)
-    idxs = leaf_indices(state, tree)
-    kept = []
-    for x, idx in zip(leaves, idxs):
-      f = jnp.ravel(x)
-      kept.append(jnp.zeros_like(f).at[idx].set(f[idx]).reshape(x.shape))
-    return treedef.unflatten(kept)
+    return treedef.unflatten([
+        place_block(x, jnp.ravel(x)[i], b, rel)
+        for x, (b, i, rel) in zip(leaves, blocks(state, tree))])
 
   def aggregate(tree, state, axis_name=None):
     leaves, treedef = jax.tree.flatten(tree)
-    idxs = leaf_indices(state, tree)
-    flats = [jnp.ravel(x) for x in leaves]
+    info = blocks(state, tree)
     dtype = jnp.result_type(*leaves)
     # All leaf blocks in one buffer: one all-reduce per step, not one per leaf.
-    values = jnp.concatenate([f[i].astype(dtype) for f, i in zip(flats, idxs)])
+    values = jnp.concatenate([jnp.ravel(x)[i].astype(dtype) for x, (_, i, _) in zip(leaves, info)])
     mean_values = worker_mean(values, axis_name)
-    splits = np.cumsum([i.shape[0] for i in idxs])[:-1]
-    parts = jnp.split(mean_values, splits) if len(idxs) > 1 else [mean_values]
-    mean_c, residual = [], []
-    for x, f, i, v in zip(leaves, flats, idxs, parts):
-      mean_c.append(
-          jnp.zeros(f.shape, f.dtype)
-          .at[i].set(v.astype(f.dtype), unique_indices=True)
-          .reshape(x.shape)
-      )
-      residual.append(f.at[i].set(0, unique_indices=True).reshape(x.shape))
-    return (
-        treedef.unflatten(mean_c),
-        treedef.unflatten(residual),
-        _advance(state),
-    )
+    parts = jnp.split(mean_values, np.cumsum([b for b, _, _ in info])[:-1])
+    mean_c = [place_block(x, v, b, rel) for x, v, (b, _, rel) in zip(leaves, parts, info)]
+    residual = [jnp.where(rel < b, jnp.zeros_like(x), x) for x, (b, _, rel) in zip(leaves, info)]
+    return treedef.unflatten(mean_c), treedef.unflatten(residual), _advance(state)
 
   def payload(params):
     return sum(per_leaf_block_sizes(params, ratio))

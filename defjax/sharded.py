@@ -329,7 +329,8 @@ def rbgs(
         key=compress_lib.as_key(key), count=jnp.zeros([], jnp.int32))
 
   def local_indices(leaves, raw_key, count):
-    """Each leaf's block indices into this device's flattened shard."""
+    """Each leaf's (b, block indices, positions) in this device's flattened
+    shard, as ``compress.circular_block``."""
     sizes = [x.size for x in leaves]
     step_key = jax.random.fold_in(raw_key, count)
     row = jax.lax.axis_index(model_axis)
@@ -337,10 +338,10 @@ def rbgs(
     own = jax.random.randint(jax.random.fold_in(step_key, row), (len(sizes),), 0, maxval)
     shared = jax.random.randint(jax.random.fold_in(step_key, 0), (len(sizes),), 0, maxval)
     out = []
-    for j, n in enumerate(sizes):
+    for j, (x, n) in enumerate(zip(leaves, sizes)):
       b = max(1, int(n // ratio))
-      i = (own if sharded[j] else shared)[j] + jnp.arange(b, dtype=jnp.int32)
-      out.append(jnp.where(i >= n, i - n, i))
+      start = (own if sharded[j] else shared)[j]
+      out.append((b, *compress_lib.circular_block(start, n, b, x.shape)))
     return out
 
   def on_shards(fn, tree, state):
@@ -360,18 +361,15 @@ def rbgs(
 
   def blocks(axis_name):
     def fn(leaves, raw_key, count):
-      idxs = local_indices(leaves, raw_key, count)
-      flats = [jnp.ravel(x) for x in leaves]
+      info = local_indices(leaves, raw_key, count)
       dtype = jnp.result_type(*leaves)
-      values = jnp.concatenate([f[i].astype(dtype) for f, i in zip(flats, idxs)])
+      values = jnp.concatenate([jnp.ravel(x)[i].astype(dtype) for x, (_, i, _) in zip(leaves, info)])
       if axis_name is not None:
         values = compress_lib.worker_mean(values, axis_name)  # b_device values
-      parts = jnp.split(values, np.cumsum([i.shape[0] for i in idxs])[:-1])
-      kept, residual = [], []
-      for x, f, i, v in zip(leaves, flats, idxs, parts):
-        kept.append(jnp.zeros_like(f).at[i].set(v.astype(f.dtype), unique_indices=True)
-                    .reshape(x.shape))
-        residual.append(f.at[i].set(0, unique_indices=True).reshape(x.shape))
+      parts = jnp.split(values, np.cumsum([b for b, _, _ in info])[:-1])
+      kept = [compress_lib.place_block(x, v, b, rel)
+              for x, v, (b, _, rel) in zip(leaves, parts, info)]
+      residual = [jnp.where(rel < b, jnp.zeros_like(x), x) for x, (b, _, rel) in zip(leaves, info)]
       return kept, residual
     return fn
 
