@@ -42,4 +42,4 @@ bench: install data
 	$(PY) -m bench.run_all
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache .cache

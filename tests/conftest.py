@@ -9,6 +9,15 @@ _flags = os.environ.get('XLA_FLAGS', '')
 if 'xla_force_host_platform_device_count' not in _flags:
   os.environ['XLA_FLAGS'] = (_flags + ' --xla_force_host_platform_device_count=8').strip()
 
+# One persistent compilation cache for the whole suite (both pytest-xdist
+# workers and the train.py subprocesses the tests start): the trainer tests
+# compile the same tiny programs (model init, train step, evaluation) run
+# after run, and XLA:CPU takes seconds for each (a ResNet's jitted init: ~20 s).
+# It lives in the clone, so a second `make test` starts warm; set
+# JAX_COMPILATION_CACHE_DIR to use another place.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '.cache', 'jax-tests'))
+
 import jax  # noqa: E402
 
 from defjax import parallel  # noqa: E402

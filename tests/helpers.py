@@ -42,11 +42,11 @@ def momentum_sgd(lr=0.1, momentum=0.9, wd=5e-4):
   return optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr, momentum=momentum))
 
 
-def run_workers(tx, params, xs, ys, axis_name='w', loss=mlp_loss):
+def run_workers(tx, params, xs, ys, axis_name='w', loss=mlp_loss, with_states=False):
   """Runs tx for len(xs) steps with K workers simulated by vmap.
 
   Returns the final params, the stacked per-worker states, and the params
-  after each step.
+  after each step (with ``with_states``, (params, states) after each step).
   """
   from defjax import feedback
 
@@ -70,7 +70,7 @@ def run_workers(tx, params, xs, ys, axis_name='w', loss=mlp_loss):
   history = []
   for t in range(xs.shape[0]):
     params, states = step(params, states, xs[t], ys[t])
-    history.append(params)
+    history.append((params, states) if with_states else params)
   return params, states, history
 
 

@@ -147,11 +147,11 @@ def test_all_workers_select_the_same_block():
   # Every worker initialises and carries its own state, from its own values:
   # nothing but the seed and the step count may decide the block.
   states = stack([c.init(_tree(200 + k)) for k in range(K)])
+  aggregate = jax.jit(jax.vmap(lambda p, s: c.aggregate(p, s, 'w'), axis_name='w'))
   seen = []
   for t in range(3):
     ps = stack([_tree(100 + 10 * t + k) for k in range(K)])
-    _, residual, states = jax.vmap(c.aggregate, in_axes=(0, 0, None), axis_name='w')(
-        ps, states, 'w')
+    _, residual, states = aggregate(ps, states)
     zeroed = np.stack([_flat(jax.tree.map(lambda x: x[k], residual)) == 0 for k in range(K)])
     assert zeroed[0].sum() == c.payload(params)
     assert (zeroed == zeroed[0]).all()

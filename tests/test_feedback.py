@@ -55,10 +55,10 @@ def test_k1_lam1_each_step():
   xs, ys = batches(10, workers=1)
   tx = defjax.error_feedback(momentum_sgd(), defjax.rbgs(8), lam=1.0)
   sgd = _sgd_path(params, xs[:, 0], ys[:, 0], momentum_sgd())
-  for t in range(1, 11):
-    x, states, _ = run_workers(tx, params, xs[:t], ys[:t], axis_name=None)
+  _, _, path = run_workers(tx, params, xs, ys, axis_name=None, with_states=True)
+  for t, (x, states) in enumerate(path):
     y = defjax.averaged_params(x, jax.tree.map(lambda s: s[0], states))
-    assert_trees_close(y, sgd[t - 1], rtol=2e-5, atol=2e-6)
+    assert_trees_close(y, sgd[t], rtol=2e-5, atol=2e-6)
 
 
 def test_sgd_iterate_averaging():

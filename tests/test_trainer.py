@@ -14,10 +14,12 @@ import pytest
 from configs import default, fashion_mnist
 from defjax import checkpoint as ckpt
 from defjax import methods
+from defjax import models
 from defjax import optimizer
 from defjax import runfiles
 from defjax import trainer
 from defjax import validation
+from defjax.models import resnet_cifar
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FMNIST = '/usr/share/datasets/fashion-mnist'
@@ -143,7 +145,11 @@ def test_simulated_workers_per_device(tiny_folder, tmp_path):
   assert summary['status'] == 'completed'
 
 
-def test_batchnorm_model_with_synced_and_local_stats(tiny_folder, tmp_path):
+def test_batchnorm_model_with_synced_and_local_stats(tiny_folder, tmp_path, monkeypatch):
+  # ResNet-20's code at 1 block per stage and a quarter of its width: the
+  # trainer's BatchNorm paths at a fraction of the compile time.
+  monkeypatch.setitem(models._FACTORIES, 'resnet20', lambda n: resnet_cifar.ResNet(
+      n, stage_sizes=(1, 1, 1), widths=(4, 8, 16)))
   for sync in (True, False):
     config = tiny_config(tiny_folder, model='resnet20', num_train_steps=2, eval_every_steps=2,
                          sync_batch_stats=sync)
