@@ -5,7 +5,9 @@ The paper's claim (DEF within 0.7 points of SGD up to ratio 1024) is made at
 This report puts every committed setting on that axis: for each setting (a
 name and its run folder) and each (DEF or DEF-A, ratio, lam), the gap is
 SGD's final test accuracy minus the method's (means over seeds; points), and
-T / ratio counts how often each value crossed the wire.
+T / ratio counts how often each value crossed the wire (``table_gap.md``,
+``gap.png``). ``table_verdict.md`` puts every method of a setting side by
+side, a row per (ratio, DEF's lam): the paper's Table 1 across settings.
 
 Usage::
 
@@ -62,6 +64,55 @@ def rows_of(setting: str, paths: Sequence[str]) -> list[dict]:
                   if row['sgd'] is not None and row['accuracy'] is not None else None)
     rows.append(row)
   return rows
+
+
+VERDICT_LABELS = ('DEF', 'DEF-A', 'EF', 'SAEF', 'PSync')
+
+
+def verdict_rows_of(setting: str, paths: Sequence[str]) -> list[dict]:
+  """One row per (ratio, DEF's lam) of the setting: every method side by side.
+
+  EF, SAEF and PSync (lam fixed by the method) repeat in each lam's row of
+  their ratio; a method without runs there is None.
+  """
+  collected = results_lib.collect(paths)
+  groups, scale = collected.groups, collected.scale
+  text = lambda key: results_lib.cell(groups[key], scale)['text'] if key in groups else None
+  rows = []
+  for ratio in sorted({ratio for label, ratio, _ in groups if label != 'SGD'}):
+    at_ratio = {key: g for key, g in groups.items() if key[1] == ratio}
+    lams = sorted({lam for label, _, lam in at_ratio if label in methods.LAM_LABELS}) or [None]
+    steps = sorted({r.run.summary.get('steps') for g in at_ratio.values() for r in g} - {None})
+    per_leaf = {bool(results_lib.config_get(r.run.config, 'optim.per_leaf', False))
+                for g in at_ratio.values() for r in g}
+    for lam in lams:
+      row = {'setting': setting, 'ratio': ratio, 'lam': lam,
+             'layout': 'per-leaf' if per_leaf == {True} else (
+                 'global' if per_leaf == {False} else 'mixed'),
+             # The steps of completed runs (diverged ones stop early).
+             'steps': max(steps) if steps else None,
+             'SGD': text(('SGD', 1, None))}
+      row['sends_per_value'] = row['steps'] / ratio if row['steps'] else None
+      for label in VERDICT_LABELS:
+        keys = [k for k in at_ratio if k[0] == label and (
+            k[2] == lam or label not in methods.LAM_LABELS)]
+        row[label] = text(keys[0]) if keys else None
+      rows.append(row)
+  return rows
+
+
+def verdict_markdown(rows: list[dict]) -> str:
+  columns = ('setting', 'layout', 'ratio', 'steps T', 'T / ratio', 'SGD', 'DEF', 'DEF-A',
+             'DEF lam', 'EF', 'SAEF', 'PSync')
+  lines = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
+  cell = lambda v: v or results_lib.DASH
+  for r in rows:
+    lines.append(
+        f'| {r["setting"]} | {r["layout"]} | {r["ratio"]} | {_fmt(r["steps"], ",")} |'
+        f' {_fmt(r["sends_per_value"], ".1f")} | {cell(r["SGD"])} | {cell(r["DEF"])} |'
+        f' {cell(r["DEF-A"])} | {_fmt(r["lam"], "g")} | {cell(r["EF"])} | {cell(r["SAEF"])} |'
+        f' {cell(r["PSync"])} |')
+  return '\n'.join(lines) + '\n'
 
 
 def _fmt(value, spec):
@@ -123,14 +174,20 @@ def write(settings: Sequence[tuple[str, Sequence[str]]], out, argv: Sequence[str
   rows = [row for name, paths in settings for row in rows_of(name, paths)]
   table = table_markdown(rows)
   (out / 'table_gap.md').write_text(table)
+  verdict = verdict_markdown(
+      [row for name, paths in settings for row in verdict_rows_of(name, paths)])
+  (out / 'table_verdict.md').write_text(verdict)
   figure(rows, out / 'gap.png')
   (out / 'gap.json').write_text(json.dumps(rows, indent=2) + '\n')
   now = datetime.datetime.now().astimezone().isoformat(timespec='seconds')
   (out / 'README.md').write_text('\n'.join([
       "# DEF's gap to SGD against training length", '', f'Made {now} by', '', '```',
       shlex.join(argv), '```', '', 'Settings: ' + ', '.join(
-          f'`{name}` = `{", ".join(paths)}`' for name, paths in settings) + '.', '', table,
-      '![gap](gap.png)', '']))
+          f'`{name}` = `{", ".join(paths)}`' for name, paths in settings) + '.', '',
+      '## Every method, per setting and ratio', '',
+      'Test accuracy (%) at the end of training, mean ± sample standard deviation'
+      ' over n seeds (`table_verdict.md`); DEF and DEF-A at the lam of the row.', '',
+      verdict, "## DEF's gap to SGD", '', table, '![gap](gap.png)', '']))
   return rows
 
 

@@ -14,8 +14,8 @@ both DEF (the model y = x - mean e) and DEF-A (the model x). Written into
   standard deviation over seeds, laid out as the paper's Table 1 (a row per
   ratio, a column per method, SGD in the row of ratio 1); "diverged" when
   every seed diverged, "diverged (k/n)" when k of n did.
-- ``table_lam.md``: DEF and DEF-A per lam at each ratio that has several
-  lams (the paper's Table 4), only when such a ratio exists.
+- ``table_lam.md``: DEF and DEF-A per lam at each ratio (the paper's Table
+  4), only when the runs hold several lams.
 - ``fig1_<ratio>.png`` and ``fig3_<ratio>.png``: the paper's Figure 1 and
   Figure 3 (``defjax.figures``).
 - ``report.json``: what ``summarize`` returns; ``README.md``: all of the
@@ -137,11 +137,17 @@ def table1_markdown(summary: dict, setting: str = '') -> str:
 
 
 def table_lam_markdown(summary: dict) -> str | None:
-  """The paper's Table 4: DEF and DEF-A per lam, one table per ratio."""
+  """The paper's Table 4: DEF and DEF-A per lam, one table per ratio.
+
+  Written when the runs hold several lams; then every ratio gets its table,
+  also one with a single lam (Table 1 shows one lam only).
+  """
   parts = []
+  if len({l for by_lam in summary['lams'].values() for l in by_lam if l is not None}) < 2:
+    return None
   for ratio, by_lam in sorted(summary['lams'].items()):
     lams = sorted(l for l in by_lam if l is not None)
-    if len(lams) < 2:
+    if not lams:
       continue
     parts.append(f'Compression ratio {ratio}:\n')
     parts.append('| lam | ' + ' | '.join(f'{l:g}' for l in lams) + ' |')

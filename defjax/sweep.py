@@ -179,16 +179,21 @@ def _config_dir(runs: list[launch.Run]) -> str | None:
 
 
 def _write_record(path: pathlib.Path, header: dict, runs: list[launch.Run],
-                  previous: dict | None = None) -> None:
+                  previous: dict | None, todo: set[str]) -> None:
   # Several grids may share one --out (a queue adds a second seed later): keep
-  # the other grids' runs and commands instead of forgetting them.
+  # the other grids' runs and commands instead of forgetting them. A run this
+  # sweep skips (finished earlier) keeps the entry of the sweep that ran it:
+  # its command, exit code and time.
   previous = previous or {}
   names = {r.name for r in runs}
   kept = [r for r in previous.get('runs', []) if r.get('name') not in names]
+  before = {r.get('name'): r for r in previous.get('runs', [])}
   earlier = list(previous.get('earlier_commands', []))
   if kept and previous.get('command') and previous['command'] != header['command']:
     earlier.append(previous['command'])
-  record = dict(header, runs=[r.record() for r in runs] + kept)
+  entries = [dict(before[r.name], status=r.status)
+             if r.name not in todo and r.name in before else r.record() for r in runs]
+  record = dict(header, runs=entries + kept)
   if earlier:
     record['earlier_commands'] = list(dict.fromkeys(earlier))
   tmp = path.with_suffix('.json.tmp')
@@ -237,6 +242,15 @@ def run_sweep(
       print(shlex.join(run.command), file=stream)
     return 0
 
+  record_path = out / 'sweep.json'
+  previous = _warn_if_base_changed(record_path, runs, stream)
+  if not todo:
+    # Nothing to launch: leave sweep.json as the launching sweep wrote it.
+    for index, run in enumerate(runs, start=1):
+      progress.done(index, run, 'finished earlier, skipped')
+    _print_counts(runs, stream)
+    return 0
+
   out.mkdir(parents=True, exist_ok=True)
   header = {
       'command': shlex.join(argv),
@@ -246,9 +260,7 @@ def run_sweep(
       **environment(_config_dir(runs)),
   }
   todo_names = {r.name for r in todo}
-  record_path = out / 'sweep.json'
-  previous = _warn_if_base_changed(record_path, runs, stream)
-  _write_record(record_path, header, runs, previous)
+  _write_record(record_path, header, runs, previous, todo_names)
   for index, run in enumerate(runs, start=1):
     if run.name not in todo_names:
       progress.done(index, run, 'finished earlier, skipped')
@@ -257,22 +269,25 @@ def run_sweep(
       launch.launch(run, index, progress, poll_s)
     except KeyboardInterrupt:
       progress.done(index, run)
-      _write_record(record_path, header, runs, previous)
+      _write_record(record_path, header, runs, previous, todo_names)
       print('sweep interrupted; rerun the same command to resume',
             file=stream, flush=True)
       return 130
     detail = (f'exit code {run.returncode}, see {run.workdir / "log.txt"}'
               if run.status not in FINISHED else launch.progress_detail(run.workdir))
     progress.done(index, run, detail)
-    _write_record(record_path, header, runs, previous)
+    _write_record(record_path, header, runs, previous, todo_names)
 
-  failed = [r for r in runs if r.status not in FINISHED]
+  _print_counts(runs, stream)
+  return 1 if any(r.status not in FINISHED for r in runs) else 0
+
+
+def _print_counts(runs: list[launch.Run], stream) -> None:
   counts = {}
   for run in runs:
     counts[run.status] = counts.get(run.status, 0) + 1
   print('done: ' + ', '.join(f'{n} {s}' for s, n in sorted(counts.items())),
         file=stream, flush=True)
-  return 1 if failed else 0
 
 
 def _warn_if_base_changed(record_path: pathlib.Path, runs: list[launch.Run],

@@ -8,6 +8,7 @@ results of real training are not tested here.
 
 import inspect
 import json
+import shutil
 import math
 import pathlib
 import shlex
@@ -208,13 +209,13 @@ def test_sweep_runs_records_and_skips_finished_runs(fake, tmp_path, capsys):
   assert 'def ratio 16 seed 1: 4 evals' in log
   assert '--config.seed=1' in log
 
-  # The second time every run is finished: nothing is launched.
+  # The second time every run is finished: nothing is launched, and the
+  # record of the sweep that ran them stays as it was.
+  before = (out / 'sweep.json').read_bytes()
   assert run_sweep(fake, out, *args) == 0
   assert len(launches(fake[1])) == 4
   assert '4 runs, 4 finished, 0 to run' in capsys.readouterr().out
-  record = json.loads((out / 'sweep.json').read_text())
-  assert {r['launched'] for r in record['runs']} == {False}
-  assert {r['status'] for r in record['runs']} == {'completed'}
+  assert (out / 'sweep.json').read_bytes() == before
 
 
 def test_grids_sharing_an_out_keep_each_others_records(fake, tmp_path):
@@ -227,11 +228,16 @@ def test_grids_sharing_an_out_keep_each_others_records(fake, tmp_path):
   record = json.loads((out / 'sweep.json').read_text())
   assert [r['name'] for r in record['runs']] == ['sgd-r1-s1', 'ef-r4-s1', 'sgd-r1-s0']
   assert record['earlier_commands'] == [first] and record['command'] != first
-  # Rerunning the first grid again neither duplicates runs nor commands.
+  # Rerunning the first grid (all finished) changes nothing.
+  before = (out / 'sweep.json').read_bytes()
   assert run_sweep(fake, out, '--methods', 'sgd', '--seeds', '0') == 0
+  assert (out / 'sweep.json').read_bytes() == before
+  # Relaunching part of it neither duplicates runs nor commands.
+  shutil.rmtree(out / 'sgd-r1-s1')
+  assert run_sweep(fake, out, '--methods', 'sgd,ef', '--ratios', '4', '--seeds', '1') == 0
   record = json.loads((out / 'sweep.json').read_text())
   assert sorted(r['name'] for r in record['runs']) == ['ef-r4-s1', 'sgd-r1-s0', 'sgd-r1-s1']
-  assert len(record['earlier_commands']) == 2
+  assert record['earlier_commands'] == [first]
 
 
 def test_unfinished_runs_are_relaunched(fake, tmp_path):
@@ -266,6 +272,15 @@ def test_divergence_is_a_result_and_failure_is_not(fake, tmp_path, capsys):
               ('sgd-r1-s0', 'completed', 0), ('ef-r16-s0', 'failed', 1),
               ('def-r16-s0', 'completed', 0)]
   assert 'exit code 1' in capsys.readouterr().out
+  # Relaunched, the failed run completes; the others keep what their launch
+  # recorded (exit code, time), not "not launched".
+  finished = {r['name']: r for r in record['runs'] if r['status'] == 'completed'}
+  assert run_sweep(fake, out, '--methods', 'sgd,ef,def', '--ratios', '16') == 0
+  record = json.loads((out / 'sweep.json').read_text())
+  assert [r['status'] for r in record['runs']] == ['completed'] * 3
+  for r in record['runs']:
+    if r['name'] in finished:
+      assert r == finished[r['name']]
 
 
 def test_dry_run_launches_nothing(fake, tmp_path, capsys):
@@ -346,6 +361,17 @@ def test_lam_table(swept):
       np.testing.assert_allclose(
           lams[16][lam][label]['mean'],
           expected_cell('def', 16, x, lam=lam)[0])
+
+
+def test_lam_table_shows_every_ratio_once_there_are_several_lams():
+  cells = lambda a, b: {'DEF': {'text': a}, 'DEF-A': {'text': b}}
+  text = report.table_lam_markdown(
+      {'lams': {256: {0.3: cells('a', 'b'), 0.6: cells('c', 'd')}, 1024: {0.6: cells('e', 'f')}}})
+  assert '| lam | 0.3 | 0.6 |\n|---|---:|---:|\n| DEF | a | c |\n| DEF-A | b | d |' in text
+  assert 'Compression ratio 1024:\n\n| lam | 0.6 |\n|---|---:|\n| DEF | e |\n| DEF-A | f |' in text
+  # One lam in all the runs: Table 1 says it all.
+  assert report.table_lam_markdown({'lams': {256: {0.3: cells('a', 'b')},
+                                             1024: {0.3: cells('e', 'f')}}}) is None
 
 
 def test_report_files(swept, tmp_path):
@@ -503,3 +529,22 @@ def test_gap_report_is_sgd_minus_method_against_sends_per_value(fake, tmp_path):
   assert (tmp_path / 'gap' / 'gap.png').read_bytes()[:8] == PNG_MAGIC
   table = (tmp_path / 'gap' / 'table_gap.md').read_text()
   assert table.count('\n') == 2 + len(rows)
+
+
+def test_verdict_table_puts_every_method_side_by_side(fake, tmp_path):
+  """A row per (ratio, DEF's lam): EF and SAEF (lam fixed) in each lam's row,
+  a method without runs is a dash."""
+  out = tmp_path / 'sweep'
+  assert run_sweep(fake, out, '--methods', 'sgd,ef,saef,def', '--ratios', '64', '--seeds', '0',
+                   '--lams', '0.3,0.6') == 0
+  rows = gap.verdict_rows_of('s', [str(out)])
+  text = lambda method, lam=0.3, x=False: f'{100 * fake_accuracy(method, 64, lam, 0, x):.2f} (n=1)'
+  assert [(r['ratio'], r['lam']) for r in rows] == [(64, 0.3), (64, 0.6)]
+  for r, lam in zip(rows, (0.3, 0.6)):
+    assert r['SGD'] == f'{100 * fake_accuracy("sgd", 1, 0.3, 0, False):.2f} (n=1)'
+    assert (r['DEF'], r['DEF-A']) == (text('def', lam), text('def', lam, x=True))
+    assert (r['EF'], r['SAEF'], r['PSync']) == (text('ef'), text('saef'), None)
+    assert r['steps'] == 40 and r['sends_per_value'] == 40 / 64
+  table = gap.verdict_markdown(rows).splitlines()
+  assert table[0].startswith('| setting | layout | ratio | steps T | T / ratio | SGD | DEF |')
+  assert table[3].endswith(f'| 0.6 | {text("ef")} | {text("saef")} | — |')
