@@ -106,7 +106,7 @@ class Setup:
   """A model, its loss, abstract/concrete variables and per-worker batches."""
 
   def __init__(self, model_name: str, num_workers: int, batch: int, seed: int = 0, *,
-               model=None, input_shape=None, classes=None):
+               model=None, input_shape=None, classes=None, layout=None):
     if model is None:
       shape, classes = MODEL_INPUTS[model_name]
       model = get_model(model_name, num_classes=classes)
@@ -114,7 +114,7 @@ class Setup:
       shape = input_shape
     self.name = model_name
     self.model = model
-    self.layout = parallel.make_layout(num_workers)
+    self.layout = parallel.make_layout(num_workers) if layout is None else layout
     self.batch = batch
     self.input_shape = shape
     self.classes = classes

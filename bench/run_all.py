@@ -29,6 +29,9 @@ END = '<!-- bench:end -->'
 # In order: cluster_projection reads overhead.json.
 BENCHMARKS = ('wire_bytes', 'overhead', 'dispatch', 'compressor_cost', 'collectives',
               'cluster_projection', 'peer_torch')
+# Written by `make bench-gpu` (python -m bench.gpu) on a GPU machine, never by
+# run_all; its table joins the summary and the README once its JSON exists.
+ACCELERATOR_BENCHMARKS = ('gpu',)
 TIMEOUT_S = 900
 
 
@@ -114,7 +117,7 @@ def _projection_subset(doc: dict) -> str:
 def readme_section(results: pathlib.Path = RESULTS) -> str:
   """The README's Performance tables, from the benchmark JSON files only."""
   parts = [BEGIN, '']
-  for name in BENCHMARKS:
+  for name in BENCHMARKS + ACCELERATOR_BENCHMARKS:
     path = results / f'{name}.json'
     if not path.exists():
       continue
@@ -168,7 +171,7 @@ def main(argv=None):
   ]
   if a.note:
     parts += [a.note, '']
-  for n in BENCHMARKS:
+  for n in BENCHMARKS + ACCELERATOR_BENCHMARKS:
     if (RESULTS / f'{n}.json').exists() or n in runs:
       parts.append(section(n, runs.get(n)))
   (RESULTS / 'summary.md').write_text('\n'.join(parts))

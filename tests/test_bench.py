@@ -126,3 +126,21 @@ def test_run_pair_reports_a_failed_worker():
   from bench import procs
   with pytest.raises(RuntimeError, match='bench.no_such_module worker 0 exited'):
     procs.run_pair('bench.no_such_module', lambda i, port: [], timeout_s=60)
+
+
+def test_gpu_bench_tiny():
+  """bench.gpu's measurement on the CPU: K = 8 vmapped on one device."""
+  import jax
+  import defjax
+  from bench import gpu
+  from defjax import wire
+  res = gpu.measure('cnn', 2, variants=(('sgd', 1), ('def', 64)), rounds=1, steps=1,
+                    devices=jax.devices()[:1])
+  sgd, def64 = res['rows']
+  assert (sgd['variant'], def64['variant']) == ('sgd', 'def@64')
+  assert sgd['devices'] == 1 and sgd['workers'] == 8
+  assert sgd['wire_bytes'] == wire.bytes_per_step(sgd['d'])
+  assert def64['wire_bytes'] == wire.bytes_per_step(defjax.rbgs(64, per_leaf=True).payload(
+      common.Setup('cnn', 8, 2).abstract_params))
+  assert sgd['x_sgd_median'] == 1.0 and def64['x_sgd_median'] > 0
+  assert def64['steps_per_s'] > 0 and def64['compile_s'] > 0 and def64['program_gib'] > 0
