@@ -5,7 +5,8 @@ with vmap on one device (``parallel.make_layout(8)`` puts all 8 there), each
 with its own error and momentum, and the block all-reduce becomes a sum over
 the vmapped axis. For each model and method this measures
 
-* ``compile_s``: lowering + compiling the train step (``make_train_step``);
+* ``compile_s``: lowering + compiling the train step (``make_train_step``,
+  the local workers' gradients vmapped; for VGG-16 also unrolled);
 * ``steps_per_s``: median over alternating rounds (SGD, DEF@64, DEF@256, ...)
   of ``steps`` consecutive compiled steps, and the ratio of DEF's step time
   to SGD's within each round (min / median / max);
@@ -39,15 +40,20 @@ import defjax  # noqa: E402
 from defjax import parallel  # noqa: E402
 from defjax import wire  # noqa: E402
 
-# (model, per-worker batch): the paper's CIFAR batch (8 x 16) for VGG-16, the
-# usual 8 x 32 for ResNet-50 on ImageNet-sized inputs.
-SETTINGS = (('vgg16', 16), ('resnet50', 32))
-VARIANTS = (('sgd', 1), ('def', 64), ('def', 256))
+# (method, ratio, local_gradients): the local workers' gradients vmapped
+# (the GPU default) and, for VGG-16, unrolled (one model copy per worker, the
+# CPU default; its compile is about 8 times longer, so not for ResNet-50).
+VARIANTS = (('sgd', 1, 'vmap'), ('def', 64, 'vmap'), ('def', 256, 'vmap'))
+UNROLLED = (('def', 256, 'unroll'),)
+# (model, per-worker batch, variants): the paper's CIFAR batch (8 x 16) for
+# VGG-16, the usual 8 x 32 for ResNet-50 on ImageNet-sized inputs.
+SETTINGS = (('vgg16', 16, VARIANTS + UNROLLED), ('resnet50', 32, VARIANTS))
 GIB = 2.0 ** 30
 
 
-def variant_name(method: str, ratio: int) -> str:
-  return method if method == 'sgd' else f'{method}@{ratio}'
+def variant_name(method: str, ratio: int, local_gradients: str = 'vmap') -> str:
+  name = method if method == 'sgd' else f'{method}@{ratio}'
+  return name if local_gradients == 'vmap' else f'{name} {local_gradients}'
 
 
 def _peak_bytes():
@@ -63,14 +69,15 @@ def measure(model: str, batch: int, *, variants=VARIANTS, num_workers: int = 8,
   setup = common.Setup(model, num_workers, batch, layout=layout)
   data = setup.batches(2)
   runners, rows = {}, {}
-  for method, ratio in variants:
-    name = variant_name(method, ratio)
+  for method, ratio, local_gradients in variants:
+    name = variant_name(method, ratio, local_gradients)
     compressor = defjax.rbgs(ratio, per_leaf=True) if method != 'sgd' else None
     tx = common.make_tx(method, ratio, layout.axis_name, compressor=compressor)
     params, model_state = setup.variables()
     opt_state = parallel.init_worker_state(tx, params, layout)
     t0 = time.perf_counter()
-    compiled = setup.step(tx).lower(params, model_state, opt_state, data[0]).compile()
+    step = parallel.make_train_step(setup.loss_fn, tx, layout, local_gradients=local_gradients)
+    compiled = step.lower(params, model_state, opt_state, data[0]).compile()
     compile_s = time.perf_counter() - t0
     memory = compiled.memory_analysis()
     program = None if memory is None else (
@@ -114,12 +121,12 @@ def main(argv=None):
   parser.add_argument('--rounds', type=int, default=5)
   parser.add_argument('--steps', type=int, default=10)
   a = parser.parse_args(argv)
-  settings = (('cnn', 16),) if a.quick else SETTINGS
+  settings = (('cnn', 16, VARIANTS + UNROLLED),) if a.quick else SETTINGS
   if a.models:
-    batch = dict(SETTINGS + (('cnn', 16),))
-    settings = tuple((m, batch.get(m, 16)) for m in a.models.split(','))
+    known = {m: (b, v) for m, b, v in SETTINGS}
+    settings = tuple((m, *known.get(m, (16, VARIANTS))) for m in a.models.split(','))
   t0 = time.perf_counter()
-  results = [measure(m, b, rounds=a.rounds, steps=a.steps) for m, b in settings]
+  results = [measure(m, b, variants=v, rounds=a.rounds, steps=a.steps) for m, b, v in settings]
   rows = [r for res in results for r in res['rows']]
   device = jax.devices()[0]
   notes = (f'One {device.device_kind} ({jax.default_backend()}), K = 8 workers vmapped on it;'

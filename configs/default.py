@@ -43,6 +43,12 @@ def get_config() -> ml_collections.ConfigDict:
   # (trainer.AUTO_STEPS_PER_DISPATCH: 1). Every value > 1 gives the same bits;
   # they differ from 1's in float rounding (another compiled program).
   config.steps_per_dispatch = 0
+  # With more workers than devices (K > devices), how each device computes its
+  # workers' gradients: 'vmap' (one batched program; DEF's per-worker eval
+  # points make every convolution a grouped one), 'unroll' (a copy of the
+  # model per local worker) or 'auto' (trainer.AUTO_LOCAL_GRADIENTS: unroll on
+  # CPU, where bench/local_workers.py measured it far faster than vmap).
+  config.local_gradients = 'auto'
   # Checkpoint every this many steps (0 = only at the end and on SIGTERM).
   config.checkpoint_every_steps = 0
   # Checkpoints kept in <workdir>/checkpoints.

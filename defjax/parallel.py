@@ -298,6 +298,7 @@ def make_train_step(
     donate: bool = True,
     multi_step: bool = False,
     unroll: int | bool = 1,
+    local_gradients: str = 'vmap',
 ):
   """Builds the jitted data-parallel step of any defjax (or optax) transform.
 
@@ -322,28 +323,51 @@ def make_train_step(
       step (bench/dispatch.py): there use it for its host-sync savings only
       where compute is small.
     unroll: ``lax.scan``'s unroll (with ``multi_step``).
+    local_gradients: with several workers per device, how their gradients
+      are computed: 'vmap' (one batched program; where the workers' eval
+      points x - lam e_k differ, as in DEF, every convolution becomes a
+      grouped one) or 'unroll' (one copy of the model per local worker, each
+      an ordinary convolution, at the cost of a longer compile). The
+      optimizer runs vmapped over the local workers either way.
 
   Returns:
     ``step(params, model_state, opt_state, batch) -> (params, model_state,
     opt_state, loss)`` where ``batch`` leaves have a leading worker axis K and
     ``loss`` is the mean over workers.
   """
+  if local_gradients not in ('vmap', 'unroll'):
+    raise ValueError(f"local_gradients must be 'vmap' or 'unroll', got {local_gradients!r}")
   axis_name = layout.axis_name
   ms_axis = None if sync_model_state else 0
 
-  def worker(params, model_state, opt_state, batch):
+  def gradient(params, model_state, opt_state, batch):
+    """Algorithm 1, line 6: the gradient at this worker's eval point."""
     point = feedback.eval_point(params, opt_state)
-    (loss, model_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        point, model_state, batch
-    )
+    return jax.value_and_grad(loss_fn, has_aux=True)(point, model_state, batch)
+
+  def update(params, model_state, opt_state, loss, grads):
     updates, opt_state = tx.update(grads, opt_state, params)
     if sync_model_state:
       model_state = jax.lax.pmean(model_state, axis_name)
     return updates, model_state, opt_state, jax.lax.pmean(loss, axis_name)
 
-  mapped = _map_workers(
-      worker, layout, in_axes=(None, ms_axis, 0, 0), out_axes=(None, ms_axis, 0, None)
-  )
+  def worker(params, model_state, opt_state, batch):
+    (loss, model_state), grads = gradient(params, model_state, opt_state, batch)
+    return update(params, model_state, opt_state, loss, grads)
+
+  out_axes = (None, ms_axis, 0, None)
+  if layout.workers_per_device > 1 and local_gradients == 'unroll':
+    vmapped_update = _map_workers(update, layout, in_axes=(None, 0, 0, 0, 0), out_axes=out_axes)
+
+    def mapped(params, model_state, opt_state, batch):
+      at = lambda tree, k: jax.tree.map(lambda x: x[k], tree)
+      results = [gradient(params, model_state if ms_axis is None else at(model_state, k),
+                          at(opt_state, k), at(batch, k))
+                 for k in range(layout.workers_per_device)]
+      (loss, new_model_state), grads = jax.tree.map(lambda *xs: jnp.stack(xs), *results)
+      return vmapped_update(params, new_model_state, opt_state, loss, grads)
+  else:
+    mapped = _map_workers(worker, layout, in_axes=(None, ms_axis, 0, 0), out_axes=out_axes)
 
   def one_step(state, batch):
     params, model_state, opt_state = state

@@ -43,6 +43,14 @@ from defjax.validation import validate
 # is compute-bound and a rolled loop of it runs ~6x slower per step, so 1; no
 # other platform has been measured yet, so 1 there too.
 AUTO_STEPS_PER_DISPATCH = {'cpu': 1}
+# How a device computes the gradients of its several workers when
+# config.local_gradients is 'auto' (parallel.make_train_step's
+# local_gradients). On CPU, DEF's K = 8 on 2 devices steps at 1.39x (CNN) and
+# 1.08x (slim VGG-16) the time of 8 devices unrolled, 2.42x and 1.53x vmapped
+# (vmap turns the convolutions at the per-worker points x - lam e_k into
+# grouped ones; bench/local_workers.py). GPUs and TPUs are not measured yet
+# (bench/gpu.py times both), so vmap there, the smaller program.
+AUTO_LOCAL_GRADIENTS = {'cpu': 'unroll'}
 
 
 class Diverged(Exception):
@@ -70,6 +78,14 @@ def steps_per_dispatch(config) -> int:
   if config.steps_per_dispatch:
     return config.steps_per_dispatch
   return AUTO_STEPS_PER_DISPATCH.get(jax.devices()[0].platform, 1)
+
+
+def local_gradients(config) -> str:
+  """How a device computes its workers' gradients: the config's, or the
+  platform's measured best."""
+  if config.local_gradients != 'auto':
+    return config.local_gradients
+  return AUTO_LOCAL_GRADIENTS.get(jax.devices()[0].platform, 'vmap')
 
 
 def params_sha256(params) -> str:
@@ -257,6 +273,7 @@ class _Workers:
   """
 
   def __init__(self, config):
+    self.config = config
     self.devices_per_worker = m = config.model_axis_size  # M
     if m == 1:
       self.layout = parallel.make_layout(config.num_workers)
@@ -287,7 +304,8 @@ class _Workers:
   def train_step(self, loss_fn, tx, *, sync_model_state: bool, multi_step: bool):
     if self.devices_per_worker == 1:
       return parallel.make_train_step(loss_fn, tx, self.layout, multi_step=multi_step,
-                                      sync_model_state=sync_model_state)
+                                      sync_model_state=sync_model_state,
+                                      local_gradients=local_gradients(self.config))
     # validation refuses multi_step and unsynced model state for M > 1.
     return sharded.make_train_step(loss_fn, tx, self.layout, self.specs)
 

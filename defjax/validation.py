@@ -33,6 +33,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choice(config.model, tuple(models_lib.MODELS), 'model')
   _choice(config.dataset, tuple(data_lib.DATASETS), 'dataset')
   _choice(o.schedule, SCHEDULES, 'optim.schedule')
+  _choice(config.local_gradients, ('auto', 'vmap', 'unroll'), 'local_gradients')
   try:
     compress.check_ratio(o.ratio)
     feedback.check_lam(o.lam)

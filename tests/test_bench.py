@@ -134,13 +134,24 @@ def test_gpu_bench_tiny():
   import defjax
   from bench import gpu
   from defjax import wire
-  res = gpu.measure('cnn', 2, variants=(('sgd', 1), ('def', 64)), rounds=1, steps=1,
-                    devices=jax.devices()[:1])
+  res = gpu.measure('cnn', 2, variants=(('sgd', 1, 'vmap'), ('def', 64, 'unroll')), rounds=1,
+                    steps=1, devices=jax.devices()[:1])
   sgd, def64 = res['rows']
-  assert (sgd['variant'], def64['variant']) == ('sgd', 'def@64')
+  assert (sgd['variant'], def64['variant']) == ('sgd', 'def@64 unroll')
   assert sgd['devices'] == 1 and sgd['workers'] == 8
   assert sgd['wire_bytes'] == wire.bytes_per_step(sgd['d'])
   assert def64['wire_bytes'] == wire.bytes_per_step(defjax.rbgs(64, per_leaf=True).payload(
       common.Setup('cnn', 8, 2).abstract_params))
   assert sgd['x_sgd_median'] == 1.0 and def64['x_sgd_median'] > 0
   assert def64['steps_per_s'] > 0 and def64['compile_s'] > 0 and def64['program_gib'] > 0
+
+
+def test_local_workers_tiny():
+  """Unrolled local gradients on 2 devices give the 8-device step's params."""
+  from bench import local_workers
+  res = local_workers.measure('cnn', 2, rounds=1, steps=1,
+                              variants=local_workers.VARIANTS[::2])
+  one, unrolled = res['rows']
+  assert (one['devices'], unrolled['devices'], unrolled['local_gradients']) == (8, 2, 'unroll')
+  assert one['x_8_devices'] == 1.0 and unrolled['x_8_devices'] > 0
+  assert unrolled['max_abs_diff'] < 1e-5

@@ -18,12 +18,13 @@ def _loss(params, model_state, batch):
   return mlp_loss(params, batch), model_state
 
 
-def _setup(tx_factory, num_workers, steps=4):
+def _setup(tx_factory, num_workers, steps=4, local_gradients='vmap'):
   layout = parallel.make_layout(num_workers)
   tx = tx_factory(layout.axis_name)
   params = jax.device_put(mlp_params(), layout.replicated)
   state = parallel.init_worker_state(tx, params, layout)
-  step = parallel.make_train_step(_loss, tx, layout, donate=False)
+  step = parallel.make_train_step(_loss, tx, layout, donate=False,
+                                  local_gradients=local_gradients)
   xs, ys = batches(steps, workers=num_workers)
   return layout, tx, params, state, step, xs, ys
 
@@ -115,17 +116,20 @@ def test_hlo_check_catches_the_full_gradient_all_reduce():
   assert wire.all_reduce_elements(compiled) == []
 
 
-@pytest.mark.parametrize('num_workers', [8, 16, 4])
+@pytest.mark.parametrize('num_workers, local_gradients',
+                         [(8, 'vmap'), (16, 'vmap'), (16, 'unroll'), (4, 'vmap')])
 @pytest.mark.parametrize('method', ['def', 'sgd'])
-def test_sharded_step_equals_simulated_workers(num_workers, method):
-  """shard_map over 8 devices (1, 2 or a subset of workers per device) gives
-  the vmap simulation's trajectory."""
+def test_sharded_step_equals_simulated_workers(num_workers, local_gradients, method):
+  """shard_map over 8 devices (1, 2 or a subset of workers per device; two
+  per device with their gradients vmapped or unrolled) gives the vmap
+  simulation's trajectory."""
   def factory(axis_name):
     if method == 'sgd':
       return defjax.data_parallel(momentum_sgd(), axis_name=axis_name)
     return defjax.error_feedback(momentum_sgd(), defjax.rbgs(8), lam=0.3, axis_name=axis_name)
 
-  layout, tx, params, state, step, xs, ys = _setup(factory, num_workers)
+  layout, tx, params, state, step, xs, ys = _setup(factory, num_workers,
+                                                   local_gradients=local_gradients)
   for t in range(xs.shape[0]):
     batch = jax.device_put((xs[t], ys[t]), layout.per_worker)
     params, _, state, loss = step(params, {}, state, batch)
@@ -156,17 +160,19 @@ def test_model_state_is_synced_or_per_worker():
     x, y = batch
     return mlp_loss(params, batch), {'mean': x.mean()}
 
-  for sync in (True, False):
-    layout = parallel.make_layout(8)
+  for sync, k, local_gradients in ((True, 8, 'vmap'), (False, 8, 'vmap'),
+                                   (True, 16, 'unroll'), (False, 16, 'unroll')):
+    layout = parallel.make_layout(k)
     tx = defjax.data_parallel(optax.sgd(0.1), axis_name=layout.axis_name)
     params = jax.device_put(mlp_params(), layout.replicated)
     state = parallel.init_worker_state(tx, params, layout)
-    step = parallel.make_train_step(loss, tx, layout, sync_model_state=sync, donate=False)
-    xs, ys = batches(1)
-    ms = {'mean': jnp.zeros(())} if sync else {'mean': jnp.zeros(8)}
+    step = parallel.make_train_step(loss, tx, layout, sync_model_state=sync, donate=False,
+                                    local_gradients=local_gradients)
+    xs, ys = batches(1, workers=k)
+    ms = {'mean': jnp.zeros(())} if sync else {'mean': jnp.zeros(k)}
     ms = jax.device_put(ms, layout.replicated if sync else layout.per_worker)
     _, ms, _, _ = step(params, ms, state, jax.device_put((xs[0], ys[0]), layout.per_worker))
-    per_worker = np.asarray(xs[0]).reshape(8, -1).mean(1)
+    per_worker = np.asarray(xs[0]).reshape(k, -1).mean(1)
     if sync:
       np.testing.assert_allclose(float(ms['mean']), per_worker.mean(), rtol=1e-5)
     else:

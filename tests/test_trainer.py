@@ -177,6 +177,7 @@ def test_divergence_is_a_result(tiny_folder, tmp_path):
     ({'num_workers': 12}, 'divisible'),
     ({'data_dir': '/nonexistent/data.tar'}, '/nonexistent'),
     ({'optim.schedule': 'linear'}, 'schedule'),
+    ({'local_gradients': 'pmap'}, 'unknown local_gradients'),
     ({'dataset': 'imagenet2012'}, 'augmented on the host'),
     ({'model_axis_size': 0}, 'model_axis_size must be a positive integer'),
     ({'model_axis_size': 3, 'num_workers': 2}, 'model_axis_size=3 must divide the 8 devices'),
