@@ -46,7 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
   # With more workers than devices (K > devices), how each device computes its
   # workers' gradients: 'vmap' (one batched program; DEF's per-worker eval
   # points make every convolution a grouped one), 'unroll' (a copy of the
-  # model per local worker) or 'auto' (trainer.AUTO_LOCAL_GRADIENTS: unroll on
+  # model per local worker) or 'auto' (workers.AUTO_LOCAL_GRADIENTS: unroll on
   # CPU, where bench/local_workers.py measured it far faster than vmap).
   config.local_gradients = 'auto'
   # Checkpoint every this many steps (0 = only at the end and on SIGTERM).
