@@ -33,7 +33,7 @@ $(FMNIST):
 # abort) is reported as one failed test while the rest of the suite goes on.
 PYTEST_WORKERS ?= 2
 test: install data
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --max-worker-restart=4
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --max-worker-restart=4 --durations=15
 
 train: install data
 	$(PY) train.py --config configs/fashion_mnist.py --workdir $(WORKDIR)

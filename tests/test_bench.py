@@ -134,10 +134,11 @@ def test_gpu_bench_tiny():
   import defjax
   from bench import gpu
   from defjax import wire
-  res = gpu.measure('cnn', 2, variants=(('sgd', 1, 'vmap'), ('def', 64, 'unroll')), rounds=1,
+  res = gpu.measure('cnn', 2, variants=(('sgd', 1, 'vmap'), ('def', 64, 'vmap')), rounds=1,
                     steps=1, devices=jax.devices()[:1])
   sgd, def64 = res['rows']
-  assert (sgd['variant'], def64['variant']) == ('sgd', 'def@64 unroll')
+  assert (sgd['variant'], def64['variant']) == ('sgd', 'def@64')
+  assert gpu.variant_name('def', 256, 'unroll') == 'def@256 unroll'
   assert sgd['devices'] == 1 and sgd['workers'] == 8
   assert sgd['wire_bytes'] == wire.bytes_per_step(sgd['d'])
   assert def64['wire_bytes'] == wire.bytes_per_step(defjax.rbgs(64, per_leaf=True).payload(

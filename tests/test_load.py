@@ -14,9 +14,11 @@ Each run is a subprocess: an abort must be a failed test, not a dead pytest.
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -96,28 +98,54 @@ def compile_cache_env(env, path):
               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
 
 
+def _training(log) -> bool:
+  """Whether a run's progress bar (stderr) shows at least one finished step."""
+  text = log.read_text() if log.exists() else ''
+  return re.search(r'\b[1-9][0-9]*/[0-9]+ \[', text) is not None
+
+
+def _finish_under_hogs(procs, logs):
+  """Waits until a run has finished a step (imports, data and compiled
+  programs loaded; process 0 draws the progress bar), then lets 4 x cores
+  busy processes compete with the rest of the run: steps, evaluations and
+  the final checkpoint."""
+  deadline = time.time() + 300
+  while not _training(logs[0]):
+    for p, log in zip(procs, logs):
+      assert p.poll() is None, log.read_text()[-3000:]
+    assert time.time() < deadline, [log.read_text()[-1000:] for log in logs]
+    time.sleep(0.05)
+  with cpu_hogs(max(8, 4 * os.cpu_count())):
+    # Still training when the hogs came: the load met the steps.
+    assert all(p.poll() is None for p in procs), [log.read_text()[-1000:] for log in logs]
+    for p, log in zip(procs, logs):
+      p.wait(timeout=1200)
+      assert p.returncode == 0, log.read_text()[-3000:]
+
+
 @pytest.mark.slow
 def test_runs_under_cpu_hogs_match_idle_runs(tiny_folder, tmp_path):
-  """One process x 8 devices and two processes x 4 (jax.distributed, gloo),
-  run at the same time next to 4 x cores busy processes, give the same bits
-  as the same runs on their own; and 2 x 4 equals 1 x 8 to float tolerance
-  (the block values are summed in another order)."""
+  """One process x 8 devices, and two processes x 4 (jax.distributed, gloo),
+  next to 4 x cores busy processes, give the same bits as the same runs on
+  their own; and 2 x 4 equals 1 x 8 to float tolerance (the block values are
+  summed in another order). The busy processes start once a run is training
+  (its compiled programs come from the idle run's persistent cache)."""
   from test_multihost import _args, _env, _finish, _launch_two
-  steps = 10
+  steps = 30
 
-  def launch_one(workdir):
+  def launch_one(workdir, stderr=subprocess.PIPE):
     return [subprocess.Popen(_args(tiny_folder, workdir, steps), cwd=REPO,
                              env=_env(8, tmp_path / 'jax-cache'), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)]
+                             stderr=stderr, text=True)]
 
   one = _finish(launch_one(tmp_path / 'one'), tmp_path / 'one')
   two = _finish(_launch_two(tiny_folder, tmp_path / 'two', steps), tmp_path / 'two')
-  with cpu_hogs(max(8, 4 * os.cpu_count())):
-    # The loaded runs reuse the idle runs' compiled programs (the persistent
-    # cache), so the hogs slow down the training, not the compiler.
-    runs = {'one': launch_one(tmp_path / 'loaded_one'),
-            'two': _launch_two(tiny_folder, tmp_path / 'loaded_two', steps)}
-    loaded = {k: _finish(p, tmp_path / f'loaded_{k}', timeout=1200) for k, p in runs.items()}
+  logs = [tmp_path / f'loaded{i}.txt' for i in range(3)]
+  _finish_under_hogs(launch_one(tmp_path / 'loaded_one', stderr=open(logs[0], 'w')), logs[:1])
+  _finish_under_hogs(_launch_two(tiny_folder, tmp_path / 'loaded_two', steps, logs=logs[1:]),
+                     logs[1:])
+  loaded = {k: json.loads((tmp_path / f'loaded_{k}' / 'summary.json').read_text())
+            for k in ('one', 'two')}
   assert loaded['one']['params_sha256'] == one['params_sha256']
   assert loaded['two']['params_sha256'] == two['params_sha256']
   assert two['steps'] == one['steps'] == steps

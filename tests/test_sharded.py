@@ -107,7 +107,7 @@ def test_sharded_def_equals_direct_per_shard_blocks(mesh, lam):
                                  ratio=4, lam=lam)
   _close(params, x_ref)
   for k in range(num_workers):
-    _close(jax.tree.map(lambda e: e[k], state.error), errors_ref[k])
+    _close(jax.tree.map(lambda e: np.asarray(e)[k], state.error), errors_ref[k])
   # x, e_k and m_k kept their model sharding.
   for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(layout.param_shardings(SPECS))):
     assert got.sharding.is_equivalent_to(want, got.ndim)
