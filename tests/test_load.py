@@ -131,7 +131,7 @@ def test_runs_under_cpu_hogs_match_idle_runs(tiny_folder, tmp_path):
   summed in another order). The busy processes start once a run is training
   (its compiled programs come from the idle run's persistent cache)."""
   from test_multihost import _args, _env, _finish, _launch_two
-  steps = 30
+  steps = 12
 
   def launch_one(workdir, stderr=subprocess.PIPE):
     return [subprocess.Popen(_args(tiny_folder, workdir, steps), cwd=REPO,
