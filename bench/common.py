@@ -179,8 +179,9 @@ class Setup:
       out.append(jax.device_put((x, y), self.layout.per_worker))
     return out
 
-  def step(self, tx, donate: bool = True):
-    return parallel.make_train_step(self.loss_fn, tx, self.layout, sync_model_state=True, donate=donate)
+  def step(self, tx, donate: bool = True, check_collectives: bool = True):
+    return parallel.make_train_step(self.loss_fn, tx, self.layout, sync_model_state=True,
+                                    donate=donate, check_collectives=check_collectives)
 
 
 # ------------------------------------------------------------------- timing

@@ -299,6 +299,7 @@ def make_train_step(
     multi_step: bool = False,
     unroll: int | bool = 1,
     local_gradients: str = 'vmap',
+    check_collectives: bool = True,
 ):
   """Builds the jitted data-parallel step of any defjax (or optax) transform.
 
@@ -329,6 +330,10 @@ def make_train_step(
       grouped one) or 'unroll' (one copy of the model per local worker, each
       an ordinary convolution, at the cost of a longer compile). The
       optimizer runs vmapped over the local workers either way.
+    check_collectives: trace ``tx.update`` first and raise ``ValueError``
+      unless its collectives reduce over exactly the workers'
+      (``check_worker_collectives``). Turn off only to time a step without
+      communication on purpose (``bench/overhead.py``'s 'local').
 
   Returns:
     ``step(params, model_state, opt_state, batch) -> (params, model_state,
@@ -376,8 +381,9 @@ def make_train_step(
 
   def local_step(params, model_state, opt_state, batch):
     # Runs once per trace, not per step.
-    check_worker_collectives(
-        tx, params, jax.tree.map(lambda x: x[0], opt_state), layout)
+    if check_collectives:
+      check_worker_collectives(
+          tx, params, jax.tree.map(lambda x: x[0], opt_state), layout)
     state = (params, model_state, opt_state)
     if multi_step:
       state, loss = jax.lax.scan(one_step, state, batch, unroll=unroll)

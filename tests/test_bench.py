@@ -55,10 +55,12 @@ def test_vgg_like_shapes_scale_to_target():
 
 
 def test_overhead_tiny():
-  res = overhead.measure('cnn', 2, rounds=1, steps=1, variants=('sgd', 'def'), profile=False)
-  assert set(res['ratio_to_sgd']) == {'def'}
+  # 'local' (no gradient all-reduce) must get past the step's collective check.
+  res = overhead.measure('cnn', 2, rounds=1, steps=1, variants=('sgd', 'def', 'local'),
+                         profile=False)
+  assert set(res['ratio_to_sgd']) == {'def', 'local'}
   assert all(s['median'] > 0 for s in res['step_s'].values())
-  assert len(overhead.rows_of(res)) == 2
+  assert len(overhead.rows_of(res)) == 3
 
 
 def test_cluster_projection_rows_and_paper_check(tmp_path):
