@@ -35,6 +35,13 @@ from defjax import results as results_lib
 MARKERS = {16: 'v', 64: 'o', 256: 's', 1024: '^'}
 
 
+def _layout(results) -> str:
+  """The RBGS layout of these runs: 'per-leaf', 'global' or 'mixed'."""
+  per_leaf = {bool(results_lib.config_get(r.run.config, 'optim.per_leaf', False))
+              for r in results}
+  return 'per-leaf' if per_leaf == {True} else ('global' if per_leaf == {False} else 'mixed')
+
+
 def rows_of(setting: str, paths: Sequence[str]) -> list[dict]:
   """One row per (DEF or DEF-A, ratio, lam) of the setting's runs."""
   collected = results_lib.collect(paths)
@@ -48,12 +55,9 @@ def rows_of(setting: str, paths: Sequence[str]) -> list[dict]:
       continue
     cell = results_lib.cell(group, scale)
     steps = sorted({r.run.summary.get('steps') for r in group} - {None})
-    per_leaf = {bool(results_lib.config_get(r.run.config, 'optim.per_leaf', False))
-                for r in group}
     row = {
         'setting': setting, 'method': label, 'ratio': ratio, 'lam': lam,
-        'layout': 'per-leaf' if per_leaf == {True} else (
-            'global' if per_leaf == {False} else 'mixed'),
+        'layout': _layout(group),
         'steps': steps[0] if len(steps) == 1 else None,
         'sends_per_value': steps[0] / ratio if len(steps) == 1 else None,
         'accuracy': cell['mean'], 'accuracy_text': cell['text'],
@@ -83,12 +87,9 @@ def verdict_rows_of(setting: str, paths: Sequence[str]) -> list[dict]:
     at_ratio = {key: g for key, g in groups.items() if key[1] == ratio}
     lams = sorted({lam for label, _, lam in at_ratio if label in methods.LAM_LABELS}) or [None]
     steps = sorted({r.run.summary.get('steps') for g in at_ratio.values() for r in g} - {None})
-    per_leaf = {bool(results_lib.config_get(r.run.config, 'optim.per_leaf', False))
-                for g in at_ratio.values() for r in g}
+    layout = _layout([r for g in at_ratio.values() for r in g])
     for lam in lams:
-      row = {'setting': setting, 'ratio': ratio, 'lam': lam,
-             'layout': 'per-leaf' if per_leaf == {True} else (
-                 'global' if per_leaf == {False} else 'mixed'),
+      row = {'setting': setting, 'ratio': ratio, 'lam': lam, 'layout': layout,
              # The steps of completed runs (diverged ones stop early).
              'steps': max(steps) if steps else None,
              'SGD': text(('SGD', 1, None))}

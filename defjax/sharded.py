@@ -328,7 +328,7 @@ def rbgs(
     return compress_lib.RandomState(
         key=compress_lib.as_key(key), count=jnp.zeros([], jnp.int32))
 
-  def local_indices(leaves, raw_key, count):
+  def local_blocks(leaves, raw_key, count):
     """Each leaf's (b, block indices, positions) in this device's flattened
     shard, as ``compress.circular_block``."""
     sizes = [x.size for x in leaves]
@@ -361,7 +361,7 @@ def rbgs(
 
   def blocks(axis_name):
     def fn(leaves, raw_key, count):
-      info = local_indices(leaves, raw_key, count)
+      info = local_blocks(leaves, raw_key, count)
       dtype = jnp.result_type(*leaves)
       values = jnp.concatenate([jnp.ravel(x)[i].astype(dtype) for x, (_, i, _) in zip(leaves, info)])
       if axis_name is not None:
