@@ -22,7 +22,6 @@ A setting is NAME=PATH[,PATH...]: run folders or single runs, read together
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import pathlib
 import shlex
@@ -180,9 +179,8 @@ def write(settings: Sequence[tuple[str, Sequence[str]]], out, argv: Sequence[str
   (out / 'table_verdict.md').write_text(verdict)
   figure(rows, out / 'gap.png')
   (out / 'gap.json').write_text(json.dumps(rows, indent=2) + '\n')
-  now = datetime.datetime.now().astimezone().isoformat(timespec='seconds')
   (out / 'README.md').write_text('\n'.join([
-      "# DEF's gap to SGD against training length", '', f'Made {now} by', '', '```',
+      "# DEF's gap to SGD against training length", '', 'Made by', '', '```',
       shlex.join(argv), '```', '', 'Settings: ' + ', '.join(
           f'`{name}` = `{", ".join(paths)}`' for name, paths in settings) + '.', '',
       '## Every method, per setting and ratio', '',

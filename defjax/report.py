@@ -19,7 +19,9 @@ both DEF (the model y = x - mean e) and DEF-A (the model x). Written into
 - ``fig1_<ratio>.png`` and ``fig3_<ratio>.png``: the paper's Figure 1 and
   Figure 3 (``defjax.figures``).
 - ``report.json``: what ``summarize`` returns; ``README.md``: all of the
-  above on one page, with the date and the command that made it.
+  above on one page, with the command that made it and each sweep's date,
+  machine and versions (no generation time: regenerating from the same runs
+  gives the same bytes).
 
 Runs without ``summary.json`` (still going, or interrupted) are listed but
 left out of tables and figures: their numbers are not final.
@@ -29,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime
 import json
 import os
 import pathlib
@@ -220,9 +221,8 @@ def _sweep_records(paths) -> list[tuple[pathlib.Path, dict]]:
 
 def _readme(summary, table1, lam_table, figures, setting, runs, paths,
             argv) -> str:
-  now = datetime.datetime.now().astimezone().isoformat(timespec='seconds')
   lines = [f'# defjax report{": " + setting if setting else ""}', '',
-           f'Made {now} by', '', '```',
+           'Made by', '', '```',
            shlex.join(argv) if argv else
            'python -m defjax.report ' + shlex.join(str(p) for p in paths),
            '```', '']

@@ -402,6 +402,14 @@ def test_report_files(swept, tmp_path):
   report_json = json.loads((out / 'report.json').read_text())
   assert len(report_json['runs']) == 3 + 3 * 2 * 3 + 2 * 2 * 3
 
+  # Regenerating from the same runs gives the same bytes (committed reports
+  # are checked this way), so no file may carry the time it was made.
+  before = {p.name: p.read_bytes() for p in out.iterdir()}
+  assert report.main([str(swept), '--out', str(out)]) == 0
+  after = {p.name: p.read_bytes() for p in out.iterdir()}
+  assert after.keys() == before.keys()
+  assert [n for n in before if before[n] != after[n]] == []
+
 
 def test_fig3_stops_at_the_first_decay(swept):
   collected = results.collect([swept])
