@@ -21,7 +21,6 @@ Run: python -m bench.collectives [--models vgg16,mlp] [--ratios 16,64,256,1024]
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -174,8 +173,7 @@ def launch(model_name: str, ratios, timeout_s: float = 540) -> dict:
          'JAX_PLATFORMS': 'cpu'}
   return procs.run_pair(
       'bench.collectives',
-      lambda i, port: ['--worker', str(i), '--port', str(port), '--models', model_name,
-                       '--ratios', ','.join(map(str, ratios))],
+      ['--models', model_name, '--ratios', ','.join(map(str, ratios))],
       env, timeout_s)
 
 
@@ -205,17 +203,13 @@ COLUMNS = ('model', 'd', 'batch', 'variant', 'payload_bytes', 'step_ms_median',
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = procs.parser(__doc__, RATIOS)
   p.add_argument('--models', default='vgg16,mlp')
-  p.add_argument('--ratios', default=','.join(map(str, RATIOS)))
-  p.add_argument('--worker', type=int, default=None, help=argparse.SUPPRESS)
-  p.add_argument('--port', type=int, default=None, help=argparse.SUPPRESS)
-  p.add_argument('--out', default=None, help=argparse.SUPPRESS)
   a = p.parse_args(argv)
-  ratios = [int(r) for r in a.ratios.split(',')]
-  if a.worker is not None:
-    procs.pin_to_core(a.worker)
-    worker(a.worker, a.port, a.models, ratios, a.out)
+  ratios = a.ratios
+  if a.rank is not None:
+    procs.pin_to_core(a.rank)
+    worker(a.rank, a.port, a.models, ratios, a.out)
     return None
   from bench import common
   results = []

@@ -25,7 +25,6 @@ Run: python -m bench.peer_torch [--ratios 16,64,256,1024]
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -164,7 +163,7 @@ def worker(rank: int, port: int, ratios, out_path: str) -> None:
 def launch(ratios, timeout_s: float = 540) -> dict:
   return procs.run_pair(
       'bench.peer_torch',
-      lambda i, port: ['--rank', str(i), '--port', str(port), '--ratios', ','.join(map(str, ratios))],
+      ['--ratios', ','.join(map(str, ratios))],
       {'OMP_NUM_THREADS': '1'}, timeout_s)
 
 
@@ -189,13 +188,8 @@ COLUMNS = ('variant', 'torch_grad_ms', 'torch_opt_ms', 'torch_opt_vs_sgd', 'defj
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--ratios', default=','.join(map(str, RATIOS)))
-  p.add_argument('--rank', type=int, default=None, help=argparse.SUPPRESS)
-  p.add_argument('--port', type=int, default=None, help=argparse.SUPPRESS)
-  p.add_argument('--out', default=None, help=argparse.SUPPRESS)
-  a = p.parse_args(argv)
-  ratios = [int(r) for r in a.ratios.split(',')]
+  a = procs.parser(__doc__, RATIOS).parse_args(argv)
+  ratios = a.ratios
   if a.rank is not None:
     procs.pin_to_core(a.rank)
     worker(a.rank, a.port, ratios, a.out)

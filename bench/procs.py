@@ -9,6 +9,7 @@ must not start JAX.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import socket
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,10 +35,24 @@ def pin_to_core(index: int) -> None:
     os.sched_setaffinity(0, {index})
 
 
-def run_pair(module: str, worker_args: Callable[[int, int], Sequence[str]],
+def parser(description: str, ratios: Sequence[int]) -> argparse.ArgumentParser:
+  """The command line of a two-process benchmark: ``--ratios`` for the user,
+  and the hidden ``--rank``, ``--port`` and ``--out`` that ``run_pair`` gives
+  the workers it starts (``--rank`` set means: be that worker)."""
+  p = argparse.ArgumentParser(description=description,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--ratios', type=lambda s: [int(r) for r in s.split(',')],
+                 default=list(ratios))
+  for name in ('--rank', '--port'):
+    p.add_argument(name, type=int, default=None, help=argparse.SUPPRESS)
+  p.add_argument('--out', default=None, help=argparse.SUPPRESS)
+  return p
+
+
+def run_pair(module: str, worker_args: Sequence[str],
              env: Optional[dict] = None, timeout_s: float = 540) -> dict:
-  """Runs ``python -m module *worker_args(i, port) --out FILE`` for i = 0, 1
-  and returns the JSON that worker 0 wrote to FILE.
+  """Runs ``python -m module *worker_args --rank i --port PORT --out FILE`` for
+  i = 0, 1 and returns the JSON that worker 0 wrote to FILE.
 
   ``env`` is added to this process's environment (the project root is put on
   PYTHONPATH). Raises RuntimeError if a worker fails; both are killed when the
@@ -49,8 +64,9 @@ def run_pair(module: str, worker_args: Callable[[int, int], Sequence[str]],
   full_env = dict(os.environ, **(env or {}))
   full_env['PYTHONPATH'] = ROOT + os.pathsep + os.environ.get('PYTHONPATH', '')
   try:
-    procs = [subprocess.Popen([sys.executable, '-m', module, *worker_args(i, port),
-                               '--out', out_path], env=full_env, cwd=ROOT) for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, '-m', module, *worker_args, '--rank', str(i),
+                               '--port', str(port), '--out', out_path], env=full_env, cwd=ROOT)
+             for i in range(2)]
     deadline = time.time() + timeout_s
     try:
       for i, p in enumerate(procs):

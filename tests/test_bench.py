@@ -127,7 +127,7 @@ def test_update_readme_rewrites_only_between_the_markers(tmp_path):
 def test_run_pair_reports_a_failed_worker():
   from bench import procs
   with pytest.raises(RuntimeError, match='bench.no_such_module worker 0 exited'):
-    procs.run_pair('bench.no_such_module', lambda i, port: [], timeout_s=60)
+    procs.run_pair('bench.no_such_module', [], timeout_s=60)
 
 
 def test_gpu_bench_tiny():

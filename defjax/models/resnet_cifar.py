@@ -65,37 +65,27 @@ class PreActBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-  """Post-activation CIFAR ResNet (ResNet-20 is stage_sizes=(3, 3, 3))."""
+  """CIFAR ResNet: post-activation basic blocks (ResNet-20 is stage_sizes=(3,
+  3, 3)), or with ``pre_activation`` pre-activation blocks (ResNet-110, and
+  the Wide ResNet with wider ``widths``)."""
 
   num_classes: int
   stage_sizes: Sequence[int]
   widths: Sequence[int]
+  pre_activation: bool = False
 
   @nn.compact
   def __call__(self, x, *, train: bool):
+    block = PreActBlock if self.pre_activation else BasicBlock
     x = layers.conv(STEM_WIDTH, 3)(x)
-    x = nn.relu(layers.batch_norm(train)(x))
+    if not self.pre_activation:
+      x = nn.relu(layers.batch_norm(train)(x))
     for width, strides in layers.stage_blocks(self.stage_sizes, self.widths):
-      x = BasicBlock(width, strides)(x, train=train)
-    x = layers.global_avg_pool(x)
-    return layers.dense(self.num_classes)(x)
-
-
-class PreActResNet(nn.Module):
-  """Pre-activation CIFAR ResNet; also the Wide ResNet (wider ``widths``)."""
-
-  num_classes: int
-  stage_sizes: Sequence[int]
-  widths: Sequence[int]
-
-  @nn.compact
-  def __call__(self, x, *, train: bool):
-    x = layers.conv(STEM_WIDTH, 3)(x)
-    for width, strides in layers.stage_blocks(self.stage_sizes, self.widths):
-      x = PreActBlock(width, strides)(x, train=train)
-    # The last block ends on an addition; normalise and activate before
-    # pooling.
-    x = nn.relu(layers.batch_norm(train)(x))
+      x = block(width, strides)(x, train=train)
+    if self.pre_activation:
+      # The last block ends on an addition; normalise and activate before
+      # pooling.
+      x = nn.relu(layers.batch_norm(train)(x))
     x = layers.global_avg_pool(x)
     return layers.dense(self.num_classes)(x)
 
@@ -105,13 +95,13 @@ def resnet20(num_classes: int) -> ResNet:
   return ResNet(num_classes, stage_sizes=(3, 3, 3), widths=(16, 32, 64))
 
 
-def preact_resnet110(num_classes: int) -> PreActResNet:
+def preact_resnet110(num_classes: int) -> ResNet:
   """Pre-activation ResNet-110: depth 6n + 2 with n = 18."""
-  return PreActResNet(num_classes, stage_sizes=(18, 18, 18), widths=(16, 32, 64))
+  return ResNet(num_classes, stage_sizes=(18, 18, 18), widths=(16, 32, 64),
+                pre_activation=True)
 
 
-def wrn28_10(num_classes: int) -> PreActResNet:
+def wrn28_10(num_classes: int) -> ResNet:
   """WRN-28-10: depth 6n + 4 with n = 4, widths 16k, 32k, 64k with k = 10."""
-  return PreActResNet(
-      num_classes, stage_sizes=(4, 4, 4), widths=(160, 320, 640)
-  )
+  return ResNet(num_classes, stage_sizes=(4, 4, 4), widths=(160, 320, 640),
+                pre_activation=True)
