@@ -221,6 +221,15 @@ def alternate(runners: dict[str, Callable[[], Any]], rounds: int, baseline: str,
   return out
 
 
+def ratio_cells(ratio: Optional[dict], median: str, low: str, high: str) -> dict:
+  """A table row's cells for one variant's per-round ratio summary (from
+  ``alternate``): {median: ..., low: min, high: max}; the baseline has no
+  ratio of its own and gets 1.0 in each."""
+  if ratio is None:
+    return {median: 1.0, low: 1.0, high: 1.0}
+  return {median: ratio['median'], low: ratio['min'], high: ratio['max']}
+
+
 def time_fn(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> dict:
   for _ in range(warmup):
     fn()

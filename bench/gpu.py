@@ -100,10 +100,8 @@ def measure(model: str, batch: int, *, variants=VARIANTS, num_workers: int = 8,
   for name, row in rows.items():
     row['step_ms'] = 1e3 * res['times_s'][name]['median'] / steps
     row['steps_per_s'] = steps / res['times_s'][name]['median']
-    ratio = res['ratio_to_sgd'].get(name)
-    row['x_sgd_median'] = 1.0 if ratio is None else ratio['median']
-    row['x_sgd_min'] = 1.0 if ratio is None else ratio['min']
-    row['x_sgd_max'] = 1.0 if ratio is None else ratio['max']
+    row.update(common.ratio_cells(res['ratio_to_sgd'].get(name),
+                                  'x_sgd_median', 'x_sgd_min', 'x_sgd_max'))
   return {'model': model, 'rounds': rounds, 'steps_per_sample': steps,
           'rows': list(rows.values()), 'raw_sample_s': res['raw_s']}
 

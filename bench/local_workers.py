@@ -54,14 +54,11 @@ def measure(model: str, batch: int, rounds: int, steps: int, variants=VARIANTS,
   res = common.alternate(runners, rounds=rounds, baseline=base, warmup=1)
   rows = []
   for name, num_devices, local_gradients in variants:
-    ratio = res['ratio_to_' + base].get(name)
     rows.append({
         'model': model, 'batch_per_worker': batch, 'workers': num_workers,
         'variant': name, 'devices': num_devices, 'local_gradients': local_gradients,
         'step_ms': 1e3 * res['times_s'][name]['median'] / steps,
-        'x_8_devices': 1.0 if ratio is None else ratio['median'],
-        'x_min': 1.0 if ratio is None else ratio['min'],
-        'x_max': 1.0 if ratio is None else ratio['max'],
+        **common.ratio_cells(res['ratio_to_' + base].get(name), 'x_8_devices', 'x_min', 'x_max'),
         'max_abs_diff': max(float(np.abs(a - b).max()) for a, b in zip(final[name], final[base])),
     })
   return {'model': model, 'rounds': rounds, 'steps_per_sample': steps, 'rows': rows,

@@ -147,13 +147,11 @@ def optimizer_cost(model: str = 'vgg16', ratio: float = 256, rounds: int = 5) ->
 def rows_of(result: dict) -> list[dict]:
   rows = []
   for v, s in result['step_s'].items():
-    r = result['ratio_to_sgd'].get(v)
     rows.append({
         'model': result['model'], 'batch': result['batch_per_worker'], 'variant': v,
         'step_ms_median': 1e3 * s['median'],
-        'ratio_median': r['median'] if r else 1.0,
-        'ratio_min': r['min'] if r else 1.0,
-        'ratio_max': r['max'] if r else 1.0,
+        **common.ratio_cells(result['ratio_to_sgd'].get(v), 'ratio_median', 'ratio_min',
+                             'ratio_max'),
     })
   return rows
 
