@@ -261,10 +261,17 @@ def _state_specs(state: PyTree, params: PyTree, param_specs: PyTree) -> PyTree:
   return jax.tree.map(lambda t: param_specs if is_params(t) else P(), state, is_leaf=is_params)
 
 
+def param_shardings(param_specs: PyTree, params: PyTree, layout: ShardedLayout) -> PyTree:
+  """The params' NamedShardings on the layout (sharded over 'model' by their
+  specs, replicated over 'data'), after ``check_param_specs``; ``params`` may
+  be abstract (``jax.eval_shape``), e.g. to initialise x already sharded."""
+  check_param_specs(params, param_specs, layout)
+  return layout.param_shardings(param_specs)
+
+
 def shard_params(params: PyTree, layout: ShardedLayout, param_specs: PyTree) -> PyTree:
   """``params`` placed on the layout: sharded over 'model' by their specs."""
-  check_param_specs(params, param_specs, layout)
-  return jax.device_put(params, layout.param_shardings(param_specs))
+  return jax.device_put(params, param_shardings(param_specs, params, layout))
 
 
 def init_worker_state(tx: optax.GradientTransformation, params: PyTree,

@@ -21,19 +21,41 @@ from defjax import data as data_lib
 from defjax import parallel
 
 
-def init_variables(model, config, image_shape, layout: parallel.WorkerLayout):
-  """Replicated params x, the batch-norm statistics (per worker if not synced)
-  and the params' PartitionSpecs: a model's ``nn.with_partitioning``
-  annotations (unboxed from the params), ``P()`` for unannotated leaves."""
+def initializer(model, config, image_shape, layout: parallel.WorkerLayout,
+                param_shardings=None):
+  """``(init, args, specs)``: ``init(*args)`` returns the model's variables
+  with x on the layout; ``specs`` are x's PartitionSpecs (a model's
+  ``nn.with_partitioning`` annotations, ``P()`` for unannotated leaves).
+
+  ``param_shardings(specs, abstract_params)`` gives x's shardings (default:
+  replicated). The jitted init writes x straight into them, so a device
+  computes and holds only its own shards of x (x sharded over 'model' is
+  never whole on one device; tests/test_sharded.py checks the compiled
+  program's per-device sizes).
+  """
   dummy = jnp.zeros((1, *image_shape), jnp.float32)
-  variables = jax.jit(functools.partial(model.init, train=False))(
-      jax.random.PRNGKey(config.seed), dummy)
-  specs = nn.get_partition_spec(variables)['params']
-  variables = nn.unbox(variables)
-  params = jax.device_put(variables['params'], layout.replicated)
+  key = jax.random.PRNGKey(config.seed)
+  init = functools.partial(model.init, train=False)
+  boxed = jax.eval_shape(init, key, dummy)
+  specs = nn.get_partition_spec(boxed)['params']
+  abstract = nn.unbox(boxed)
+  place = (layout.replicated if param_shardings is None
+           else param_shardings(specs, abstract['params']))
+  shardings = {name: place if name == 'params' else layout.replicated for name in abstract}
+  return (jax.jit(lambda k, x: nn.unbox(init(k, x)), out_shardings=shardings),
+          (key, dummy), specs)
+
+
+def init_variables(model, config, image_shape, layout: parallel.WorkerLayout,
+                   param_shardings=None):
+  """x, the batch-norm statistics (per worker if not synced) and x's specs,
+  as ``initializer`` places them."""
+  init, args, specs = initializer(model, config, image_shape, layout, param_shardings)
+  variables = init(*args)
+  params = variables['params']
   batch_stats = variables.get('batch_stats', {})
   if config.sync_batch_stats:
-    return params, jax.device_put(batch_stats, layout.replicated), specs
+    return params, batch_stats, specs
   stacked = jax.tree.map(lambda x: jnp.stack([x] * config.num_workers), batch_stats)
   return params, jax.device_put(stacked, layout.per_worker), specs
 

@@ -7,6 +7,8 @@ unrolled (``local_gradients``). M > 1: ``sharded``'s (K, M) mesh.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import optax
 
@@ -54,10 +56,11 @@ class Workers:
 
   def init_variables(self, model, config, image_shape):
     """x on the layout (sharded over 'model' by its specs) and the model state."""
-    params, batch_stats, self.specs = task.init_variables(
-        model, config, image_shape, self.layout)
+    shardings = None
     if self.devices_per_worker > 1:
-      params = sharded.shard_params(params, self.layout, self.specs)
+      shardings = functools.partial(sharded.param_shardings, layout=self.layout)
+    params, batch_stats, self.specs = task.init_variables(
+        model, config, image_shape, self.layout, shardings)
     return params, batch_stats
 
   @property

@@ -5,6 +5,8 @@ per-shard block rule written out (each leaf split into its M model shards by
 hand), not the library's compressor.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -306,3 +308,35 @@ def test_specs_are_checked():
     sharded.check_param_specs(params, bad, layout)
   with pytest.raises(ValueError, match='needs 16 devices'):
     sharded.make_layout(4, 4)
+
+
+def test_workers_initialise_x_already_sharded():
+  """The program's init (``task.initializer`` through ``Workers``) puts each
+  shard of x on its device without a whole copy on any device: the compiled
+  init's per-device output is the local shards' size, and its values are the
+  unsharded init's."""
+  import flax.linen as nn
+  from configs import default
+  from defjax import models, task
+  from defjax import workers as workers_lib
+  config = default.get_config()
+  config.update({'model': 'mlp_tp', 'num_workers': 4, 'model_axis_size': 2})
+  model = models.get_model('mlp_tp', 10)
+  workers = workers_lib.Workers(config)
+  params, _ = workers.init_variables(model, config, (28, 28, 1))
+  whole = nn.unbox(jax.jit(lambda k, x: model.init(k, x, train=False))(
+      jax.random.PRNGKey(config.seed), jnp.zeros((1, 28, 28, 1))))['params']
+  specs = jax.tree.leaves(workers.specs, is_leaf=lambda s: isinstance(s, P))
+  local_bytes = 0
+  for x, want, spec in zip(jax.tree.leaves(params), jax.tree.leaves(whole), specs):
+    np.testing.assert_array_equal(defjax.parallel.host_value(x), np.asarray(want))
+    assert x.sharding.is_equivalent_to(
+        jax.sharding.NamedSharding(workers.layout.mesh, spec), x.ndim)
+    local_bytes += x.nbytes // (2 if 'model' in spec else 1)
+  assert local_bytes < optax.tree.size(whole) * 4  # something is sharded
+  init, args, _ = task.initializer(model, config, (28, 28, 1), workers.layout,
+                                   functools.partial(sharded.param_shardings,
+                                                     layout=workers.layout))
+  out_bytes = init.lower(*args).compile().memory_analysis().output_size_in_bytes
+  # XLA counts the output tuple's pointers too (8 bytes a leaf).
+  assert local_bytes <= out_bytes <= local_bytes + 8 * len(specs)
