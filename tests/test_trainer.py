@@ -206,10 +206,11 @@ def _tp_config(tiny_folder, **overrides):
 
 
 @pytest.mark.slow
-def test_model_axis_size_two_trains_and_resumes_bitwise(tiny_folder, tmp_path):
+def test_model_axis_size_two_trains_resumes_bitwise_and_reshards(tiny_folder, tmp_path):
   """Workers of two devices train end to end; resumed from the step-2
   checkpoint (restored onto the sharded state's shardings), the run ends on
-  the uninterrupted run's bits."""
+  the uninterrupted run's bits; resumed on K = 2 workers of 2 devices with
+  resume_reshard, it keeps the output model and finishes."""
   config = _tp_config(tiny_folder, checkpoint_every_steps=2)
   whole = trainer.train_and_evaluate(config, str(tmp_path / 'whole'), log=lambda *_: None)
   assert whole['status'] == 'completed' and np.isfinite(whole['final_train_loss'])
@@ -230,6 +231,14 @@ def test_model_axis_size_two_trains_and_resumes_bitwise(tiny_folder, tmp_path):
   for key in ('params_sha256', 'final_train_loss', 'final_test_accuracy',
               'final_test_accuracy_x', 'bytes_sent'):
     assert resumed[key] == whole[key], key
+  shutil.copytree(tmp_path / 'whole' / 'checkpoints' / '2',
+                  tmp_path / 'resharded' / 'checkpoints' / '2')
+  resharded = trainer.train_and_evaluate(
+      _tp_config(tiny_folder, checkpoint_every_steps=2, num_workers=2, resume_reshard=True),
+      str(tmp_path / 'resharded'), log=lambda *_: None)
+  assert resharded['status'] == 'completed' and resharded['steps'] == 4
+  assert resharded['resharded_from_workers'] == 4
+  assert resharded['reshard_output_change'] <= 1e-6
 
 
 @pytest.mark.slow
