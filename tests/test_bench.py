@@ -158,3 +158,16 @@ def test_local_workers_tiny():
   assert (one['devices'], unrolled['devices'], unrolled['local_gradients']) == (8, 2, 'unroll')
   assert one['x_8_devices'] == 1.0 and unrolled['x_8_devices'] > 0
   assert unrolled['max_abs_diff'] < 1e-5
+
+
+def test_opt_bytes_counts_at_least_the_floor():
+  """XLA's bytes for the optimizer cannot be below what the algorithm must
+  read and write; DEF's train step moves more than SGD's (it also reads and
+  writes e and the gradient point)."""
+  from bench import opt_bytes
+  rows = {v: opt_bytes.optimizer_only('cnn', v, 256) for v in ('sgd', 'def_per_leaf')}
+  for v, row in rows.items():
+    assert row['bytes_d'] >= row['floor_d'], (v, row)
+  assert rows['sgd']['floor_d'] == 5 and rows['def_per_leaf']['floor_d'] == 7
+  sgd, def_ = (opt_bytes.train_step('cnn', 2, v, 256) for v in ('sgd', 'def_per_leaf'))
+  assert def_['bytes_d'] > sgd['bytes_d'] > 0
