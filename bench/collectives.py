@@ -137,12 +137,18 @@ def time_optimizer_only(variants, params_np, lay, global_replicated, rounds: int
       params_np)
   runners = {}
   for name, tx in variants.items():
-    def local(params, opt_state, grads, tx=tx):
-      first = lambda t: jax.tree.map(lambda x: x[0], t)
-      updates, opt_state = tx.update(first(grads), first(opt_state), params)
-      params = optax.apply_updates(params, updates)
-      point = feedback.eval_point(params, opt_state)
-      return params, jax.tree.map(lambda x: x[None], opt_state), point
+    def worker(params, opt_state, grads, tx=tx):
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return updates, opt_state
+
+    def local(params, opt_state, grads, worker=worker):
+      # The optimizer vmapped over the device's one worker, as the train step
+      # runs it (parallel._map_workers).
+      updates, opt_state = jax.vmap(worker, in_axes=(None, 0, 0), axis_name='local')(
+          params, opt_state, grads)
+      params = optax.apply_updates(params, jax.tree.map(lambda x: x[0], updates))
+      point = feedback.eval_point(params, jax.tree.map(lambda x: x[0], opt_state))
+      return params, opt_state, point
 
     fn = jax.jit(jax.shard_map(local, mesh=lay.mesh, in_specs=(P(), P(lay.axis), P(lay.axis)),
                                out_specs=(P(), P(lay.axis), P()), check_vma=False),
