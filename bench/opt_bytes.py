@@ -8,8 +8,9 @@ the step and reports XLA's own count of bytes accessed (``cost_analysis``),
 in units of one d-float vector, next to the floor of the algorithm:
 
 * SGD reads g, m, x and writes m, x: 5;
-* EF reads g, m, x, e and writes m, e (x changes only on the block): 6;
-* DEF also writes the next gradient point z: 7.
+* DEF reads g, m, x, e and writes m, e and the next gradient point z (x
+  changes only on the block): 7. EF, SAEF and PSync compile to DEF's
+  program (lam is state), so they count what DEF counts.
 
 ``copies`` counts the full-size copy instructions XLA inserted (a donated
 buffer that is still read after its new value is written is copied first).
@@ -39,9 +40,8 @@ import defjax  # noqa: E402
 from defjax import feedback  # noqa: E402
 
 # variant -> (method, per-leaf blocks); 'def' is the library's default block.
-VARIANTS = {'sgd': ('sgd', False), 'ef_per_leaf': ('ef', True), 'def': ('def', False),
-            'def_per_leaf': ('def', True)}
-FLOOR = {'sgd': 5, 'ef': 6, 'def': 7}
+VARIANTS = {'sgd': ('sgd', False), 'def': ('def', False), 'def_per_leaf': ('def', True)}
+FLOOR = {'sgd': 5, 'def': 7}
 
 
 def abstract_params(model: str):
@@ -128,7 +128,8 @@ def main(argv=None):
   notes = (
       f'RBGS ratio {a.ratio:g}, lam 0.3, momentum SGD with weight decay. bytes_d: bytes XLA'
       ' accesses in the compiled program (cost_analysis) / 4d, i.e. in passes over one'
-      ' d-float vector; floor_d: what the optimizer must read and write (SGD 5, EF 6, DEF 7);'
+      ' d-float vector; floor_d: what the optimizer must read and write (SGD 5, DEF 7; EF, SAEF'
+      ' and PSync compile to DEF\'s program);'
       ' x_sgd and plus_sgd: over / minus SGD\'s bytes_d in the same part; copies: full-size'
       ' copy instructions (of at least 1% of d values). optimizer: tx.update + apply_updates +'
       ' the next gradient point on one device; train step: parallel.make_train_step with K = 8'
