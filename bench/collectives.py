@@ -141,12 +141,13 @@ def time_optimizer_only(variants, params_np, lay, global_replicated, rounds: int
       updates, opt_state = tx.update(grads, opt_state, params)
       return updates, opt_state
 
-    def local(params, opt_state, grads, worker=worker):
-      # The optimizer vmapped over the device's one worker, as the train step
-      # runs it (parallel._map_workers).
-      updates, opt_state = jax.vmap(worker, in_axes=(None, 0, 0), axis_name='local')(
-          params, opt_state, grads)
-      params = optax.apply_updates(params, jax.tree.map(lambda x: x[0], updates))
+    # The optimizer mapped over the device's worker exactly as the train step
+    # maps it (the update is equal on all workers: one copy, out_axes None).
+    mapped = parallel._map_workers(worker, lay, in_axes=(None, 0, 0), out_axes=(None, 0))
+
+    def local(params, opt_state, grads, mapped=mapped):
+      updates, opt_state = mapped(params, opt_state, grads)
+      params = optax.apply_updates(params, updates)
       point = feedback.eval_point(params, jax.tree.map(lambda x: x[0], opt_state))
       return params, opt_state, point
 

@@ -94,7 +94,7 @@ def make_loss(model):
   return loss_fn
 
 
-def _abstract_size(tree) -> int:
+def abstract_size(tree) -> int:
   """The number of values in a tree of ShapeDtypeStructs.
 
   optax.tree.size would do for arrays, but its jnp.size deprecates
@@ -136,11 +136,11 @@ class Setup:
 
   @property
   def num_params(self) -> int:
-    return _abstract_size(self.abstract_params)
+    return abstract_size(self.abstract_params)
 
   @property
   def model_state_elements(self) -> int:
-    return _abstract_size(self.abstract_model_state)
+    return abstract_size(self.abstract_model_state)
 
   def _sds(self, tree, sharding):
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)

@@ -83,7 +83,7 @@ def traffic(compiled, d: int) -> tuple[float, int]:
 
 def optimizer_only(model: str, variant: str, ratio: float) -> dict:
   params = abstract_params(model)
-  d = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
+  d = common.abstract_size(params)
   method, tx = make_tx(variant, ratio, None)
   state = jax.eval_shape(tx.init, params)
   bytes_d, copies = traffic(optimizer_step(tx).lower(params, state, params).compile(), d)
