@@ -13,7 +13,6 @@ Run: python -m bench.ab_squeezed_optimizer [--model cnn] [--batch 16] [--rounds 
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import pathlib
@@ -42,13 +41,8 @@ def old_parallel(commit: str):
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--before', default='455571b')
-  p.add_argument('--model', default='cnn')
-  p.add_argument('--batch', type=int, default=16)
-  p.add_argument('--rounds', type=int, default=8)
-  p.add_argument('--steps', type=int, default=10)
-  a = p.parse_args(argv)
+  a = common.arguments(__doc__, argv, before='455571b', model='cnn', batch=16, rounds=8,
+                       steps=10)
   setup = common.Setup(a.model, 8, a.batch)
   data = setup.batches(2)
   runners = {}

@@ -15,6 +15,7 @@ if 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', '')
       os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
   ).strip()
 
+import argparse  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
@@ -258,6 +259,14 @@ def machine() -> dict:
       # A load above the core count means other work shared the machine.
       'loadavg': [round(x, 2) for x in os.getloadavg()] if hasattr(os, 'getloadavg') else None,
   }
+
+
+def arguments(doc: str, argv: Optional[Sequence[str]] = None, **defaults) -> argparse.Namespace:
+  """Parses one ``--name`` option per keyword (``_`` written as ``-``), of its default's type."""
+  p = argparse.ArgumentParser(description=doc.split('\n')[0])
+  for name, default in defaults.items():
+    p.add_argument('--' + name.replace('_', '-'), type=type(default), default=default)
+  return p.parse_args(argv)
 
 
 def command() -> str:

@@ -26,7 +26,6 @@ Run: python -m bench.opt_bytes [--models vgg16,mlp] [--step-models vgg16,cnn] [-
 
 from __future__ import annotations
 
-import argparse
 import re
 
 from bench import common
@@ -107,12 +106,8 @@ COLUMNS = ('part', 'model', 'd', 'variant', 'bytes_d', 'floor_d', 'x_sgd', 'floo
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--models', default='vgg16,mlp')
-  p.add_argument('--step-models', default='vgg16,cnn')
-  p.add_argument('--batch', type=int, default=16)
-  p.add_argument('--ratio', type=float, default=256)
-  a = p.parse_args(argv)
+  a = common.arguments(__doc__, argv, models='vgg16,mlp', step_models='vgg16,cnn', batch=16,
+                       ratio=256.0)
   groups = [[optimizer_only(m, v, a.ratio) for v in VARIANTS] for m in a.models.split(',') if m]
   groups += [[train_step(m, a.batch, v, a.ratio) for v in VARIANTS]
              for m in a.step_models.split(',') if m]

@@ -17,12 +17,8 @@ from configs import default
 
 def get_config():
   config = default.get_config()
-  config.dataset = 'cifar10'
-  config.model = 'vgg16'
-  config.num_epochs = 200
-  config.crop_padding = 4
-  config.flip = True
-  config.checkpoint_every_steps = 2000
+  config.update(dataset='cifar10', model='vgg16', num_epochs=200)
+  config.update(crop_padding=4, flip=True, checkpoint_every_steps=2000)
   # K = 8 x 16, lr 0.05, momentum 0.9, weight decay 5e-4, decays at 50% and
   # 75%: the defaults are this setting's.
   return config

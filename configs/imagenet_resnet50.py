@@ -15,14 +15,8 @@ from configs import default
 
 def get_config():
   config = default.get_config()
-  config.dataset = 'imagenet2012'
-  config.model = 'resnet50'
-  config.num_workers = 8
-  config.batch_size = 32
-  config.num_epochs = 100
-  config.eval_batch_size = 500
-  config.checkpoint_every_steps = 5000
-  config.optim.lr = 0.1
-  config.optim.weight_decay = 1e-4
-  config.optim.decay_at = (0.3, 0.6, 0.9)
+  # Batch 256 in all: the default K = 8 workers, of 32 images each.
+  config.update(dataset='imagenet2012', model='resnet50', batch_size=32)
+  config.update(num_epochs=100, eval_batch_size=500, checkpoint_every_steps=5000)
+  config.optim.update(lr=0.1, weight_decay=1e-4, decay_at=(0.3, 0.6, 0.9))
   return config

@@ -71,10 +71,21 @@ def tolerate_slow_cpu_devices() -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class WorkerLayout:
-  """K workers on a 1-D mesh: ``workers_per_device`` of them on each device."""
+class MeshLayout:
+  """What every layout of workers has: its mesh. ``WorkerLayout`` (1-D) and
+  ``sharded.ShardedLayout`` (2-D) add where the workers are on it."""
 
   mesh: Mesh
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P())
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerLayout(MeshLayout):
+  """K workers on a 1-D mesh: ``workers_per_device`` of them on each device."""
+
   num_workers: int
   axis: str = 'data'
 
@@ -92,10 +103,6 @@ class WorkerLayout:
     if self.workers_per_device == 1:
       return self.axis
     return (self.axis, LOCAL_AXIS)
-
-  @property
-  def replicated(self) -> NamedSharding:
-    return NamedSharding(self.mesh, P())
 
   @property
   def per_worker(self) -> NamedSharding:

@@ -100,12 +100,16 @@ def _sharding(mesh: Mesh, *entries) -> NamedSharding:
 
 
 @dataclasses.dataclass(frozen=True)
-class ShardedLayout:
+class ShardedLayout(parallel.MeshLayout):
   """K workers of M devices each on a ('data', 'model') mesh of shape (K, M)."""
 
-  mesh: Mesh
   data_axis: str = 'data'
   model_axis: str = 'model'
+
+  @property
+  def axis_name(self) -> str:
+    """The axis name to give defjax transforms built for this layout."""
+    return self.data_axis
 
   @property
   def num_workers(self) -> int:
@@ -114,15 +118,6 @@ class ShardedLayout:
   @property
   def model_axis_size(self) -> int:
     return self.mesh.shape[self.model_axis]
-
-  @property
-  def axis_name(self) -> str:
-    """The axis name to give defjax transforms built for this layout."""
-    return self.data_axis
-
-  @property
-  def replicated(self) -> NamedSharding:
-    return NamedSharding(self.mesh, P())
 
   @property
   def num_devices(self) -> int:

@@ -35,17 +35,9 @@ SUMMARY_KEYS = {'status', 'final_test_accuracy', 'final_train_loss', 'steps', 'w
 
 def tiny_config(tiny_folder, **overrides):
   config = default.get_config()
-  config.dataset = 'image_folder'
-  config.data_dir = tiny_folder
-  config.model = 'cnn'
-  config.num_workers = 8
-  config.batch_size = 2
-  config.num_train_steps = 6
-  config.eval_every_steps = 3
-  config.crop_padding = 4
-  config.flip = True
-  config.optim.ratio = 16.0
-  config.optim.lr = 0.05
+  config.update(dataset='image_folder', data_dir=tiny_folder, model='cnn', num_workers=8)
+  config.update(batch_size=2, num_train_steps=6, eval_every_steps=3, crop_padding=4, flip=True)
+  config.optim.update(ratio=16.0, lr=0.05)
   return override(config, **overrides)
 
 

@@ -65,6 +65,30 @@ def batch_norm(train: bool, name: Optional[str] = None) -> nn.BatchNorm:
   )
 
 
+class ResidualBlock(nn.Module):
+  """The fields every ResNet block has: its output width (before a
+  bottleneck's expansion) and the stride of its strided convolution."""
+
+  features: int
+  strides: int
+
+
+def conv_bn(x, features: int, kernel: int, strides: int = 1, *, train: bool, relu: bool = True):
+  """conv, BN and (with ``relu``) ReLU: the unit of the post-activation ResNets."""
+  y = conv(features, kernel, strides)(x)
+  y = batch_norm(train)(y)
+  return nn.relu(y) if relu else y
+
+
+def projection(x, features: int, strides: int, *, train: Optional[bool]):
+  """He et al.'s option B shortcut (a strided 1x1 convolution) rather than
+  option A (zero padding): the common PyTorch choice, and every weight is
+  trainable. Followed by BN unless ``train`` is None (pre-activation blocks
+  project the already normalised input)."""
+  x = conv(features, 1, strides, name='shortcut_conv')(x)
+  return x if train is None else batch_norm(train, name='shortcut_bn')(x)
+
+
 def global_avg_pool(x):
   return x.mean(axis=(1, 2))
 

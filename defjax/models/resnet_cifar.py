@@ -22,34 +22,23 @@ from defjax.models import layers
 STEM_WIDTH = 16
 
 
-class BasicBlock(nn.Module):
+class BasicBlock(layers.ResidualBlock):
   """conv-BN-ReLU-conv-BN, plus the shortcut, then ReLU."""
-
-  features: int
-  strides: int
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    y = layers.conv(self.features, 3, self.strides)(x)
-    y = nn.relu(layers.batch_norm(train)(y))
-    y = layers.conv(self.features, 3)(y)
-    y = layers.batch_norm(train)(y)
+    y = layers.conv_bn(x, self.features, 3, self.strides, train=train)
+    y = layers.conv_bn(y, self.features, 3, train=train, relu=False)
     if x.shape != y.shape:
-      # He et al.'s option B (projection) rather than option A (zero
-      # padding): the common PyTorch choice, and every weight is trainable.
-      x = layers.conv(self.features, 1, self.strides, name='shortcut_conv')(x)
-      x = layers.batch_norm(train, name='shortcut_bn')(x)
+      x = layers.projection(x, self.features, self.strides, train=train)
     return nn.relu(x + y)
 
 
-class PreActBlock(nn.Module):
+class PreActBlock(layers.ResidualBlock):
   """BN-ReLU-conv-BN-ReLU-conv plus the shortcut (He et al. 2016b).
 
   With ``features`` 10x wider this is WRN's wide basic block without dropout.
   """
-
-  features: int
-  strides: int
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -60,7 +49,7 @@ class PreActBlock(nn.Module):
     if x.shape != y.shape:
       # The projection sees the pre-activated input, as in both reference
       # implementations; an identity shortcut carries x untouched.
-      x = layers.conv(self.features, 1, self.strides, name='shortcut_conv')(a)
+      x = layers.projection(a, self.features, self.strides, train=None)
     return x + y
 
 

@@ -18,25 +18,16 @@ from defjax.models import layers
 EXPANSION = 4
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(layers.ResidualBlock):
   """1x1 reduce, 3x3 (strided), 1x1 expand by 4, each with BN, plus shortcut."""
-
-  features: int
-  strides: int
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    y = layers.conv(self.features, 1)(x)
-    y = nn.relu(layers.batch_norm(train)(y))
-    y = layers.conv(self.features, 3, self.strides)(y)
-    y = nn.relu(layers.batch_norm(train)(y))
-    y = layers.conv(self.features * EXPANSION, 1)(y)
-    y = layers.batch_norm(train)(y)
+    y = layers.conv_bn(x, self.features, 1, train=train)
+    y = layers.conv_bn(y, self.features, 3, self.strides, train=train)
+    y = layers.conv_bn(y, self.features * EXPANSION, 1, train=train, relu=False)
     if x.shape != y.shape:
-      x = layers.conv(
-          self.features * EXPANSION, 1, self.strides, name='shortcut_conv'
-      )(x)
-      x = layers.batch_norm(train, name='shortcut_bn')(x)
+      x = layers.projection(x, self.features * EXPANSION, self.strides, train=train)
     return nn.relu(x + y)
 
 
