@@ -111,6 +111,7 @@ def worker(process_id: int, port: int, model_name: str, ratios, out_path: str) -
                    for n, s in res['times_s'].items()},
         'ratio_to_sgd': res['ratio_to_sgd'], 'raw_sample_s': res['raw_s'],
         'opt_step_s': opt['times_s'], 'opt_ratio_to_sgd': opt['ratio_to_sgd'],
+        'opt_minflt': opt['minflt'], 'opt_raw_s': opt['raw_s'],
         'devices': [str(d) for d in lay.mesh.devices.flat],
         'collectives_impl': jax.config.jax_cpu_collectives_implementation,
     }
@@ -168,16 +169,22 @@ def time_optimizer_only(variants, params_np, lay, global_replicated, rounds: int
   psum = jax.jit(jax.shard_map(lambda g: jax.lax.psum(g, lay.axis), mesh=lay.mesh,
                                in_specs=P(lay.axis), out_specs=P(lay.axis), check_vma=False))
   runners['allreduce_only'] = lambda: jax.block_until_ready(psum(flat))
-  return common.alternate(runners, rounds=rounds, baseline='sgd', warmup=1)
+  runners, faults = common.count_faults(runners)
+  res = common.alternate(runners, rounds=rounds, baseline='sgd', warmup=1)
+  res['minflt'] = {n: common.summarize(f[1:]) for n, f in faults.items()}  # after warm-up
+  return res
 
 
-def launch(model_name: str, ratios, timeout_s: float = 540) -> dict:
-  """Starts the two worker processes and returns process 0's measurements."""
+def launch(model_name: str, ratios, timeout_s: float = 540, env=None) -> dict:
+  """Starts the two worker processes and returns process 0's measurements.
+
+  ``env``: more environment for the workers (``bench/allocator.py`` sets
+  LD_PRELOAD)."""
   # One CPU device per process; the parent's 8-device flag must not leak in.
   flags = ' '.join(f for f in os.environ.get('XLA_FLAGS', '').split()
                    if 'xla_force_host_platform_device_count' not in f)
   env = {'XLA_FLAGS': (flags + ' --xla_force_host_platform_device_count=1').strip(),
-         'JAX_PLATFORMS': 'cpu'}
+         'JAX_PLATFORMS': 'cpu', **(env or {})}
   return procs.run_pair(
       'bench.collectives',
       ['--models', model_name, '--ratios', ','.join(map(str, ratios))],

@@ -21,6 +21,7 @@ import json  # noqa: E402
 import math  # noqa: E402
 import pathlib  # noqa: E402
 import platform  # noqa: E402
+import resource  # noqa: E402
 import shlex  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -222,6 +223,25 @@ def alternate(runners: dict[str, Callable[[], Any]], rounds: int, baseline: str,
   return out
 
 
+def count_faults(runners: dict[str, Callable[[], Any]]) -> tuple[dict, dict]:
+  """Wraps each runner to count this process's minor page faults per call.
+
+  Returns (wrapped runners, {name: [faults of each call]}): a page fault is
+  the kernel mapping a page on first touch, which XLA:CPU pays for every
+  buffer that the allocator hands out as fresh memory (``bench/allocator.py``).
+  """
+  faults = {n: [] for n in runners}
+
+  def wrap(name, run):
+    def counted():
+      before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+      run()
+      faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return counted
+
+  return {n: wrap(n, r) for n, r in runners.items()}, faults
+
+
 def ratio_cells(ratio: Optional[dict], median: str, low: str, high: str) -> dict:
   """A table row's cells for one variant's per-round ratio summary (from
   ``alternate``): {median: ..., low: min, high: max}; the baseline has no
@@ -256,6 +276,8 @@ def machine() -> dict:
       'device_kind': dev.device_kind,
       'num_devices': jax.device_count(),
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
+      # tcmalloc here changes XLA:CPU's page faults (bench/allocator.py).
+      'ld_preload': os.environ.get('LD_PRELOAD', ''),
       # A load above the core count means other work shared the machine.
       'loadavg': [round(x, 2) for x in os.getloadavg()] if hasattr(os, 'getloadavg') else None,
   }

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import time
 
 from bench import procs
@@ -127,18 +128,25 @@ def worker(rank: int, port: int, ratios, out_path: str) -> None:
   for r in ratios:
     variants[f'ef@{r}'] = make('ef', r)
     variants[f'def@{r}'] = make('def', r)
-  times = {n: {'grad': [], 'opt': []} for n in variants}
-  times['allreduce_only'] = {'grad': [], 'opt': []}
+  times = {n: {'grad': [], 'opt': [], 'opt_minflt': []} for n in variants}
+  times['allreduce_only'] = {'grad': [], 'opt': [], 'opt_minflt': []}
+
+  def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
   for rnd in range(ROUNDS + 1):  # round 0 warms up
     for name, (activate, grad_step, opt_step, deactivate) in variants.items():
       activate()
       dist.barrier()
       tg = to = 0.0
+      fo = 0
       for _ in range(STEPS):
         t0 = time.perf_counter()
         grad_step()
         t1 = time.perf_counter()
+        f0 = faults()
         opt_step()
+        fo += faults() - f0
         t2 = time.perf_counter()
         tg += t1 - t0
         to += t2 - t1
@@ -146,13 +154,16 @@ def worker(rank: int, port: int, ratios, out_path: str) -> None:
       if rnd:
         times[name]['grad'].append(tg / STEPS)
         times[name]['opt'].append(to / STEPS)
+        times[name]['opt_minflt'].append(fo / STEPS)
     dist.barrier()
+    f0 = faults()
     t0 = time.perf_counter()
     for _ in range(STEPS):
       dist.all_reduce(flat_grad)
     if rnd:
       times['allreduce_only']['grad'].append(0.0)
       times['allreduce_only']['opt'].append((time.perf_counter() - t0) / STEPS)
+      times['allreduce_only']['opt_minflt'].append((faults() - f0) / STEPS)
   if rank == 0:
     with open(out_path, 'w') as f:
       json.dump({'d': d, 'batch_per_worker': BATCH, 'rounds': ROUNDS, 'steps_per_sample': STEPS,
@@ -160,11 +171,12 @@ def worker(rank: int, port: int, ratios, out_path: str) -> None:
   dist.destroy_process_group()
 
 
-def launch(ratios, timeout_s: float = 540) -> dict:
+def launch(ratios, timeout_s: float = 540, env=None) -> dict:
+  """Process 0's timings; ``env``: more environment for the two workers."""
   return procs.run_pair(
       'bench.peer_torch',
       ['--ratios', ','.join(map(str, ratios))],
-      {'OMP_NUM_THREADS': '1'}, timeout_s)
+      {'OMP_NUM_THREADS': '1', **(env or {})}, timeout_s)
 
 
 def rows_of(result: dict, jax_opt: dict | None) -> list[dict]:

@@ -28,7 +28,7 @@ BEGIN = '<!-- bench:begin: written by python -m bench.run_all from bench/results
 END = '<!-- bench:end -->'
 # In order: cluster_projection reads overhead.json.
 BENCHMARKS = ('wire_bytes', 'overhead', 'opt_bytes', 'dispatch', 'local_workers', 'compressor_cost',
-              'collectives', 'cluster_projection', 'peer_torch')
+              'collectives', 'cluster_projection', 'peer_torch', 'allocator')
 # Written by `make bench-gpu` (python -m bench.gpu) on a GPU machine, never by
 # run_all; its table joins the summary and the README once its JSON exists.
 ACCELERATOR_BENCHMARKS = ('gpu',)

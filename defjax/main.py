@@ -9,8 +9,13 @@ command to resume).
 (``python train.py ...`` in a checkout is the same program.) Several hosts:
 the same command on each, plus
   --coordinator_address=HOST0:PORT --num_processes=N --process_id=I
+
+On Linux the program restarts itself once with tcmalloc preloaded when the
+library is installed (Debian/Ubuntu: libtcmalloc-minimal4, which ``make
+install`` adds); DEFJAX_ALLOCATOR=system keeps the C library's malloc.
 """
 
+import ctypes.util
 import os
 import sys
 
@@ -74,8 +79,35 @@ def main(argv):
         f' {summary["wall_time"]:.0f}s; summary in {workdir}/{runfiles.SUMMARY}')
 
 
+# XLA:CPU allocates every output and temporary buffer of a step anew. Under
+# glibc's malloc a buffer over 32 MB is a fresh mmap each time, and each of
+# its pages faults when first written, every step: a 15M-parameter model
+# pays ~15k page faults per d-float buffer. tcmalloc keeps freed pages for
+# reuse (bench/allocator.py: the faults and what they cost). Results are the
+# same bits either way.
+ALLOCATOR_ENV = 'DEFJAX_ALLOCATOR'
+
+
+def restart_with_tcmalloc() -> None:
+  """Re-executes this process with tcmalloc in LD_PRELOAD, if it is installed
+  and neither the user (``DEFJAX_ALLOCATOR=system``, or an allocator already
+  in LD_PRELOAD) nor the platform says otherwise. Must run before anything
+  starts threads: nothing of the current process survives."""
+  preload = os.environ.get('LD_PRELOAD', '')
+  if (os.environ.get(ALLOCATOR_ENV) == 'system' or not sys.platform.startswith('linux')
+      or 'malloc' in preload):
+    return
+  lib = ctypes.util.find_library('tcmalloc_minimal') or ctypes.util.find_library('tcmalloc')
+  if lib:
+    env = dict(os.environ, LD_PRELOAD=f'{lib} {preload}'.strip())
+    # sys.executable, not the typed argv[0]: a bare 'python' could resolve
+    # to another interpreter than this (virtual environment's) one.
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
 def run():
   """The console entry point (``defjax-train``)."""
+  restart_with_tcmalloc()
   app.run(main)
 
 

@@ -171,3 +171,44 @@ def test_opt_bytes_counts_at_least_the_floor():
   assert rows['sgd']['floor_d'] == 5 and rows['def_per_leaf']['floor_d'] == 7
   sgd, def_ = (opt_bytes.train_step('cnn', 2, v, 256) for v in ('sgd', 'def_per_leaf'))
   assert def_['bytes_d'] > sgd['bytes_d'] > 0
+
+
+def test_count_faults_counts_first_touches():
+  """A runner that writes every page of a fresh 8 MB mapping faults about
+  2048 times (4 KB pages), whatever the allocator; one that allocates nothing
+  hardly at all."""
+  import mmap
+
+  def fresh():
+    m = mmap.mmap(-1, 8 << 20)
+    for i in range(0, len(m), mmap.PAGESIZE):
+      m[i] = 1
+    m.close()
+
+  runners, faults = common.count_faults({'fresh': fresh, 'none': lambda: None})
+  for _ in range(3):
+    runners['fresh']()
+    runners['none']()
+  assert all(f >= (8 << 20) // mmap.PAGESIZE * 0.9 for f in faults['fresh']), faults
+  assert all(f < 50 for f in faults['none']), faults
+
+
+def test_allocator_rows():
+  """The table's medians and ratios from two rounds of both allocators."""
+  from bench import allocator
+
+  def res(train_s, fault, torch_s, digest='a'):
+    return {'train': {'cnn': {'def': {'step_s': train_s, 'minflt': fault, 'params_sha256': digest}}},
+            'procs': {'defjax': {'def@256': {'step_s': 2 * train_s, 'minflt': fault}},
+                      'torch': {'def@256': {'step_s': torch_s, 'minflt': 0}}}}
+
+  rounds = [{'glibc': res(0.2, 1000, 0.1), 'tcmalloc': res(0.1, 0, 0.1)},
+            {'glibc': res(0.4, 3000, 0.2), 'tcmalloc': res(0.1, 2, 0.1, digest='b')}]
+  rows = {(r['program'], r['allocator']): r for r in allocator.rows_of(rounds)}
+  cnn = rows['cnn (8 devices)', 'tcmalloc']
+  assert cnn['ms'] == pytest.approx(100) and cnn['minflt'] == 1
+  assert cnn['x_glibc'] == pytest.approx((0.5 + 0.25) / 2) and cnn['same_bits'] is False
+  assert rows['cnn (8 devices)', 'glibc']['same_bits'] is True
+  assert rows['defjax mlp', 'glibc']['defjax_vs_torch'] == pytest.approx(4)
+  assert rows['defjax mlp', 'tcmalloc']['defjax_vs_torch'] == pytest.approx(2)
+  assert 'defjax_vs_torch' not in rows['torch mlp', 'glibc']

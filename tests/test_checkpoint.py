@@ -256,3 +256,14 @@ def test_elastic_resume_preserves_def_output(tiny_folder, tmp_path):
                   checkpoint_every_steps=3, resume_reshard=True), workdir, log=lambda *_: None)
   assert more['status'] == 'completed' and more['steps'] == 6
   assert more['resharded_from_workers'] == 8
+
+
+def test_host_allocator_does_not_change_results(tiny_folder, reference, tmp_path):
+  """train.py restarts itself under tcmalloc where it is installed (the
+  reference run did); with the C library's malloc the run is the same bits."""
+  workdir = tmp_path / 'system_malloc'
+  env = {k: v for k, v in os.environ.items() if k != 'LD_PRELOAD'}  # make test preloads it
+  proc = subprocess.run(_args(tiny_folder, workdir), cwd=REPO, capture_output=True, text=True,
+                        timeout=300, env=dict(env, DEFJAX_ALLOCATOR='system'))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  _same_result(reference, workdir)

@@ -1,5 +1,6 @@
 """The package boundary and the shared tables the program half is built on."""
 
+import os
 import pathlib
 import subprocess
 import sys
@@ -64,3 +65,43 @@ def test_run_files_round_trip(tmp_path):
   runfiles.write_summary(tmp_path, {'status': 'diverged'})
   assert runfiles.finished_status(tmp_path) == 'diverged'
   assert runfiles.STATUS_BY_EXIT[runfiles.EXIT_INTERRUPTED] == 'interrupted'
+
+
+def _exec_calls(monkeypatch, env, find=lambda name: f'lib{name}.so.4'):
+  """restart_with_tcmalloc's os.execve calls under ``env`` (nothing is executed)."""
+  from defjax import main
+  calls = []
+  monkeypatch.setattr(main.os, 'execve', lambda *a: calls.append(a))
+  monkeypatch.setattr(main.ctypes.util, 'find_library', find)
+  for k in ('LD_PRELOAD', main.ALLOCATOR_ENV):
+    monkeypatch.delenv(k, raising=False)
+  for k, v in env.items():
+    monkeypatch.setenv(k, v)
+  main.restart_with_tcmalloc()
+  return calls
+
+
+def test_restart_with_tcmalloc_preloads_it_once(monkeypatch):
+  [(path, argv, env)] = _exec_calls(monkeypatch, {'LD_PRELOAD': 'libother.so'})
+  assert path == sys.executable and argv == [sys.executable, *sys.orig_argv[1:]]
+  assert env['LD_PRELOAD'] == 'libtcmalloc_minimal.so.4 libother.so'
+  # The restarted process sees tcmalloc preloaded and goes on; so does one
+  # whose user chose an allocator, or asked for the system's.
+  assert _exec_calls(monkeypatch, {'LD_PRELOAD': env['LD_PRELOAD']}) == []
+  assert _exec_calls(monkeypatch, {'LD_PRELOAD': '/opt/libjemalloc.so.2'}) == []
+  assert _exec_calls(monkeypatch, {'DEFJAX_ALLOCATOR': 'system'}) == []
+  assert _exec_calls(monkeypatch, {}, find=lambda name: None) == []
+
+
+def test_restart_with_tcmalloc_really_loads_it():
+  """Where tcmalloc is installed (make install adds it), the restarted
+  process has it mapped and runs the same command line."""
+  import ctypes.util
+  if not (sys.platform.startswith('linux') and ctypes.util.find_library('tcmalloc_minimal')):
+    pytest.skip('tcmalloc is not installed')
+  code = ('from defjax import main; main.restart_with_tcmalloc();'
+          ' print("tcmalloc" in open("/proc/self/maps").read())')
+  env = {k: v for k, v in os.environ.items() if k not in ('LD_PRELOAD', 'DEFJAX_ALLOCATOR')}
+  out = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
+                       timeout=300, check=True, env=env).stdout
+  assert out.strip() == 'True'
