@@ -20,17 +20,28 @@ $(STAMP): pyproject.toml
 
 # tcmalloc: train.py restarts itself under it when it is installed
 # (defjax/main.py), so that XLA:CPU's fresh buffers reuse freed pages instead
-# of faulting in new ones every step (bench/allocator.py). Optional.
-TCMALLOC := $(wildcard /usr/lib/*/libtcmalloc_minimal.so.4 /usr/lib64/libtcmalloc_minimal.so.4)
+# of faulting in new ones every step (bench/allocator.py). Optional: tried
+# once per venv (Debian 12: libtcmalloc-minimal4; newer: ...-minimal4t64).
+MALLOC_STAMP := $(VENV)/.malloc-tried
 
-malloc:
-	@if [ -z "$(TCMALLOC)" ] && command -v apt-get >/dev/null 2>&1; then \
-	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq libtcmalloc-minimal4 \
-	  || echo "apt-get failed: train.py keeps the C library's malloc"; fi
-# The programs below get it preloaded from the start (found when they run, as
-# `make malloc` may have just installed it), so train.py need not restart.
-PRELOAD = LD_PRELOAD="$$(ls /usr/lib/*/libtcmalloc_minimal.so.4 /usr/lib64/libtcmalloc_minimal.so.4 \
-  2>/dev/null | head -n 1) $$LD_PRELOAD"
+malloc: $(MALLOC_STAMP)
+
+$(MALLOC_STAMP): $(STAMP)
+	@if ! /sbin/ldconfig -p 2>/dev/null | grep -q libtcmalloc_minimal.so.4 \
+	  && command -v apt-get >/dev/null 2>&1; then \
+	  $(SUDO) apt-get update -qq && { $(SUDO) apt-get install -y -qq libtcmalloc-minimal4 \
+	  || $(SUDO) apt-get install -y -qq libtcmalloc-minimal4t64; } \
+	  || echo "no tcmalloc: train.py keeps the C library's malloc"; fi
+	touch $@
+
+# The programs below get tcmalloc preloaded from the start, as train.py would
+# restart itself to get it, unless DEFJAX_ALLOCATOR=system or LD_PRELOAD is
+# already set (found when they run: `make malloc` may have just installed it;
+# a soname, which the loader resolves for the interpreter's architecture).
+PRELOAD = LD_PRELOAD="$$(if [ -z "$$LD_PRELOAD" ] && [ "$$DEFJAX_ALLOCATOR" != system ] \
+  && /sbin/ldconfig -p 2>/dev/null | grep -q libtcmalloc_minimal.so.4; \
+  then echo libtcmalloc_minimal.so.4; else echo "$$LD_PRELOAD"; fi)" \
+  TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD=$${TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD:-1099511627776}
 
 # Fashion-MNIST from Debian's package; without apt the loader downloads the
 # four idx files from the dataset's official address instead.

@@ -151,7 +151,7 @@ def rows_of(rounds: list[dict]) -> list[dict]:
         row['defjax_vs_torch'] = statistics.median(
             r[alloc]['procs']['defjax'][variant]['step_s']
             / r[alloc]['procs']['torch'][variant]['step_s'] for r in rounds)
-      if 'params_sha256' in vals[0]:
+      if 'params_sha256' in vals[0] and alloc != 'glibc':
         row['same_bits'] = all(v['params_sha256'] == g['params_sha256']
                                for v, g in zip(vals, c['glibc']))
       rows.append(row)

@@ -33,6 +33,8 @@ BENCHMARKS = ('wire_bytes', 'overhead', 'opt_bytes', 'dispatch', 'local_workers'
 # run_all; its table joins the summary and the README once its JSON exists.
 ACCELERATOR_BENCHMARKS = ('gpu',)
 TIMEOUT_S = 900
+# allocator runs every part in fresh processes per allocator and round.
+TIMEOUTS_S = {'allocator': 3600}
 
 
 def run_one(name: str, args=()) -> dict:
@@ -42,7 +44,8 @@ def run_one(name: str, args=()) -> dict:
   t0 = time.perf_counter()
   print(f'=== {name}: {" ".join(cmd[1:])}', flush=True)
   try:
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=TIMEOUT_S, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=TIMEOUTS_S.get(name, TIMEOUT_S),
+                          capture_output=True, text=True)
     rc, out = proc.returncode, proc.stdout + proc.stderr
   except subprocess.TimeoutExpired as e:
     rc, out = 'timeout', (e.stdout or b'').decode() if isinstance(e.stdout, bytes) else (e.stdout or '')

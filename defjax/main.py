@@ -12,7 +12,8 @@ the same command on each, plus
 
 On Linux the program restarts itself once with tcmalloc preloaded when the
 library is installed (Debian/Ubuntu: libtcmalloc-minimal4, which ``make
-install`` adds); DEFJAX_ALLOCATOR=system keeps the C library's malloc.
+install`` adds) and LD_PRELOAD is empty; DEFJAX_ALLOCATOR=system keeps the C
+library's malloc.
 """
 
 import ctypes.util
@@ -88,18 +89,29 @@ def main(argv):
 ALLOCATOR_ENV = 'DEFJAX_ALLOCATOR'
 
 
+# Set in the restarted process: it never restarts again, even where the
+# loader drops LD_PRELOAD (secure-execution mode).
+RESTARTED_ENV = 'DEFJAX_RESTARTED_WITH'
+# gperftools reports every allocation over 1 GiB on stderr; big configs'
+# temporaries are that large, and it is not an error.
+_QUIET_LARGE_ALLOCS = {'TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD': str(1 << 40)}
+
+
 def restart_with_tcmalloc() -> None:
-  """Re-executes this process with tcmalloc in LD_PRELOAD, if it is installed
-  and neither the user (``DEFJAX_ALLOCATOR=system``, or an allocator already
-  in LD_PRELOAD) nor the platform says otherwise. Must run before anything
-  starts threads: nothing of the current process survives."""
-  preload = os.environ.get('LD_PRELOAD', '')
-  if (os.environ.get(ALLOCATOR_ENV) == 'system' or not sys.platform.startswith('linux')
-      or 'malloc' in preload):
+  """Re-executes this program (the same interpreter and command line) with
+  tcmalloc in LD_PRELOAD, once, when tcmalloc is installed, the platform is
+  Linux and the user has not chosen: ``DEFJAX_ALLOCATOR=system``, or any
+  LD_PRELOAD already set (an allocator, a sanitizer), keep this process.
+  Call it first thing in an entry point: the program starts over."""
+  if (os.environ.get(ALLOCATOR_ENV) == 'system' or os.environ.get(RESTARTED_ENV)
+      or os.environ.get('LD_PRELOAD') or not sys.platform.startswith('linux')):
     return
+  # A soname, which the loader resolves for this interpreter's architecture.
   lib = ctypes.util.find_library('tcmalloc_minimal') or ctypes.util.find_library('tcmalloc')
   if lib:
-    env = dict(os.environ, LD_PRELOAD=f'{lib} {preload}'.strip())
+    env = {**_QUIET_LARGE_ALLOCS, **os.environ, 'LD_PRELOAD': lib, RESTARTED_ENV: lib}
+    sys.stdout.flush()
+    sys.stderr.flush()
     # sys.executable, not the typed argv[0]: a bare 'python' could resolve
     # to another interpreter than this (virtual environment's) one.
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)

@@ -181,6 +181,8 @@ def test_count_faults_counts_first_touches():
 
   def fresh():
     m = mmap.mmap(-1, 8 << 20)
+    if hasattr(mmap, 'MADV_NOHUGEPAGE'):  # 4 KB pages even where THP is 'always'
+      m.madvise(mmap.MADV_NOHUGEPAGE)
     for i in range(0, len(m), mmap.PAGESIZE):
       m[i] = 1
     m.close()
@@ -208,7 +210,7 @@ def test_allocator_rows():
   cnn = rows['cnn (8 devices)', 'tcmalloc']
   assert cnn['ms'] == pytest.approx(100) and cnn['minflt'] == 1
   assert cnn['x_glibc'] == pytest.approx((0.5 + 0.25) / 2) and cnn['same_bits'] is False
-  assert rows['cnn (8 devices)', 'glibc']['same_bits'] is True
+  assert 'same_bits' not in rows['cnn (8 devices)', 'glibc']  # glibc is the yardstick
   assert rows['defjax mlp', 'glibc']['defjax_vs_torch'] == pytest.approx(4)
   assert rows['defjax mlp', 'tcmalloc']['defjax_vs_torch'] == pytest.approx(2)
   assert 'defjax_vs_torch' not in rows['torch mlp', 'glibc']
