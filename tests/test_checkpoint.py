@@ -35,8 +35,21 @@ def _args(tiny_folder, workdir, *extra):
           '--config.crop_padding=4', '--config.flip=True', '--config.optim.ratio=16', *extra]
 
 
-def _run(args, timeout=300):
-  return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+def _run(args, timeout=300, env=None):
+  return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _system_malloc_env():
+  """An environment in which train.py keeps the C library's malloc; None
+  where the reference run did not use tcmalloc either (not installed, or
+  the user chose), so that no test compares glibc with glibc."""
+  import ctypes.util
+  preload = os.environ.get('LD_PRELOAD', '')
+  if (not ctypes.util.find_library('tcmalloc_minimal') or (preload and 'tcmalloc' not in preload)
+      or os.environ.get('DEFJAX_ALLOCATOR') == 'system'):
+    return None
+  env = {k: v for k, v in os.environ.items() if k != 'LD_PRELOAD'}  # make test preloads it
+  return dict(env, DEFJAX_ALLOCATOR='system')
 
 
 def _summary(workdir):
@@ -79,13 +92,16 @@ def _same_result(a, b):
 
 
 def test_sigkill_anywhere_then_resume_is_bitwise_identical(tiny_folder, reference, tmp_path):
+  """Also across host allocators: the reference ran under tcmalloc (train.py
+  restarts itself under it, or inherits make test's preload), the resumed
+  run under the C library's malloc, and the bits are the same."""
   workdir = tmp_path / 'run'
   args = _args(tiny_folder, workdir)
   proc = _start_and_wait_for_checkpoint(args, workdir, EVERY)
   proc.kill()  # SIGKILL: no handler runs
   proc.communicate()
   assert not os.path.exists(workdir / 'summary.json')
-  resumed = _run(args)
+  resumed = _run(args, env=_system_malloc_env())
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert 'resuming from the checkpoint at step' in resumed.stdout
   _same_result(workdir, reference)
@@ -256,20 +272,3 @@ def test_elastic_resume_preserves_def_output(tiny_folder, tmp_path):
                   checkpoint_every_steps=3, resume_reshard=True), workdir, log=lambda *_: None)
   assert more['status'] == 'completed' and more['steps'] == 6
   assert more['resharded_from_workers'] == 8
-
-
-def test_host_allocator_does_not_change_results(tiny_folder, reference, tmp_path):
-  """train.py restarts itself under tcmalloc where it is installed (the
-  reference run did, or inherited it from make test's preload); with the C
-  library's malloc the run is the same bits."""
-  import ctypes.util
-  preload = os.environ.get('LD_PRELOAD', '')
-  if (not ctypes.util.find_library('tcmalloc_minimal') or (preload and 'tcmalloc' not in preload)
-      or os.environ.get('DEFJAX_ALLOCATOR') == 'system'):
-    pytest.skip('the reference run did not use tcmalloc')
-  workdir = tmp_path / 'system_malloc'
-  env = {k: v for k, v in os.environ.items() if k != 'LD_PRELOAD'}  # make test preloads it
-  proc = subprocess.run(_args(tiny_folder, workdir), cwd=REPO, capture_output=True, text=True,
-                        timeout=300, env=dict(env, DEFJAX_ALLOCATOR='system'))
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  _same_result(reference, workdir)
