@@ -32,7 +32,6 @@ from __future__ import annotations
 
 from bench import common  # noqa: F401  (sets 8 host devices before jax)
 
-import ctypes.util  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import subprocess  # noqa: E402
@@ -40,19 +39,16 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 
 from bench import procs  # noqa: E402
+from defjax import main  # noqa: E402
 
 # (model, per-worker batch, steps per timed sample)
 TRAIN_SETTINGS = (('cnn', 16, 3), ('vgg16', 4, 1))
 RATIO = 256
 
 
-def tcmalloc() -> str | None:
-  return ctypes.util.find_library('tcmalloc_minimal') or ctypes.util.find_library('tcmalloc')
-
-
 def allocators() -> dict[str, dict]:
   """Environment of each allocator's processes (no preload: the C library's)."""
-  lib = tcmalloc()
+  lib = main.tcmalloc_library()
   return {'glibc': {'LD_PRELOAD': ''}, **({'tcmalloc': {'LD_PRELOAD': lib}} if lib else {})}
 
 

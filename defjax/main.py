@@ -87,14 +87,18 @@ def main(argv):
 # reuse (bench/allocator.py: the faults and what they cost). Results are the
 # same bits either way.
 ALLOCATOR_ENV = 'DEFJAX_ALLOCATOR'
-
-
 # Set in the restarted process: it never restarts again, even where the
 # loader drops LD_PRELOAD (secure-execution mode).
 RESTARTED_ENV = 'DEFJAX_RESTARTED_WITH'
 # gperftools reports every allocation over 1 GiB on stderr; big configs'
 # temporaries are that large, and it is not an error.
 _QUIET_LARGE_ALLOCS = {'TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD': str(1 << 40)}
+
+
+def tcmalloc_library():
+  """tcmalloc's soname where it is installed (the loader resolves it for this
+  interpreter's architecture), else None."""
+  return ctypes.util.find_library('tcmalloc_minimal') or ctypes.util.find_library('tcmalloc')
 
 
 def restart_with_tcmalloc() -> None:
@@ -106,8 +110,7 @@ def restart_with_tcmalloc() -> None:
   if (os.environ.get(ALLOCATOR_ENV) == 'system' or os.environ.get(RESTARTED_ENV)
       or os.environ.get('LD_PRELOAD') or not sys.platform.startswith('linux')):
     return
-  # A soname, which the loader resolves for this interpreter's architecture.
-  lib = ctypes.util.find_library('tcmalloc_minimal') or ctypes.util.find_library('tcmalloc')
+  lib = tcmalloc_library()
   if lib:
     env = {**_QUIET_LARGE_ALLOCS, **os.environ, 'LD_PRELOAD': lib, RESTARTED_ENV: lib}
     sys.stdout.flush()

@@ -43,9 +43,9 @@ def _system_malloc_env():
   """An environment in which train.py keeps the C library's malloc; None
   where the reference run did not use tcmalloc either (not installed, or
   the user chose), so that no test compares glibc with glibc."""
-  import ctypes.util
+  from defjax import main
   preload = os.environ.get('LD_PRELOAD', '')
-  if (not ctypes.util.find_library('tcmalloc_minimal') or (preload and 'tcmalloc' not in preload)
+  if (not main.tcmalloc_library() or (preload and 'tcmalloc' not in preload)
       or os.environ.get('DEFJAX_ALLOCATOR') == 'system'):
     return None
   env = {k: v for k, v in os.environ.items() if k != 'LD_PRELOAD'}  # make test preloads it

@@ -97,8 +97,8 @@ def test_restart_with_tcmalloc_preloads_it_once(monkeypatch):
 def test_restart_with_tcmalloc_really_loads_it():
   """Where tcmalloc is installed (make install adds it), the restarted
   process has it mapped and runs the same command line."""
-  import ctypes.util
-  if not (sys.platform.startswith('linux') and ctypes.util.find_library('tcmalloc_minimal')):
+  from defjax import main
+  if not (sys.platform.startswith('linux') and main.tcmalloc_library()):
     pytest.skip('tcmalloc is not installed')
   code = ('from defjax import main; main.restart_with_tcmalloc();'
           ' print("tcmalloc" in open("/proc/self/maps").read())')
