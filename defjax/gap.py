@@ -202,7 +202,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not eq:
       parser.error(f'expected NAME=RUNDIR[,RUNDIR...], got {item!r}')
     settings.append((name, path.split(',')))
-  rows = write(settings, args.out, ['python', '-m', 'defjax.gap', *argv])
+  try:
+    rows = write(settings, args.out, ['python', '-m', 'defjax.gap', *argv])
+  except (FileNotFoundError, ValueError) as e:  # a missing path; mixed recipes
+    print(f'error: {e}', file=sys.stderr)
+    return 2
   print(table_markdown(rows))
   return 0
 

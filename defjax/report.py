@@ -283,6 +283,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   except FileNotFoundError as e:
     print(f'error: no such path: {e}', file=sys.stderr)
     return 2
+  except ValueError as e:  # runs of different recipes in one group
+    print(f'error: {e}', file=sys.stderr)
+    return 2
   if not summary['runs']:
     print('error: no runs (directories with summary.json or metrics.jsonl) '
           f'under {", ".join(args.paths)}', file=sys.stderr)

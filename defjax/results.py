@@ -178,14 +178,42 @@ def results_of(run: Run) -> list[Result]:
   return results
 
 
+# What must agree between the seeds of one group: runs that differ in any of
+# these are different experiments, and averaging them (or counting one's
+# divergence against the other) would report a number nobody ran.
+RECIPE = ('dataset', 'model', 'num_epochs', 'num_train_steps', 'batch_size',
+          'num_workers', 'optim.lr', 'optim.momentum', 'optim.weight_decay',
+          'optim.schedule', 'optim.per_leaf')
+
+
+def recipe(run: Run) -> tuple:
+  """The values of ``RECIPE`` in the run's config (None where unset)."""
+  return tuple(config_get(run.config, key) for key in RECIPE)
+
+
 def group(runs: list[Run]) -> Groups:
-  """Results by (label, ratio, lam), finished runs only."""
+  """Results by (label, ratio, lam), finished runs only.
+
+  Raises:
+    ValueError: one group holds runs with different recipes (e.g. EF at two
+      learning rates from two sweep folders): report them separately.
+  """
   groups = collections.defaultdict(list)
   for run in runs:
     if run.status == 'unfinished':
       continue
     for result in results_of(run):
       groups[(result.label, run.ratio, run.lam)].append(result)
+  for key, results in groups.items():
+    recipes = {recipe(r.run): r.run.path for r in results}
+    if len(recipes) > 1:
+      (a, path_a), (b, path_b) = list(recipes.items())[:2]
+      differ = ', '.join(f'{k} {x!r} vs {y!r}' for k, x, y in zip(RECIPE, a, b) if x != y)
+      lam = '' if key[2] is None else f' (lam {key[2]:g})'
+      raise ValueError(
+          f'{key[0]} at ratio {key[1]}{lam} mixes runs that differ in '
+          f'{differ} ({path_a} vs {path_b}); seeds of one result must share '
+          'their settings: report these folders separately')
   # A def_a run and a def run of the same seed compute the same x; count the
   # seed once and keep the run made for DEF-A.
   for key, results in groups.items():

@@ -418,7 +418,7 @@ def test_fig3_stops_at_the_first_decay(swept):
 
 
 def write_run(path, method, ratio, seed, status='completed', acc=0.5,
-              acc_x=None, lam=0.3):
+              acc_x=None, lam=0.3, lr=None):
   path.mkdir(parents=True)
   (path / 'metrics.jsonl').write_text(json.dumps(dict(
       step=1, epoch=1.0, train_loss=1.0, test_accuracy=acc,
@@ -427,7 +427,7 @@ def write_run(path, method, ratio, seed, status='completed', acc=0.5,
     (path / 'summary.json').write_text(json.dumps(dict(
         status=status, final_test_accuracy=acc, final_test_accuracy_x=acc_x,
         config=dict(seed=seed, optim=dict(method=method, ratio=ratio,
-                                          lam=lam)))))
+                                          lam=lam, lr=lr)))))
 
 
 def test_report_edge_cases(tmp_path):
@@ -458,6 +458,25 @@ def test_report_edge_cases(tmp_path):
   (tmp_path / 'empty').mkdir()
   assert report.main([str(tmp_path / 'empty'), '--out',
                       str(tmp_path / 'r')]) == 1
+
+
+def test_seeds_of_different_recipes_are_not_pooled(tmp_path):
+  """EF at lr 0.05 (diverged) and at lr 0.01 (10%) from two folders are two
+  experiments, not two seeds of one: grouping them is an error that names
+  the setting that differs, not a 'diverged (1/2)' cell."""
+  write_run(tmp_path / 'a' / 'ef-r256-s0', 'ef', 256, 0, status='diverged',
+            acc=None, lr=0.05)
+  write_run(tmp_path / 'b' / 'ef-r256-s0', 'ef', 256, 0, acc=0.1, lr=0.01)
+  write_run(tmp_path / 'a' / 'sgd-r1-s0', 'sgd', 1, 0, acc=0.9, lr=0.05)
+  with pytest.raises(ValueError, match=r'EF at ratio 256 .*optim\.lr 0\.05 vs 0\.01'):
+    results.collect([tmp_path / 'a', tmp_path / 'b'])
+  assert report.main([str(tmp_path / 'a'), str(tmp_path / 'b'), '--out',
+                      str(tmp_path / 'r')]) == 2
+  # Each folder alone, or SGD at lr 0.05 beside EF at 0.01 (different
+  # groups, the paper's Table 1 protocol), is fine.
+  groups = results.collect([tmp_path / 'b', tmp_path / 'a' / 'sgd-r1-s0']).groups
+  assert results.cell(groups[('EF', 256, None)], 100)['text'] == '10.00 (n=1)'
+  assert results.cell(groups[('SGD', 1, None)], 100)['text'] == '90.00 (n=1)'
 
 
 @pytest.mark.slow
