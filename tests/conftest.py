@@ -34,6 +34,22 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope='session')
+def _contained_tempdir(tmp_path_factory):
+  """tempfile's default directory inside pytest's own tmp tree for the session.
+
+  TFDS leaves an empty mkdtemp('tfds') directory behind each time a builder
+  starts without prepared data (its GCS lookup returns early), which the mock
+  and missing-data tests do: about 30 per suite in /tmp. Here they land in
+  the basetemp that pytest cleans up.
+  """
+  import tempfile  # pylint: disable=g-import-not-at-top
+  old = tempfile.tempdir
+  tempfile.tempdir = str(tmp_path_factory.mktemp('tempfile'))
+  yield
+  tempfile.tempdir = old
+
+
 @pytest.fixture(scope='session')
 def tiny_folder(tmp_path_factory):
   """A 3-class image_folder .tar of 32x32 RGB JPEGs whose class sets the colour."""
