@@ -69,17 +69,18 @@ sweep "${C10[@]}" --out "$R"/cifar10_per_leaf/runs --methods def --ratios 64 --s
 #    The most wanted runs first: SGD and DEF at 256 (lam 0.6, the best found,
 #    and the paper's 0.3), DEF at the extreme ratios 1024 and 64, EF at 256 at
 #    the authors' EF lr, then a second seed of SGD and DEF at 256 (moved ahead
-#    of SAEF and PSync on 2026-11-29, after SAEF had run), the other baselines
-#    at 256, the rest of the lam x ratio grid and EF at the other ratios.
+#    of SAEF and PSync on 2026-11-29, after SAEF had run), EF at lr 0.05 (it
+#    diverges within seconds), the other baselines at 256, the rest of the lam
+#    x ratio grid and EF at the other ratios.
 #    EF at lr 0.01 has its own folder (its run names are those of lr 0.05).
 sweep "${LONG[@]}" --out "$L"/runs --methods sgd,def --ratios 256 --lams 0.6,0.3 --seeds 0
 sweep "${LONG[@]}" --out "$L"/runs --methods def --ratios 1024,64 --lams 0.6 --seeds 0
 sweep "${LONG[@]}" --out "$L"/runs_ef_lr0.01 --methods ef --ratios 256 --seeds 0 \
   --set optim.lr=0.01
 sweep "${LONG[@]}" --out "$L"/runs --methods sgd,def --ratios 256 --lams 0.6 --seeds 1
-sweep "${LONG[@]}" --out "$L"/runs --methods saef,psync --ratios 256 --seeds 0
-sweep "${LONG[@]}" --out "$L"/runs --methods def --ratios 64,1024 --lams 0.3 --seeds 0
 sweep "${LONG[@]}" --out "$L"/runs --methods ef --ratios 256 --seeds 0
+sweep "${LONG[@]}" --out "$L"/runs --methods saef,psync --ratios 256 --seeds 0
+sweep "${LONG[@]}" --out "$L"/runs --methods def --ratios 1024,64 --lams 0.3 --seeds 0
 sweep "${LONG[@]}" --out "$L"/runs_ef_lr0.01 --methods ef --ratios 64,1024 --seeds 0 \
   --set optim.lr=0.01
 # 10. More seeds where time allows.
