@@ -116,7 +116,10 @@ def verdict_markdown(rows: list[dict]) -> str:
 
 
 def _fmt(value, spec):
-  return results_lib.DASH if value is None else format(value, spec)
+  if value is None:
+    return results_lib.DASH
+  # 92.8 - 92.80000000000001 is -1e-14: shown as 0.00, not -0.00.
+  return format(value if round(value, 2) else 0.0, spec)
 
 
 def table_markdown(rows: list[dict]) -> str:
@@ -169,9 +172,9 @@ def figure(rows: list[dict], path: pathlib.Path) -> None:
 
 
 def write(settings: Sequence[tuple[str, Sequence[str]]], out, argv: Sequence[str] = ()) -> list[dict]:
+  rows = [row for name, paths in settings for row in rows_of(name, paths)]
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
-  rows = [row for name, paths in settings for row in rows_of(name, paths)]
   table = table_markdown(rows)
   (out / 'table_gap.md').write_text(table)
   verdict = verdict_markdown(
@@ -204,7 +207,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings.append((name, path.split(',')))
   try:
     rows = write(settings, args.out, ['python', '-m', 'defjax.gap', *argv])
-  except (FileNotFoundError, ValueError) as e:  # a missing path; mixed recipes
+  except FileNotFoundError as e:
+    print(f'error: no such path: {e}', file=sys.stderr)
+    return 2
+  except results_lib.IncompatibleRunsError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   print(table_markdown(rows))

@@ -177,10 +177,13 @@ def write_report(paths: Sequence[str | os.PathLike[str]],
 
   Returns:
     ``summarize(paths, lam)`` plus ``files``, the names written.
+
+  Raises:
+    FileNotFoundError, results.IncompatibleRunsError: as ``results.collect``.
   """
+  collected = results_lib.collect(paths, lam)  # raises before out exists
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
-  collected = results_lib.collect(paths, lam)
   runs = collected.runs
   summary = _summary(collected)
   finished = [r for r in runs if r.status != 'unfinished']
@@ -283,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   except FileNotFoundError as e:
     print(f'error: no such path: {e}', file=sys.stderr)
     return 2
-  except ValueError as e:  # runs of different recipes in one group
+  except results_lib.IncompatibleRunsError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   if not summary['runs']:

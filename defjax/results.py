@@ -180,23 +180,46 @@ def results_of(run: Run) -> list[Result]:
 
 # What must agree between the seeds of one group: runs that differ in any of
 # these are different experiments, and averaging them (or counting one's
-# divergence against the other) would report a number nobody ran.
-RECIPE = ('dataset', 'model', 'num_epochs', 'num_train_steps', 'batch_size',
-          'num_workers', 'optim.lr', 'optim.momentum', 'optim.weight_decay',
-          'optim.schedule', 'optim.per_leaf')
+# divergence against the other) would report a number nobody ran. Each key
+# has the value a config without it ran with (keys added to the config later).
+RECIPE = {
+    'dataset': None, 'model': None, 'num_epochs': None, 'num_train_steps': 0,
+    'batch_size': None, 'num_workers': None, 'crop_padding': 0, 'flip': False,
+    'sync_batch_stats': True, 'optim.lr': None, 'optim.momentum': None,
+    'optim.weight_decay': None, 'optim.schedule': 'step',
+    'optim.decay_at': (0.5, 0.75), 'optim.decay_whole_epochs': False,
+    'optim.warmup_epochs': 0.0, 'optim.dense_warmup_steps': 0,
+    'optim.per_leaf': False,
+}
+
+
+class IncompatibleRunsError(ValueError):
+  """Runs that cannot be seeds of one result (``group``)."""
+
+
+def _hashable(value):
+  return tuple(_hashable(v) for v in value) if isinstance(value, list) else value
 
 
 def recipe(run: Run) -> tuple:
-  """The values of ``RECIPE`` in the run's config (None where unset)."""
-  return tuple(config_get(run.config, key) for key in RECIPE)
+  """The run's values of ``RECIPE`` (its defaults where the config lacks one)."""
+  return tuple(_hashable(config_get(run.config, key, absent))
+               for key, absent in RECIPE.items())
+
+
+def _where(key) -> str:
+  label, ratio, lam = key
+  return f'{label} at ratio {ratio}' + ('' if lam is None else f' (lam {lam:g})')
 
 
 def group(runs: list[Run]) -> Groups:
   """Results by (label, ratio, lam), finished runs only.
 
   Raises:
-    ValueError: one group holds runs with different recipes (e.g. EF at two
-      learning rates from two sweep folders): report them separately.
+    IncompatibleRunsError: one group holds runs whose recipes differ (e.g. EF
+      at two learning rates from two sweep folders) or two runs of one seed
+      (the same run reached through two paths, or two folders of the same
+      experiment): report them separately.
   """
   groups = collections.defaultdict(list)
   for run in runs:
@@ -209,11 +232,10 @@ def group(runs: list[Run]) -> Groups:
     if len(recipes) > 1:
       (a, path_a), (b, path_b) = list(recipes.items())[:2]
       differ = ', '.join(f'{k} {x!r} vs {y!r}' for k, x, y in zip(RECIPE, a, b) if x != y)
-      lam = '' if key[2] is None else f' (lam {key[2]:g})'
-      raise ValueError(
-          f'{key[0]} at ratio {key[1]}{lam} mixes runs that differ in '
-          f'{differ} ({path_a} vs {path_b}); seeds of one result must share '
-          'their settings: report these folders separately')
+      raise IncompatibleRunsError(
+          f'{_where(key)} mixes runs that differ in {differ} ({path_a} vs '
+          f'{path_b}); seeds of one result must share their settings: report '
+          'these folders separately')
   # A def_a run and a def run of the same seed compute the same x; count the
   # seed once and keep the run made for DEF-A.
   for key, results in groups.items():
@@ -221,6 +243,13 @@ def group(runs: list[Run]) -> Groups:
       own = {r.run.seed for r in results if r.run.method == 'def_a'}
       groups[key] = [r for r in results
                      if r.run.method == 'def_a' or r.run.seed not in own]
+  for key, results in groups.items():
+    seen = {}
+    for r in results:
+      if r.run.seed is not None and seen.setdefault(r.run.seed, r.run.path) != r.run.path:
+        raise IncompatibleRunsError(
+            f'{_where(key)} has seed {r.run.seed} twice ({seen[r.run.seed]} and '
+            f'{r.run.path}): one seed counts once; pass one of them')
   return dict(groups)
 
 
@@ -299,6 +328,7 @@ def collect(paths: Iterable[str | os.PathLike[str]],
 
   Raises:
     FileNotFoundError: a path does not exist.
+    IncompatibleRunsError: runs that cannot be seeds of one result (``group``).
   """
   runs = [r for r in (load_run(p) for p in find_run_dirs(paths)) if r]
   groups = group(runs)

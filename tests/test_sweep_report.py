@@ -477,6 +477,34 @@ def test_seeds_of_different_recipes_are_not_pooled(tmp_path):
   groups = results.collect([tmp_path / 'b', tmp_path / 'a' / 'sgd-r1-s0']).groups
   assert results.cell(groups[('EF', 256, None)], 100)['text'] == '10.00 (n=1)'
   assert results.cell(groups[('SGD', 1, None)], 100)['text'] == '90.00 (n=1)'
+  assert gap.main([f'ef={tmp_path / "a"},{tmp_path / "b"}', '--out',
+                   str(tmp_path / 'g')]) == 2
+  assert not (tmp_path / 'g').exists()  # nothing written for a refused report
+  assert gap.main([f'ef={tmp_path / "nothing"}', '--out', str(tmp_path / 'g')]) == 2
+
+
+def test_seeds_pool_across_config_forms_and_defaults(tmp_path):
+  """A flat and a nested config of one recipe, and a config that lacks a key
+  next to one that sets it to the value runs without it had, are seeds of
+  one result; the same seed from two folders is refused."""
+  write_run(tmp_path / 'a' / 'ef-r64-s0', 'ef', 64, 0, acc=0.80, lr=0.05)
+  flat = tmp_path / 'b' / 'ef-r64-s1'
+  write_run(flat, 'ef', 64, 1, acc=0.84)
+  summary = json.loads((flat / 'summary.json').read_text())
+  summary['config'] = {'seed': 1, 'optim.method': 'ef', 'optim.ratio': 64,
+                       'optim.lr': 0.05, 'optim.per_leaf': False,
+                       'optim.decay_whole_epochs': False}
+  (flat / 'summary.json').write_text(json.dumps(summary))
+  cell = results.cell(
+      results.collect([tmp_path / 'a', tmp_path / 'b']).groups[('EF', 64, None)], 100)
+  assert cell['text'] == '82.00 ± 2.83 (n=2)'
+  # One run reached through two paths is read once.
+  assert results.collect([tmp_path / 'a', tmp_path / 'a' / 'ef-r64-s0']).groups[
+      ('EF', 64, None)][0].run.seed == 0
+  # Copied to a second folder: the same seed twice, not n=2.
+  shutil.copytree(tmp_path / 'a', tmp_path / 'c')
+  with pytest.raises(results.IncompatibleRunsError, match='seed 0 twice'):
+    results.collect([tmp_path / 'a', tmp_path / 'c'])
 
 
 @pytest.mark.slow
