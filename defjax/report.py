@@ -236,13 +236,15 @@ def _readme(summary, table1, lam_table, figures, setting, runs, paths,
       machine = record.get('machine', {})
       packages = ', '.join(f'{k} {v}' for k, v in
                            record.get('packages', {}).items() if v)
-      lines.append(f'- `{path}`: `{record.get("command", "?")}` on '
+      lines.append(f'- `{path}`: `{record.get("command", "?")}`, last invoked '
                    f'{record.get("date", "?")}, {machine.get("platform", "?")}'
                    f' ({machine.get("cpu_count", "?")} CPUs); {packages}')
     lines.append('')
   counts = collections.Counter(r.status for r in runs)
+  finished = sorted(r.summary['finished'] for r in runs if r.summary.get('finished'))
   lines += ['Runs: ' + ', '.join(f'{n} {s}' for s, n in sorted(counts.items()))
-            + '.', '']
+            + (f'; finished {finished[0]} to {finished[-1]} (of the runs that'
+               ' record it)' if finished else '') + '.', '']
   if summary['scale'] == 100.0:
     lines += ['Accuracies were stored as fractions and are shown in %.', '']
   lines += ['## Table 1: test accuracy by compression ratio', '', table1]

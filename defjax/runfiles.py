@@ -13,6 +13,7 @@ The trainer writes them, the sweep and the report read them::
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import pathlib
@@ -45,7 +46,10 @@ def write_json(path: str | os.PathLike, obj) -> None:
 
 
 def write_summary(workdir: str | os.PathLike, summary: dict) -> None:
-  write_json(pathlib.Path(workdir) / SUMMARY, summary)
+  """Writes summary.json with ``finished``, the UTC time the run ended (a
+  sweep's record only dates the sweep's last invocation)."""
+  finished = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
+  write_json(pathlib.Path(workdir) / SUMMARY, {**summary, 'finished': finished})
 
 
 def read_summary(workdir: str | os.PathLike) -> Optional[dict]:

@@ -528,6 +528,7 @@ def test_real_sweep_and_report(tmp_path):
 
   summary = report.write_report([out], tmp_path / 'report')
   assert set(summary['table1']) == {'SGD', 'DEF', 'DEF-A'}
+  assert '2 completed; finished 20' in (tmp_path / 'report' / 'README.md').read_text()
   assert (tmp_path / 'report' / 'fig1_4.png').exists()
 
 

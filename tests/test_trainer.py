@@ -29,7 +29,7 @@ needs_fmnist = pytest.mark.skipif(
 
 RECORD_KEYS = {'step', 'epoch', 'train_loss', 'test_accuracy', 'test_accuracy_x', 'lr',
                'wall_time', 'bytes_sent'}
-SUMMARY_KEYS = {'status', 'final_test_accuracy', 'final_train_loss', 'steps', 'wall_time',
+SUMMARY_KEYS = {'status', 'final_test_accuracy', 'final_train_loss', 'steps', 'wall_time', 'finished',
                 'bytes_sent', 'config', 'params_sha256'}
 
 
