@@ -21,6 +21,7 @@ Run: python -m bench.collectives [--models vgg16,mlp] [--ratios 16,64,256,1024]
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import time
@@ -50,7 +51,8 @@ def mlp_model():
   return MLP()
 
 
-def worker(process_id: int, port: int, model_name: str, ratios, out_path: str) -> None:
+def worker(process_id: int, port: int, model_name: str, ratios, out_path: str,
+           opt_only: bool = False) -> None:
   """One of the two processes: joins the job, times the variants."""
   import jax
 
@@ -100,8 +102,10 @@ def worker(process_id: int, port: int, model_name: str, ratios, out_path: str) -
     # Compile once and run the compiled executable (a jit call would compile again).
     step = setup.step(tx).lower(params, ms, opt, data[0]).compile()
     payload[name] = sum(c.bytes for c in wire.collectives(step) if c.op == 'all-reduce')
-    runners[name] = common.step_runner(step, [params, ms, opt], data, steps)
-  res = common.alternate(runners, rounds=rounds, baseline='sgd', warmup=1)
+    if not opt_only:
+      runners[name] = common.step_runner(step, [params, ms, opt], data, steps)
+  res = (common.alternate(runners, rounds=rounds, baseline='sgd', warmup=1) if not opt_only
+         else {'times_s': {}, 'ratio_to_sgd': {}, 'raw_s': {}})
   opt = time_optimizer_only(variants, v['params'], lay, global_replicated, rounds=max(rounds, 5))
   if process_id == 0:
     out = {
@@ -175,7 +179,8 @@ def time_optimizer_only(variants, params_np, lay, global_replicated, rounds: int
   return res
 
 
-def launch(model_name: str, ratios, timeout_s: float = 540, env=None) -> dict:
+def launch(model_name: str, ratios, timeout_s: float = 540, env=None,
+           opt_only: bool = False) -> dict:
   """Starts the two worker processes and returns process 0's measurements.
 
   ``env``: more environment for the workers (``bench/allocator.py`` sets
@@ -187,7 +192,8 @@ def launch(model_name: str, ratios, timeout_s: float = 540, env=None) -> dict:
          'JAX_PLATFORMS': 'cpu', **(env or {})}
   return procs.run_pair(
       'bench.collectives',
-      ['--models', model_name, '--ratios', ','.join(map(str, ratios))],
+      ['--models', model_name, '--ratios', ','.join(map(str, ratios))]
+      + (['--opt-only'] if opt_only else []),
       env, timeout_s)
 
 
@@ -219,11 +225,14 @@ COLUMNS = ('model', 'd', 'batch', 'variant', 'payload_bytes', 'step_ms_median',
 def main(argv=None):
   p = procs.parser(__doc__, RATIOS)
   p.add_argument('--models', default='vgg16,mlp')
+  # Workers only: time the optimizer step and the bare all-reduce, not the
+  # train step (bench.collective_settings).
+  p.add_argument('--opt-only', action='store_true', help=argparse.SUPPRESS)
   a = p.parse_args(argv)
   ratios = a.ratios
   if a.rank is not None:
     procs.pin_to_core(a.rank)
-    worker(a.rank, a.port, a.models, ratios, a.out)
+    worker(a.rank, a.port, a.models, ratios, a.out, opt_only=a.opt_only)
     return None
   from bench import common
   results = []

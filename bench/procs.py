@@ -30,7 +30,10 @@ def free_port() -> int:
 
 def pin_to_core(index: int) -> None:
   """Pins this process to core ``index`` when the machine has that core, so
-  that the two workers do not share one."""
+  that the two workers do not share one; BENCH_PIN=0 in the environment
+  leaves both free (``bench.collective_settings`` compares the two)."""
+  if os.environ.get('BENCH_PIN', '1') == '0':
+    return
   if index < os.cpu_count() and hasattr(os, 'sched_setaffinity'):
     os.sched_setaffinity(0, {index})
 

@@ -28,13 +28,14 @@ BEGIN = '<!-- bench:begin: written by python -m bench.run_all from bench/results
 END = '<!-- bench:end -->'
 # In order: cluster_projection reads overhead.json.
 BENCHMARKS = ('wire_bytes', 'overhead', 'opt_bytes', 'dispatch', 'local_workers', 'compressor_cost',
-              'collectives', 'cluster_projection', 'peer_torch', 'allocator')
+              'collectives', 'cluster_projection', 'peer_torch', 'allocator',
+              'collective_settings')
 # Written by `make bench-gpu` (python -m bench.gpu) on a GPU machine, never by
 # run_all; its table joins the summary and the README once its JSON exists.
 ACCELERATOR_BENCHMARKS = ('gpu',)
 TIMEOUT_S = 900
 # allocator runs every part in fresh processes per allocator and round.
-TIMEOUTS_S = {'allocator': 3600}
+TIMEOUTS_S = {'allocator': 3600, 'collective_settings': 3600}
 
 
 def run_one(name: str, args=()) -> dict:

@@ -214,3 +214,23 @@ def test_allocator_rows():
   assert rows['defjax mlp', 'glibc']['defjax_vs_torch'] == pytest.approx(4)
   assert rows['defjax mlp', 'tcmalloc']['defjax_vs_torch'] == pytest.approx(2)
   assert 'defjax_vs_torch' not in rows['torch mlp', 'glibc']
+
+
+def test_collective_settings_rows():
+  """Medians over rounds and the per-round ratios to pinned and to PyTorch."""
+  from bench import collective_settings
+
+  rounds = [{'pinned': {'def@256': 0.010, 'allreduce_only': 0.040},
+             'unpinned': {'def@256': 0.020, 'allreduce_only': 0.040},
+             'torch': {'def@256': 0.008, 'allreduce_only': 0.020}},
+            {'pinned': {'def@256': 0.012, 'allreduce_only': 0.050},
+             'unpinned': {'def@256': 0.012, 'allreduce_only': 0.100},
+             'torch': {'def@256': 0.012, 'allreduce_only': 0.025}}]
+  rows = {(r['setting'], r['variant']): r for r in collective_settings.rows_of(rounds)}
+  assert rows['pinned', 'def@256']['ms'] == pytest.approx(11)
+  assert rows['unpinned', 'def@256']['x_pinned'] == pytest.approx((2 + 1) / 2)
+  assert rows['unpinned', 'allreduce_only']['x_pinned'] == pytest.approx((1 + 2) / 2)
+  assert rows['pinned', 'def@256']['vs_torch'] == pytest.approx((1.25 + 1) / 2)
+  torch = rows['pinned, 1 thread', 'def@256']
+  assert torch['program'] == 'PyTorch' and 'vs_torch' not in torch and 'x_pinned' not in torch
+  assert set(collective_settings.settings()) >= {'pinned', 'unpinned'}
