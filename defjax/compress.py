@@ -350,10 +350,18 @@ def rbgs(
 
   def aggregate(tree, state, axis_name=None):
     start, b, d, rel = block(tree, state)
-    mean_values = worker_mean(gather(tree, start, b, d), axis_name)  # b values
+    values = gather(tree, start, b, d)
+    mean_values = worker_mean(values, axis_name)  # b values
+    # The residual p - C(p) is 0 on the block. Taken from the gathered values
+    # (min(|v|, 0): exactly +0 for every finite or infinite v), that 0 makes
+    # the pass writing the residual come after the gather. Written as a
+    # literal 0, nothing orders the two, and when the error buffer is donated
+    # (p = e + eta m is read by the gather, the residual overwrites e) XLA
+    # copies all of e first: a read and a write of d values per step.
+    zero = jnp.minimum(jnp.abs(values[0]), 0)
     leaves, treedef = jax.tree.flatten(tree)
     residual = treedef.unflatten(
-        [jnp.where(r < b, jnp.zeros_like(x), x) for x, r in zip(leaves, rel)])
+        [jnp.where(r < b, zero.astype(x.dtype), x) for x, r in zip(leaves, rel)])
     return place(tree, mean_values, rel, b), residual, _advance(state)
 
   def payload(params):
