@@ -29,22 +29,19 @@ from __future__ import annotations
 
 from bench import common  # noqa: F401  (before jax: the parent's devices)
 
-import os  # noqa: E402
 import statistics  # noqa: E402
 
 RATIO = 256
 
 
 def settings() -> dict[str, dict]:
-  """Environment of each setting's two worker processes."""
-  flags = ' '.join(f for f in os.environ.get('XLA_FLAGS', '').split()
-                   if 'xla_force_host_platform_device_count' not in f)
-  one = (flags + ' --xla_force_host_platform_device_count=1').strip()
+  """Environment of each setting's two worker processes (XLA_FLAGS are added
+  to ``collectives.launch``'s)."""
   return {
       'pinned': {},
       'unpinned': {'BENCH_PIN': '0'},
       'unpinned-eigen-1-thread': {
-          'BENCH_PIN': '0', 'XLA_FLAGS': one + ' --xla_cpu_multi_thread_eigen=false'},
+          'BENCH_PIN': '0', 'XLA_FLAGS': '--xla_cpu_multi_thread_eigen=false'},
       'pinned-sync-dispatch': {'JAX_CPU_ENABLE_ASYNC_DISPATCH': 'false'},
   }
 

@@ -184,12 +184,14 @@ def launch(model_name: str, ratios, timeout_s: float = 540, env=None,
   """Starts the two worker processes and returns process 0's measurements.
 
   ``env``: more environment for the workers (``bench/allocator.py`` sets
-  LD_PRELOAD)."""
+  LD_PRELOAD); its XLA_FLAGS are added to the workers' own
+  (``bench/collective_settings.py``)."""
+  env = dict(env or {})
   # One CPU device per process; the parent's 8-device flag must not leak in.
-  flags = ' '.join(f for f in os.environ.get('XLA_FLAGS', '').split()
-                   if 'xla_force_host_platform_device_count' not in f)
-  env = {'XLA_FLAGS': (flags + ' --xla_force_host_platform_device_count=1').strip(),
-         'JAX_PLATFORMS': 'cpu', **(env or {})}
+  flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
+           if 'xla_force_host_platform_device_count' not in f]
+  flags += ['--xla_force_host_platform_device_count=1', *env.pop('XLA_FLAGS', '').split()]
+  env = {'XLA_FLAGS': ' '.join(flags), 'JAX_PLATFORMS': 'cpu', **env}
   return procs.run_pair(
       'bench.collectives',
       ['--models', model_name, '--ratios', ','.join(map(str, ratios))]

@@ -207,11 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings.append((name, path.split(',')))
   try:
     rows = write(settings, args.out, ['python', '-m', 'defjax.gap', *argv])
-  except FileNotFoundError as e:
-    print(f'error: no such path: {e}', file=sys.stderr)
-    return 2
-  except results_lib.IncompatibleRunsError as e:
-    print(f'error: {e}', file=sys.stderr)
+  except results_lib.INPUT_ERRORS as e:
+    print(results_lib.input_error_line(e), file=sys.stderr)
     return 2
   print(table_markdown(rows))
   return 0

@@ -285,11 +285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     summary = write_report(args.paths, args.out, lam=args.lam,
                            argv=['python', '-m', 'defjax.report', *argv])
-  except FileNotFoundError as e:
-    print(f'error: no such path: {e}', file=sys.stderr)
-    return 2
-  except results_lib.IncompatibleRunsError as e:
-    print(f'error: {e}', file=sys.stderr)
+  except results_lib.INPUT_ERRORS as e:
+    print(results_lib.input_error_line(e), file=sys.stderr)
     return 2
   if not summary['runs']:
     print('error: no runs (directories with summary.json or metrics.jsonl) '

@@ -318,6 +318,18 @@ def choose_lam(groups: Groups, lam: float | None = None) -> float | None:
   return max(lams, key=lambda l: (lams[l], -abs((l or 0) - DEFAULT_LAM)))
 
 
+# What the report and gap commands turn into exit code 2, and how they say it.
+INPUT_ERRORS = (FileNotFoundError, IncompatibleRunsError)
+
+
+def input_error_line(error: Exception) -> str:
+  """One line for stderr: a missing path (``find_run_dirs``) or runs that
+  cannot be grouped (``group``)."""
+  if isinstance(error, FileNotFoundError):
+    return f'error: no such path: {error}'
+  return f'error: {error}'
+
+
 def collect(paths: Iterable[str | os.PathLike[str]],
             lam: float | None = None) -> Collection:
   """Reads every run below ``paths`` and groups the finished ones.
