@@ -14,7 +14,7 @@ PY=${PY:-.venv/bin/python}
 # (pinned at one commit while the first one is edited) run the queue.
 R=${RESULTS:-results}
 sweep() { "$PY" -m defjax.sweep "$@"; }
-# Sections 1-8 and 10 predate per-leaf blocks, whole-epoch decays and the
+# Sections 1-8 and 11 predate per-leaf blocks, whole-epoch decays and the
 # authors' VGG classifier as defaults (2026-11-29) and pin what they ran with
 # (their summaries say model 'vgg16_slim': the one-Linear VGG now called
 # 'vgg16_slim_linear').
@@ -83,7 +83,18 @@ sweep "${LONG[@]}" --out "$L"/runs --methods saef,psync --ratios 256 --seeds 0
 sweep "${LONG[@]}" --out "$L"/runs --methods def --ratios 1024,64 --lams 0.3 --seeds 0
 sweep "${LONG[@]}" --out "$L"/runs_ef_lr0.01 --methods ef --ratios 64,1024 --seeds 0 \
   --set optim.lr=0.01
-# 10. More seeds where time allows.
+# 10. Long horizon on a batch-normalised model (66 epochs of CIFAR-10 with the
+#    slim VGG-16, T / ratio = 100 at ratio 256, about two hours a run here):
+#    SGD and DEF at 256 first, then EF at the authors' EF lr, the other ratios
+#    and the baselines.
+CL=(--config configs/cifar10_long.py --set dataset=image_folder --set data_dir="$CIFAR_TAR")
+C="$R"/cifar10_long
+sweep "${CL[@]}" --out "$C"/runs --methods sgd,def --ratios 256 --lams 0.3 --seeds 0
+sweep "${CL[@]}" --out "$C"/runs_ef_lr0.01 --methods ef --ratios 256 --seeds 0 \
+  --set optim.lr=0.01
+sweep "${CL[@]}" --out "$C"/runs --methods def --ratios 1024,64 --lams 0.3 --seeds 0
+sweep "${CL[@]}" --out "$C"/runs --methods saef,psync --ratios 256 --seeds 0
+# 11. More seeds where time allows.
 sweep "${C10[@]}" --out "$R"/cifar10/runs --methods sgd,ef,def,saef,psync --ratios 64,256 \
   --seeds 0,1
 echo 'queue finished'
