@@ -416,12 +416,17 @@ def _rbgs_per_leaf(ratio: float, key: KeyLike) -> Compressor:
     leaves, treedef = jax.tree.flatten(tree)
     info = blocks(state, tree)
     dtype = jnp.result_type(*leaves)
+    gathered = [jnp.ravel(x)[i].astype(dtype) for x, (_, i, _) in zip(leaves, info)]
     # All leaf blocks in one buffer: one all-reduce per step, not one per leaf.
-    values = jnp.concatenate([jnp.ravel(x)[i].astype(dtype) for x, (_, i, _) in zip(leaves, info)])
-    mean_values = worker_mean(values, axis_name)
+    mean_values = worker_mean(jnp.concatenate(gathered), axis_name)
     parts = jnp.split(mean_values, np.cumsum([b for b, _, _ in info])[:-1])
     mean_c = [place_block(x, v, b, rel) for x, v, (b, _, rel) in zip(leaves, parts, info)]
-    residual = [jnp.where(rel < b, jnp.zeros_like(x), x) for x, (b, _, rel) in zip(leaves, info)]
+    # Each leaf's residual takes its 0 from that leaf's own gathered values,
+    # as the global block does (see rbgs): it orders the pass that overwrites
+    # a donated e after the leaf's gather, so XLA copies no leaf of e first.
+    # (One 0 for all leaves orders nothing per leaf and leaves the copies.)
+    residual = [jnp.where(rel < b, jnp.minimum(jnp.abs(v[0]), 0).astype(x.dtype), x)
+                for x, v, (b, _, rel) in zip(leaves, gathered, info)]
     return treedef.unflatten(mean_c), treedef.unflatten(residual), _advance(state)
 
   def payload(params):

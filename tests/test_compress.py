@@ -430,15 +430,16 @@ def test_rbgs_residual_is_p_off_the_block_and_positive_zero_on_it(per_leaf):
     assert np.all(r[on] == 0) and not np.any(np.signbit(r[on]))
 
 
-def test_error_feedback_step_does_not_copy_the_donated_error():
-  """With one global block, the compiled optimizer step with donated state
+@pytest.mark.parametrize('per_leaf', [False, True])
+def test_error_feedback_step_does_not_copy_the_donated_error(per_leaf):
+  """With either block layout, the compiled optimizer step with donated state
   writes e' into e's buffer without first copying e (XLA would copy it if
   the pass writing e' were not ordered after the block's gather)."""
   import re
   params = {'w': jnp.zeros((64, 64)), 'b': jnp.zeros((64,))}
   tx = defjax.error_feedback(
       optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.05, momentum=0.9)),
-      defjax.rbgs(16), lam=0.3)
+      defjax.rbgs(16, per_leaf=per_leaf), lam=0.3)
 
   def step(params, state, grads):
     updates, state = tx.update(grads, state, params)
