@@ -79,14 +79,14 @@ def _summary(collected: results_lib.Collection) -> dict:
     table1[label][ratio] = cell
   return {
       'runs': [{
-          'path': str(r.path), 'method': r.method, 'ratio': r.ratio,
+          'path': results_lib.shown(r.path), 'method': r.method, 'ratio': r.ratio,
           'lam': r.lam, 'seed': r.seed, 'status': r.status,
           'final_test_accuracy': r.summary.get('final_test_accuracy'),
           'final_test_accuracy_x': r.summary.get('final_test_accuracy_x'),
           'final_train_loss': r.summary.get('final_train_loss'),
           'diverged_at_step': r.summary.get('diverged_at_step'),
       } for r in sorted(runs, key=lambda r: str(r.path))],
-      'unfinished': [str(r.path) for r in runs if r.status == 'unfinished'],
+      'unfinished': [results_lib.shown(r.path) for r in runs if r.status == 'unfinished'],
       'lam': table_lam,
       'scale': collected.scale,
       'table1': {k: dict(v) for k, v in table1.items()},
@@ -257,7 +257,7 @@ def _readme(summary, table1, lam_table, figures, setting, runs, paths,
   diverged = [r for r in runs if r.status == 'diverged']
   if diverged:
     lines += ['## Diverged runs', '']
-    lines += [f'- `{r.path}` at step {r.summary.get("diverged_at_step", "?")}'
+    lines += [f'- `{results_lib.shown(r.path)}` at step {r.summary.get("diverged_at_step", "?")}'
               for r in sorted(diverged, key=lambda r: str(r.path))]
     lines.append('')
   if summary['unfinished']:

@@ -135,6 +135,17 @@ def find_run_dirs(
   return list(found)
 
 
+def shown(path: str | os.PathLike[str]) -> str:
+  """``path`` as reports record it: relative to the working directory when
+  below it (the repository root, for the committed reports), so that a report
+  reads the same from any checkout; else absolute."""
+  path = pathlib.Path(path).resolve()
+  try:
+    return str(path.relative_to(pathlib.Path.cwd().resolve()))
+  except ValueError:
+    return str(path)
+
+
 def load_run(path: pathlib.Path) -> Run | None:
   """Reads one run directory; None if its method cannot be told."""
   summary = runfiles.read_summary(path) or {}  # cut off mid-write: unfinished
@@ -299,7 +310,7 @@ def cell(results: list[Result], scale: float) -> dict:
       'n': n, 'diverged': diverged, 'values': values, 'mean': mean,
       'std': std, 'text': text,
       'seeds': sorted(r.run.seed for r in results if r.run.seed is not None),
-      'runs': [str(r.run.path) for r in results],
+      'runs': [shown(r.run.path) for r in results],
   }
 
 

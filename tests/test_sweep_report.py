@@ -460,6 +460,29 @@ def test_report_edge_cases(tmp_path):
                       str(tmp_path / 'r')]) == 1
 
 
+def test_a_report_reads_the_same_from_any_checkout(tmp_path, monkeypatch):
+  """Made from the checkout's root, as the committed reports are, a report
+  names runs relative to it: the same tree in another place gives the same
+  bytes, with no path of the machine that made it."""
+  outs = []
+  for where in ('one', 'two'):
+    root = tmp_path / where
+    write_run(root / 'results' / 'runs' / 'def-r64-lam0.3-s0', 'def', 64, 0,
+              status='diverged', acc=None)
+    write_run(root / 'results' / 'runs' / 'sgd-r1-s0', 'sgd', 1, 0, acc=0.9)
+    (root / 'results' / 'runs' / 'def-r64-lam0.3-s1').mkdir()
+    (root / 'results' / 'runs' / 'def-r64-lam0.3-s1' / 'metrics.jsonl').write_text(
+        '{"step": 1, "test_accuracy": 0.1}\n')
+    monkeypatch.chdir(root)
+    assert report.main(['results/runs', '--out', 'results/report']) == 0
+    outs.append({p.name: p.read_bytes() for p in (root / 'results' / 'report').iterdir()})
+  assert outs[0] == outs[1]
+  text = outs[0]['README.md'].decode() + outs[0]['report.json'].decode()
+  assert str(tmp_path) not in text
+  assert '`results/runs/def-r64-lam0.3-s0` at step' in text
+  assert '`results/runs/def-r64-lam0.3-s1`' in text  # unfinished
+
+
 def test_seeds_of_different_recipes_are_not_pooled(tmp_path):
   """EF at lr 0.05 (diverged) and at lr 0.01 (10%) from two folders are two
   experiments, not two seeds of one: grouping them is an error that names
