@@ -424,7 +424,7 @@ def _rbgs_per_leaf(ratio: float, key: KeyLike) -> Compressor:
     # Each leaf's residual takes its 0 from that leaf's own gathered values,
     # as the global block does (see rbgs): it orders the pass that overwrites
     # a donated e after the leaf's gather, so XLA copies no leaf of e first.
-    # (One 0 for all leaves orders nothing per leaf and leaves the copies.)
+    # (One 0 for all leaves, from the first gathered value, left the copies.)
     residual = [jnp.where(rel < b, jnp.minimum(jnp.abs(v[0]), 0).astype(x.dtype), x)
                 for x, v, (b, _, rel) in zip(leaves, gathered, info)]
     return treedef.unflatten(mean_c), treedef.unflatten(residual), _advance(state)

@@ -236,7 +236,7 @@ def _readme(summary, table1, lam_table, figures, setting, runs, paths,
       machine = record.get('machine', {})
       packages = ', '.join(f'{k} {v}' for k, v in
                            record.get('packages', {}).items() if v)
-      lines.append(f'- `{path}`: `{record.get("command", "?")}`, last invoked '
+      lines.append(f'- `{results_lib.shown(path)}`: `{record.get("command", "?")}`, last invoked '
                    f'{record.get("date", "?")}, {machine.get("platform", "?")}'
                    f' ({machine.get("cpu_count", "?")} CPUs); {packages}')
     lines.append('')

@@ -440,7 +440,7 @@ def test_report_edge_cases(tmp_path):
   (tmp_path / 'def-r64-lam0.3-s2' / 'metrics.jsonl').write_text(
       '{"step": 1, "test_accuracy": 0.1}\n{"step": 2, "test_acc')
   summary = report.summarize([tmp_path])
-  assert summary['unfinished'] == [str(tmp_path / 'def-r64-lam0.3-s2')]
+  assert summary['unfinished'] == [results.shown(tmp_path / 'def-r64-lam0.3-s2')]
   table = summary['table1']
   assert table['DEF'][64]['values'] == pytest.approx([70.0, 74.0])
   assert sorted(table['DEF-A'][64]['values']) == pytest.approx([72.0, 80.0])
@@ -462,25 +462,30 @@ def test_report_edge_cases(tmp_path):
 
 def test_a_report_reads_the_same_from_any_checkout(tmp_path, monkeypatch):
   """Made from the checkout's root, as the committed reports are, a report
-  names runs relative to it: the same tree in another place gives the same
-  bytes, with no path of the machine that made it."""
+  names runs and sweeps relative to it: the same tree in another place gives
+  the same bytes, with no path of the machine that made it."""
   outs = []
   for where in ('one', 'two'):
-    root = tmp_path / where
-    write_run(root / 'results' / 'runs' / 'def-r64-lam0.3-s0', 'def', 64, 0,
-              status='diverged', acc=None)
-    write_run(root / 'results' / 'runs' / 'sgd-r1-s0', 'sgd', 1, 0, acc=0.9)
-    (root / 'results' / 'runs' / 'def-r64-lam0.3-s1').mkdir()
-    (root / 'results' / 'runs' / 'def-r64-lam0.3-s1' / 'metrics.jsonl').write_text(
-        '{"step": 1, "test_accuracy": 0.1}\n')
-    monkeypatch.chdir(root)
+    runs = tmp_path / where / 'results' / 'runs'
+    write_run(runs / 'def-r64-lam0.3-s0', 'def', 64, 0, status='diverged', acc=None)
+    write_run(runs / 'sgd-r1-s0', 'sgd', 1, 0, acc=0.9)
+    (runs / 'def-r64-lam0.3-s1').mkdir()  # unfinished
+    (runs / 'def-r64-lam0.3-s1' / 'metrics.jsonl').write_text('{"step": 1, "test_accuracy": 0.1}\n')
+    (runs / 'sweep.json').write_text(json.dumps({'command': 'python -m defjax.sweep', 'date': 'd'}))
+    monkeypatch.chdir(tmp_path / where)
     assert report.main(['results/runs', '--out', 'results/report']) == 0
-    outs.append({p.name: p.read_bytes() for p in (root / 'results' / 'report').iterdir()})
+    outs.append({p.name: p.read_bytes() for p in (tmp_path / where / 'results/report').iterdir()})
   assert outs[0] == outs[1]
   text = outs[0]['README.md'].decode() + outs[0]['report.json'].decode()
   assert str(tmp_path) not in text
-  assert '`results/runs/def-r64-lam0.3-s0` at step' in text
+  assert '`results/runs/def-r64-lam0.3-s0` at step' in text  # diverged
   assert '`results/runs/def-r64-lam0.3-s1`' in text  # unfinished
+  assert '- `results/runs/sweep.json`: `python -m defjax.sweep`' in text
+  # Given as an absolute path, a run or sweep below the checkout is named
+  # the same way (only the command line is quoted as typed).
+  assert report.main([str(tmp_path / 'two/results/runs'), '--out', 'results/abs']) == 0
+  text = (tmp_path / 'two/results/abs/README.md').read_text().split('```', 2)[2]
+  assert str(tmp_path) not in text and '- `results/runs/sweep.json`' in text
 
 
 def test_seeds_of_different_recipes_are_not_pooled(tmp_path):
