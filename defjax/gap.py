@@ -53,7 +53,7 @@ def rows_of(setting: str, paths: Sequence[str]) -> list[dict]:
     if label not in methods.LAM_LABELS:
       continue
     cell = results_lib.cell(group, scale)
-    steps = sorted({r.run.summary.get('steps') for r in group} - {None})
+    steps = sorted({results_lib.planned_steps(r.run.summary) for r in group} - {None})
     row = {
         'setting': setting, 'method': label, 'ratio': ratio, 'lam': lam,
         'layout': _layout(group),
@@ -85,11 +85,12 @@ def verdict_rows_of(setting: str, paths: Sequence[str]) -> list[dict]:
   for ratio in sorted({ratio for label, ratio, _ in groups if label != 'SGD'}):
     at_ratio = {key: g for key, g in groups.items() if key[1] == ratio}
     lams = sorted({lam for label, _, lam in at_ratio if label in methods.LAM_LABELS}) or [None]
-    steps = sorted({r.run.summary.get('steps') for g in at_ratio.values() for r in g} - {None})
+    steps = sorted({results_lib.planned_steps(r.run.summary)
+                    for g in at_ratio.values() for r in g} - {None})
     layout = _layout([r for g in at_ratio.values() for r in g])
     for lam in lams:
       row = {'setting': setting, 'ratio': ratio, 'lam': lam, 'layout': layout,
-             # The steps of completed runs (diverged ones stop early).
+             # The setting's planned T (a diverged run stops early).
              'steps': max(steps) if steps else None,
              'SGD': text(('SGD', 1, None))}
       row['sends_per_value'] = row['steps'] / ratio if row['steps'] else None

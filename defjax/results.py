@@ -135,6 +135,19 @@ def find_run_dirs(
   return list(found)
 
 
+def planned_steps(summary: dict) -> int | None:
+  """T, the steps a run was set to train for, from its summary: what a
+  diverged run would have run (its ``steps`` is where it stopped)."""
+  config = summary.get('config') or {}
+  budget = config_get(config, 'num_train_steps')
+  if is_number(budget) and budget > 0:
+    return int(budget)
+  epochs, per_epoch = config_get(config, 'num_epochs'), summary.get('steps_per_epoch')
+  if is_number(epochs) and is_number(per_epoch):
+    return int(epochs * per_epoch)  # as the trainer computes it
+  return summary.get('steps') if summary.get('status') == 'completed' else None
+
+
 def shown(path: str | os.PathLike[str]) -> str:
   """``path`` as reports record it: relative to the working directory when
   below it (the repository root, for the committed reports), so that a report

@@ -105,7 +105,7 @@ def main(argv):
       final_test_accuracy_x=None if diverge else final_x,
       final_train_loss=rows[-1]['train_loss'], steps=rows[-1]['step'],
       wall_time=rows[-1]['wall_time'], bytes_sent=rows[-1]['bytes_sent'],
-      params_sha256='0' * 64,
+      params_sha256='0' * 64, steps_per_epoch=10,
       config=dict(dataset='fake_mnist', model='cnn', num_epochs=epochs,
                   seed=seed, optim=dict(method=method, ratio=ratio, lam=lam,
                                         decay_at=[0.5, 0.75])))
@@ -629,6 +629,11 @@ def test_verdict_table_puts_every_method_side_by_side(fake, tmp_path):
     assert (r['DEF'], r['DEF-A']) == (text('def', lam), text('def', lam, x=True))
     assert (r['EF'], r['SAEF'], r['PSync']) == (text('ef'), text('saef'), None)
     assert r['steps'] == 40 and r['sends_per_value'] == 40 / 64
+  # A ratio where every run diverged (EF at 1024 stops at step 20 of 40)
+  # still shows the setting's T, not where the runs stopped.
+  assert run_sweep(fake, out, '--methods', 'ef', '--ratios', '1024', '--seeds', '0') == 0
+  row = [r for r in gap.verdict_rows_of('s', [str(out)]) if r['ratio'] == 1024][0]
+  assert row['EF'] == 'diverged' and row['steps'] == 40 and row['sends_per_value'] == 40 / 1024
   table = gap.verdict_markdown(rows).splitlines()
   assert table[0].startswith('| setting | layout | ratio | steps T | T / ratio | SGD | DEF |')
   assert table[3].endswith(f'| 0.6 | {text("ef")} | {text("saef")} | — |')
