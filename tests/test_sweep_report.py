@@ -563,7 +563,8 @@ def test_real_sweep_and_report(tmp_path):
 def test_readme_results_tables_are_the_generated_ones():
   """Every table row in the README's Results section is a row of a table that
   defjax.report wrote into the results folder that part of the README is
-  about (no hand-typed accuracy, none pasted under the wrong dataset)."""
+  about, or a report below it (no hand-typed accuracy, none pasted under the
+  wrong dataset)."""
   import pathlib
   import re
   root = pathlib.Path(__file__).resolve().parent.parent
@@ -579,7 +580,7 @@ def test_readme_results_tables_are_the_generated_ones():
             and not set(row) <= set('|-: ')):
       continue
     assert folder is not None, f'a table before any results/ link: {row}'
-    generated = {l.strip() for path in folder.glob('table*.md')
+    generated = {l.strip() for path in folder.rglob('table*.md')
                  for l in path.read_text().splitlines()}
     checked += 1
     if row not in generated:
