@@ -83,6 +83,8 @@ sweep "${LONG[@]}" --out "$L"/runs --methods saef,psync --ratios 256 --seeds 0
 sweep "${LONG[@]}" --out "$L"/runs --methods def --ratios 1024,64 --lams 0.3 --seeds 0
 sweep "${LONG[@]}" --out "$L"/runs_ef_lr0.01 --methods ef --ratios 64,1024 --seeds 0 \
   --set optim.lr=0.01
+#    A second seed of DEF at 256 with the paper's lam 0.3 too (added 2026-11-30).
+sweep "${LONG[@]}" --out "$L"/runs --methods def --ratios 256 --lams 0.3 --seeds 1
 # 10. Long horizon on a batch-normalised model (66 epochs of CIFAR-10 with the
 #    slim VGG-16, T / ratio = 100 at ratio 256, about two hours a run here):
 #    SGD and DEF at 256 first, then EF at the authors' EF lr, the other ratios
