@@ -279,7 +279,10 @@ def rbgs(
       jax.random.PRNGKey.
     per_leaf: if True, as in the authors' PyTorch code, each leaf gets its own
       circular block of max(1, floor(n_leaf / ratio)) values at its own shared
-      random start; all leaf blocks still travel in one all-reduce.
+      random start; all leaf blocks still travel in one all-reduce. Use it
+      for batch-normalised models: one global block moves all their small
+      leaves (BN scales, biases) together about once every ``ratio`` steps,
+      and trains far worse in the same steps (README, Block layout).
 
   Returns:
     A ``Compressor``.
