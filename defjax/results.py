@@ -139,12 +139,11 @@ def planned_steps(summary: dict) -> int | None:
   """T, the steps a run was set to train for, from its summary: what a
   diverged run would have run (its ``steps`` is where it stopped)."""
   config = summary.get('config') or {}
-  budget = config_get(config, 'num_train_steps')
-  if is_number(budget) and budget > 0:
-    return int(budget)
+  budget = config_get(config, 'num_train_steps', 0)
+  budget = budget if is_number(budget) else 0
   epochs, per_epoch = config_get(config, 'num_epochs'), summary.get('steps_per_epoch')
-  if is_number(epochs) and is_number(per_epoch):
-    return int(epochs * per_epoch)  # as the trainer computes it
+  if budget > 0 or (is_number(epochs) and is_number(per_epoch)):
+    return runfiles.total_steps(budget, epochs, per_epoch)  # as the trainer does
   return summary.get('steps') if summary.get('status') == 'completed' else None
 
 

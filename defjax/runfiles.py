@@ -45,6 +45,15 @@ def write_json(path: str | os.PathLike, obj) -> None:
   os.replace(tmp, path)
 
 
+def total_steps(num_train_steps, num_epochs, steps_per_epoch: int) -> int:
+  """T, the steps a run trains for: its step budget when positive, else
+  num_epochs whole or fractional epochs (the trainer's loop, and what reports
+  give as a diverged run's planned length)."""
+  if num_train_steps > 0:
+    return int(num_train_steps)
+  return int(num_epochs * steps_per_epoch)
+
+
 def write_summary(workdir: str | os.PathLike, summary: dict) -> None:
   """Writes summary.json with ``finished``, the UTC time the run ended (a
   sweep's record only dates the sweep's last invocation)."""

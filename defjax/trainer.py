@@ -96,8 +96,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log=p
   info, train, test = _open_data(config, layout)
   _check_writable(workdir)
   steps_per_epoch = train.steps_per_epoch
-  total_steps = (config.num_train_steps if config.num_train_steps > 0
-                 else int(config.num_epochs * steps_per_epoch))
+  total_steps = runfiles.total_steps(
+      config.num_train_steps, config.num_epochs, steps_per_epoch)
   eval_every = config.eval_every_steps or steps_per_epoch
 
   model = models_lib.get_model(config.model, info.num_classes)
