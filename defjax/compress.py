@@ -355,13 +355,7 @@ def rbgs(
     start, b, d, rel = block(tree, state)
     values = gather(tree, start, b, d)
     mean_values = worker_mean(values, axis_name)  # b values
-    # The residual p - C(p) is 0 on the block. Taken from the gathered values
-    # (min(|v|, 0): exactly +0 for every finite or infinite v), that 0 makes
-    # the pass writing the residual come after the gather. Written as a
-    # literal 0, nothing orders the two, and when the error buffer is donated
-    # (p = e + eta m is read by the gather, the residual overwrites e) XLA
-    # copies all of e first: a read and a write of d values per step.
-    zero = jnp.minimum(jnp.abs(values[0]), 0)
+    zero = _zero_after(values)
     leaves, treedef = jax.tree.flatten(tree)
     residual = treedef.unflatten(
         [jnp.where(r < b, zero.astype(x.dtype), x) for x, r in zip(leaves, rel)])
@@ -371,6 +365,19 @@ def rbgs(
     return block_size(sum(_leaf_sizes(params)), ratio)
 
   return Compressor(_random_init(key), compress, aggregate, payload)
+
+
+def _zero_after(values):
+  """The residual p - C(p)'s 0 on the block, computed from the gathered block
+  ``values`` (min(|v|, 0): exactly +0 for every finite or infinite v).
+
+  Written as a literal 0, nothing orders the pass writing the residual after
+  the gather, and when the error buffer is donated (p = e + eta m is read by
+  the gather, the residual overwrites e) XLA copies all of e first: a read and
+  a write of d values per step. This 0 depends on the gather, which orders
+  the two.
+  """
+  return jnp.minimum(jnp.abs(values[0]), 0)
 
 
 def per_leaf_block_sizes(params: PyTree, ratio: float) -> list[int]:
@@ -424,11 +431,9 @@ def _rbgs_per_leaf(ratio: float, key: KeyLike) -> Compressor:
     mean_values = worker_mean(jnp.concatenate(gathered), axis_name)
     parts = jnp.split(mean_values, np.cumsum([b for b, _, _ in info])[:-1])
     mean_c = [place_block(x, v, b, rel) for x, v, (b, _, rel) in zip(leaves, parts, info)]
-    # Each leaf's residual takes its 0 from that leaf's own gathered values,
-    # as the global block does (see rbgs): it orders the pass that overwrites
-    # a donated e after the leaf's gather, so XLA copies no leaf of e first.
-    # (One 0 for all leaves, from the first gathered value, left the copies.)
-    residual = [jnp.where(rel < b, jnp.minimum(jnp.abs(v[0]), 0).astype(x.dtype), x)
+    # Each leaf's 0 from that leaf's own gathered values: one 0 for all
+    # leaves, from the first gathered value, left the copies (_zero_after).
+    residual = [jnp.where(rel < b, _zero_after(v).astype(x.dtype), x)
                 for x, v, (b, _, rel) in zip(leaves, gathered, info)]
     return treedef.unflatten(mean_c), treedef.unflatten(residual), _advance(state)
 
