@@ -7,6 +7,10 @@ The trainer writes them, the sweep and the report read them::
                             wall_time, bytes_sent), in step order
   <workdir>/summary.json    written once, when the run completes or diverges
                             (status, final accuracies, params_sha256, config)
+  <workdir>/run.json        one entry per invocation, appended when it starts
+                            and completed when it ends: command, code commit
+                            (and the diff of a dirty tree), start and end
+                            time and step, status, machine and versions
   <workdir>/checkpoints/    orbax checkpoints (defjax.checkpoint)
   <workdir>/log.txt         the program's output, when run by the sweep
 """
@@ -14,13 +18,19 @@ The trainer writes them, the sweep and the report read them::
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import json
 import os
 import pathlib
+import platform
+import subprocess
+import sys
 from typing import Optional
 
 METRICS = 'metrics.jsonl'
 SUMMARY = 'summary.json'
+RECORD = 'run.json'
+PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'numpy')
 
 # The exit codes of ``python -m defjax.main`` (and train.py).
 EXIT_COMPLETED = 0
@@ -54,11 +64,109 @@ def total_steps(num_train_steps, num_epochs, steps_per_epoch: int) -> int:
   return int(num_epochs * steps_per_epoch)
 
 
+def utc_now() -> str:
+  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
+
+
+def git_state(path: str | os.PathLike | None, *, diff: bool = False) -> dict:
+  """The commit of the checkout holding ``path`` and whether its tree is dirty;
+  with ``diff``, a dirty tree's ``git diff HEAD`` and untracked files too
+  (None values outside a checkout or without git)."""
+  def git(*args):
+    return subprocess.run(['git', *args], cwd=path, capture_output=True, text=True,
+                          timeout=30, check=True).stdout
+  try:
+    state = {'commit': git('rev-parse', 'HEAD').strip()}
+    status = git('status', '--porcelain')
+    state['dirty'] = bool(status.strip())
+    if diff and state['dirty']:
+      state['diff'] = git('diff', 'HEAD')
+      state['untracked'] = [line[3:] for line in status.splitlines() if line.startswith('??')]
+  except (OSError, subprocess.SubprocessError):
+    state = {'commit': None, 'dirty': None}
+  return state
+
+
+def environment(path: str | os.PathLike | None = None, *, diff: bool = False) -> dict:
+  """The machine, the package versions and ``git_state(path)``."""
+  versions = {}
+  for package in PACKAGES:
+    try:
+      versions[package] = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+      versions[package] = None
+  return {
+      'machine': {
+          'platform': platform.platform(),
+          'processor': platform.processor() or platform.machine(),
+          'cpu_count': os.cpu_count(),
+          'hostname': platform.node(),
+          'python': platform.python_version(),
+      },
+      'packages': versions,
+      'git': git_state(path, diff=diff),
+  }
+
+
+class Invocation:
+  """This invocation's entry in ``run.json``, which keeps every earlier one.
+
+  A sweep's ``sweep.json`` describes its last invocation only; this record
+  lives in the run's own folder, so no later sweep, resume or copy of the
+  folder can lose when, where and from which code each part of the run was
+  trained. Entering appends the entry (status 'running'); leaving completes
+  it with the end time, the status (an exception's ``status`` attribute, or
+  'failed'; 'completed' without one) and the step reached (an exception's
+  ``step``, else ``end_step``). The commit is that of the checkout holding
+  the running defjax package, with the diff when its tree is dirty.
+  """
+
+  def __init__(self, workdir: str | os.PathLike, start_step: int, end_step: int, *,
+               enabled: bool = True):
+    self.path = pathlib.Path(workdir) / RECORD
+    self.start_step, self.end_step, self.enabled = start_step, end_step, enabled
+
+  def _entries(self) -> list[dict]:
+    try:
+      return json.loads(self.path.read_text())['invocations']
+    except (OSError, ValueError, KeyError, TypeError):
+      return []
+
+  def __enter__(self):
+    if self.enabled:
+      source = pathlib.Path(__file__).resolve().parent
+      entries = self._entries()
+      self.index = len(entries)
+      entries.append({'command': list(sys.orig_argv), 'cwd': os.getcwd(),
+                      'started': utc_now(), 'start_step': self.start_step,
+                      'status': 'running', **environment(source, diff=True)})
+      write_json(self.path, {'invocations': entries})
+    return self
+
+  def __exit__(self, exc_type, exc, tb):
+    if self.enabled:
+      entries = self._entries()
+      if self.index < len(entries):
+        entries[self.index].update(
+            ended=utc_now(),
+            status='completed' if exc is None else getattr(exc, 'status', 'failed'),
+            end_step=getattr(exc, 'step', self.end_step if exc is None else None))
+        write_json(self.path, {'invocations': entries})
+    return False
+
+
+def read_invocations(workdir: str | os.PathLike) -> list[dict]:
+  """``run.json``'s entries, oldest first ([] for a run from before it existed)."""
+  try:
+    return json.loads((pathlib.Path(workdir) / RECORD).read_text())['invocations']
+  except (OSError, ValueError, KeyError, TypeError):
+    return []
+
+
 def write_summary(workdir: str | os.PathLike, summary: dict) -> None:
   """Writes summary.json with ``finished``, the UTC time the run ended (a
   sweep's record only dates the sweep's last invocation)."""
-  finished = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
-  write_json(pathlib.Path(workdir) / SUMMARY, {**summary, 'finished': finished})
+  write_json(pathlib.Path(workdir) / SUMMARY, {**summary, 'finished': utc_now()})
 
 
 def read_summary(workdir: str | os.PathLike) -> Optional[dict]:

@@ -35,22 +35,19 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.metadata
 import json
 import os
 import pathlib
-import platform
 import shlex
-import subprocess
 import sys
 from collections.abc import Sequence
 
 from defjax import launch
 from defjax import methods as methods_lib
+from defjax import runfiles
 from defjax.runfiles import FINISHED
 from defjax.runfiles import finished_status
 
-_PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'numpy')
 
 
 def run_name(method: str, ratio: int, lam: float | None, seed: int) -> str:
@@ -144,36 +141,6 @@ def expand_grid(
   return runs
 
 
-def environment(cwd: str | os.PathLike[str] | None = None) -> dict:
-  """The machine, the package versions and the commit of ``cwd``'s checkout."""
-  versions = {}
-  for package in _PACKAGES:
-    try:
-      versions[package] = importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-      versions[package] = None
-  try:
-    commit = subprocess.run(
-        ['git', 'rev-parse', 'HEAD'], cwd=cwd, capture_output=True,
-        text=True, timeout=10, check=True).stdout.strip()
-    dirty = bool(subprocess.run(
-        ['git', 'status', '--porcelain'], cwd=cwd, capture_output=True,
-        text=True, timeout=10, check=True).stdout.strip())
-  except (OSError, subprocess.SubprocessError):
-    commit, dirty = None, None
-  return {
-      'machine': {
-          'platform': platform.platform(),
-          'processor': platform.processor() or platform.machine(),
-          'cpu_count': os.cpu_count(),
-          'hostname': platform.node(),
-          'python': platform.python_version(),
-      },
-      'packages': versions,
-      'git': {'commit': commit, 'dirty': dirty},
-  }
-
-
 def _config_dir(runs: list[launch.Run]) -> str | None:
   return str(pathlib.Path(launch.config_path(runs[0].command)).parent) if runs else None
 
@@ -257,7 +224,7 @@ def run_sweep(
       'cwd': os.getcwd(),
       'date': datetime.datetime.now().astimezone().isoformat(
           timespec='seconds'),
-      **environment(_config_dir(runs)),
+      **runfiles.environment(_config_dir(runs)),
   }
   todo_names = {r.name for r in todo}
   _write_record(record_path, header, runs, previous, todo_names)

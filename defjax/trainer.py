@@ -45,6 +45,8 @@ AUTO_STEPS_PER_DISPATCH = {'cpu': 1}
 class Diverged(Exception):
   """The loss or the parameters became non-finite at ``step``."""
 
+  status = 'diverged'  # in run.json (runfiles.Invocation)
+
   def __init__(self, step: int, summary: dict):
     super().__init__(f'diverged at step {step}: non-finite loss or parameters')
     self.step = step
@@ -53,6 +55,8 @@ class Diverged(Exception):
 
 class Interrupted(Exception):
   """SIGTERM/SIGINT: a checkpoint was saved at ``step``; rerun to resume."""
+
+  status = 'interrupted'
 
   def __init__(self, step: int, signum: int):
     super().__init__(
@@ -153,7 +157,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log=p
   lookahead = jax.devices()[0].platform != 'cpu'
   every = config.checkpoint_every_steps
   last_record: dict[str, Any] = {}
-  with SignalFlag() as flag, Progress(total_steps, start_step) as bar, batches:
+  with (runfiles.Invocation(workdir, start_step, total_steps,
+                           enabled=jax.process_index() == 0),
+        SignalFlag() as flag, Progress(total_steps, start_step) as bar, batches):
     while step < total_steps:
       stops = [total_steps, (step // eval_every + 1) * eval_every]
       stops += [(step // every + 1) * every] if every else []

@@ -160,6 +160,25 @@ def test_divergence_is_a_result(tiny_folder, tmp_path):
     summary = json.load(f)
   assert summary['status'] == 'diverged'
   assert summary['diverged_at_step'] == e.value.step <= 6
+  # The run's own record, then a second invocation (a finished run resumed)
+  # appended beside it, never over it.
+  trainer.train_and_evaluate(
+      tiny_config(tiny_folder, **{'optim.method': 'sgd'}), str(tmp_path / 'ok'),
+      log=lambda *_: None)
+  trainer.train_and_evaluate(
+      tiny_config(tiny_folder, **{'optim.method': 'sgd'}), str(tmp_path / 'ok'),
+      log=lambda *_: None)
+  [diverged] = runfiles.read_invocations(tmp_path)
+  assert diverged['status'] == 'diverged' and diverged['end_step'] == e.value.step
+  first, second = runfiles.read_invocations(tmp_path / 'ok')
+  assert (first['start_step'], first['end_step'], first['status']) == (0, 6, 'completed')
+  assert (second['start_step'], second['end_step'], second['status']) == (6, 6, 'completed')
+  assert first['started'] <= first['ended'] <= second['started']
+  for record in (diverged, first, second):
+    assert record['command'] == list(sys.orig_argv) and record['cwd'] == os.getcwd()
+    assert set(record['machine']) >= {'platform', 'hostname', 'cpu_count'}
+    assert record['packages']['jax'] == jax.__version__
+    assert record['git']['commit'] is None or len(record['git']['commit']) == 40
 
 
 @pytest.mark.parametrize('overrides, message', [
