@@ -1,0 +1,306 @@
+r"""Train steps over a real slow link: two hosts on this machine (``bench.netns``).
+
+Two processes joined by ``jax.distributed``, each with M CPU devices and in
+its own network namespace; the namespaces are joined by a veth pair whose
+ends each send at most ``rate`` (a token bucket; unthrottled: a plain FIFO).
+Traffic between the devices of one process stays on its own loopback; only
+traffic between the processes crosses the link. K = 2M workers on the 1-D
+layout, one per device, run whole train steps (gradient, optimizer and the
+all-reduce: the dense gradient for SGD, the per-leaf RBGS blocks for DEF and
+EF) on random data.
+
+Each round visits every rate (rotated from round to round) and, at each
+rate, every variant (rotated too), so the ratio between two rates or two
+variants is measured within one round; medians over rounds, with min and
+max. ``link_added`` is a variant's step time at a rate minus its unthrottled
+step time in the same round: the time the link adds to a step, the measure
+that compares compression across frameworks (whose own compute differs).
+
+Bytes on the link are the qdisc's counters (every TCP segment with its
+headers) around each variant's timed steps, minus the idle traffic (the
+coordination service's heartbeats) measured the same way while the workers
+sleep. They are compared with a formula written before measuring:
+
+  each all-reduce of n bytes per rank is gloo's ring over the P = 2M ranks
+  (XLA:CPU's only all-reduce algorithm), whose ranks are the devices in
+  global order (process 0's M, then process 1's), so exactly one ring edge
+  crosses the link in each direction, carrying 2 (P - 1) / P n bytes of
+  payload; on the wire, one 66-byte header per 1448-byte segment
+  (``netns.wire_bytes``). n is read from the compiled step's HLO.
+
+``bench.slow_link_torch`` runs PyTorch DDP and its compression hooks on the
+same link with the same rounds (``time_rounds``).
+
+Run: python -m bench.slow_link [--quick] (or make bench-link; root, Linux)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable, Optional, Sequence
+
+from bench import netns
+from bench import procs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+UNTHROTTLED = 'none'
+# How long the workers sleep at each rate to measure the link's idle traffic.
+IDLE_S = 2.0
+PORT = 23456
+
+
+def rate_arg(rate: str) -> Optional[str]:
+  return None if rate == UNTHROTTLED else rate
+
+
+def rotated(items: Sequence, r: int) -> list:
+  r %= len(items)
+  return list(items[r:]) + list(items[:r])
+
+
+def time_rounds(runners: dict[str, Callable[[], None]], *, rates: Sequence[str], rounds: int,
+                steps: int, dev: str, barrier: Callable[[str], None],
+                log: Callable[[str], None] = lambda s: None) -> dict:
+  """Times ``steps`` calls of each runner at each rate, in alternating rounds.
+
+  Each runner runs one step and blocks until it is done. Both workers call
+  this with the same arguments (their own end of the link as ``dev``) and
+  meet at ``barrier`` before each timed unit; each sets its own end's rate.
+  Every runner runs once untimed first (compilation, warm caches).
+
+  Returns {'step_s': {rate: {name: [seconds per step, per round]}},
+  'sent': {rate: {name: [bytes this end sent per step, per round]}},
+  'idle_bytes_per_s': {rate: [per round]}}.
+  """
+  names = list(runners)
+  netns.set_rate(dev, None)
+  barrier('warmup')
+  for name in names:
+    runners[name]()
+    barrier(f'warm {name}')
+  step_s = {rate: {n: [] for n in names} for rate in rates}
+  sent = {rate: {n: [] for n in names} for rate in rates}
+  idle = {rate: [] for rate in rates}
+  for r in range(rounds):
+    for rate in rotated(rates, r):
+      netns.set_rate(dev, rate_arg(rate))
+      barrier(f'rate {rate} {r}')
+      b0, t0 = netns.sent_bytes(dev), time.perf_counter()
+      time.sleep(IDLE_S)
+      idle[rate].append((netns.sent_bytes(dev) - b0) / (time.perf_counter() - t0))
+      for name in rotated(names, r):
+        barrier(f'{name} {rate} {r}')
+        b0, t0 = netns.sent_bytes(dev), time.perf_counter()
+        for _ in range(steps):
+          runners[name]()
+        elapsed = time.perf_counter() - t0
+        b1 = netns.sent_bytes(dev)
+        step_s[rate][name].append(elapsed / steps)
+        sent[rate][name].append((b1 - b0 - idle[rate][-1] * elapsed) / steps)
+        log(f'round {r} {rate} {name}: {1e3 * elapsed / steps:.0f} ms/step,'
+            f' {(b1 - b0) / steps / 1e6:.2f} MB/step sent')
+  netns.set_rate(dev, None)
+  return {'step_s': step_s, 'sent': sent, 'idle_bytes_per_s': idle}
+
+
+# --------------------------------------------------------------- jax worker
+
+VARIANTS = ('sgd', 'def@64', 'def@256', 'def@1024', 'ef@256')
+# model -> per-worker batch
+BATCH = {'vgg16': 4, 'vgg16_slim': 16}
+
+
+def ring_link_bytes(n: int, ranks: int) -> float:
+  """Payload bytes one direction of the link carries for a ring all-reduce
+  of ``n`` bytes per rank over ``ranks`` ranks, when one ring edge crosses it."""
+  return 2 * (ranks - 1) / ranks * n if ranks > 1 else 0.0
+
+
+def jax_worker(a) -> None:
+  import jax
+
+  jax.config.update('jax_platforms', 'cpu')
+  jax.distributed.initialize(a.coordinator, num_processes=2, process_id=a.rank)
+  from jax.experimental import multihost_utils
+  import numpy as np
+
+  from bench import common
+  import defjax
+  from defjax import parallel, wire
+
+  k = 2 * a.devices
+  setup = common.Setup(a.model, k, a.batch)
+  lay = setup.layout
+  rows = lay.worker_rows()
+  n_local = rows.stop - rows.start
+
+  def replicated(tree):
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+        lay.replicated, np.asarray(x), x.shape), tree)
+
+  x0 = np.zeros((1, *setup.input_shape), np.float32)
+  v = jax.jit(lambda: setup.model.init(jax.random.PRNGKey(0), x0, train=False),
+              out_shardings=jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))()
+  v = jax.tree.map(np.asarray, v)
+  rng = np.random.default_rng(a.rank)
+  data = []
+  for _ in range(2):
+    x = rng.normal(size=(n_local, a.batch, *setup.input_shape)).astype(np.float32)
+    y = rng.integers(0, setup.classes, size=(n_local, a.batch)).astype(np.int32)
+    data.append((lay.global_batch(x), lay.global_batch(y)))
+
+  runners, payload = {}, {}
+  for name in a.variants.split(','):
+    method, _, ratio = name.partition('@')
+    ratio = int(ratio or 1)
+    tx = common.make_tx(method, ratio, lay.axis_name,
+                        compressor=defjax.rbgs(ratio, per_leaf=True) if ratio > 1 else None)
+    params = replicated(v['params'])
+    ms = replicated({key: w for key, w in v.items() if key != 'params'})
+    opt = parallel.init_worker_state(tx, params, lay)
+    step = setup.step(tx).lower(params, ms, opt, data[0]).compile()
+    payload[name] = [c.bytes for c in wire.collectives(step) if c.op == 'all-reduce']
+    runners[name] = common.step_runner(step, [params, ms, opt], data, 1)
+    del params, ms, opt
+
+  barrier = lambda tag: multihost_utils.sync_global_devices(tag)
+  log = (lambda s: print(s, flush=True)) if a.rank == 0 else (lambda s: None)
+  res = time_rounds(runners, rates=a.rates.split(','), rounds=a.rounds, steps=a.steps,
+                    dev=a.dev, barrier=barrier, log=log)
+  res.update(framework='jax', model=a.model, d=setup.num_params, devices_per_host=a.devices,
+             workers=k, batch_per_worker=a.batch, allreduce_bytes=payload,
+             formula_payload_bytes={
+                 n: sum(ring_link_bytes(b, k) for b in p) for n, p in payload.items()},
+             collectives_impl=jax.config.jax_cpu_collectives_implementation,
+             jax=jax.__version__)
+  with open(f'{a.out}.{a.rank}', 'w') as f:
+    json.dump(res, f)
+  jax.distributed.shutdown()
+
+
+# ------------------------------------------------------------------- parent
+
+
+def run_on_link(module: str, worker_args: Sequence[str], *, devices: int = 1,
+                timeout_s: float = 3600, env: Optional[dict] = None) -> list[dict]:
+  """Starts ``python -m module *worker_args`` as two hosts on a fresh
+  ``netns.Link`` (host i with ``--rank i --dev <its end> --coordinator
+  <host 0>:PORT --out FILE``) and returns both workers' JSON (FILE.i)."""
+  reason = netns.unavailable()
+  if reason:
+    raise RuntimeError(f'slow link: {reason}')
+  fd, out = tempfile.mkstemp(suffix='.json')
+  os.close(fd)
+  full_env = dict(os.environ, **(env or {}))
+  full_env['PYTHONPATH'] = ROOT + os.pathsep + os.environ.get('PYTHONPATH', '')
+  # M devices per process: the parent's 8-device flag must not leak in.
+  full_env['XLA_FLAGS'] = ' '.join(
+      [f for f in full_env.get('XLA_FLAGS', '').split()
+       if 'xla_force_host_platform_device_count' not in f]
+      + [f'--xla_force_host_platform_device_count={devices}'])
+  full_env['JAX_PLATFORMS'] = 'cpu'
+  with netns.Link() as link:
+    procs = [subprocess.Popen(
+        link.command(i, [sys.executable, '-m', module, *worker_args, '--rank', str(i),
+                         '--dev', link.devices[i], '--coordinator',
+                         f'{netns.ADDRESSES[0]}:{PORT}', '--out', out]),
+        env=full_env, cwd=ROOT) for i in range(2)]
+    deadline = time.time() + timeout_s
+    try:
+      for i, p in enumerate(procs):
+        rc = p.wait(timeout=max(1, deadline - time.time()))
+        if rc != 0:
+          raise RuntimeError(f'{module} worker {i} exited with {rc}')
+    finally:
+      for p in procs:
+        if p.poll() is None:
+          p.kill()
+          p.wait()
+  try:
+    results = []
+    for i in range(2):
+      with open(f'{out}.{i}') as f:
+        results.append(json.load(f))
+    return results
+  finally:
+    for path in (out, f'{out}.0', f'{out}.1'):
+      if os.path.exists(path):
+        os.remove(path)
+
+
+def worker_parser(description: str) -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(description=description,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--model', default='vgg16')
+  p.add_argument('--devices', type=int, default=1, help='CPU devices per host (M)')
+  p.add_argument('--batch', type=int, default=None, help='per-worker batch')
+  p.add_argument('--variants', default=','.join(VARIANTS))
+  p.add_argument('--rates', default=f'{UNTHROTTLED},1gbit,100mbit')
+  p.add_argument('--rounds', type=int, default=3)
+  p.add_argument('--steps', type=int, default=2)
+  for name in ('--rank', '--dev', '--coordinator', '--out'):
+    p.add_argument(name, default=None, help=argparse.SUPPRESS)
+  return p
+
+
+def summarize(values: Sequence[float]) -> dict:
+  v = sorted(values)
+  return {'median': statistics.median(v), 'min': v[0], 'max': v[-1], 'n': len(v)}
+
+
+def rows_of(results: list[dict], setting: str) -> list[dict]:
+  """One row per (rate, variant): step time, the link's share, speedup, bytes."""
+  w0, w1 = results
+  rows = []
+  rates = list(w0['step_s'])
+  base = w0['step_s'].get(UNTHROTTLED)
+  sgd = next((n for n in w0['step_s'][rates[0]] if n in ('sgd', 'ddp')), None)
+  for rate in rates:
+    for name, times in w0['step_s'][rate].items():
+      row = {'setting': setting, 'rate': rate, 'variant': name,
+             'step_ms': 1e3 * statistics.median(times),
+             'step_ms_min': 1e3 * min(times), 'step_ms_max': 1e3 * max(times)}
+      if base is not None:
+        added = [1e3 * (t - u) for t, u in zip(times, base[name])]
+        row['link_added_ms'] = statistics.median(added)
+        row['vs_unthrottled'] = statistics.median(
+            t / u for t, u in zip(times, base[name]))
+      if sgd and name != sgd:
+        per_round = [s / t for s, t in zip(w0['step_s'][rate][sgd], times)]
+        row.update(speedup=statistics.median(per_round), speedup_min=min(per_round),
+                   speedup_max=max(per_round))
+      sent = [statistics.median(w['sent'][rate][name]) for w in results]
+      row['link_MB_0to1'], row['link_MB_1to0'] = sent[0] / 1e6, sent[1] / 1e6
+      formula = netns.wire_bytes(w0['formula_payload_bytes'][name])
+      row['formula_MB'] = formula / 1e6
+      row['measured_vs_formula'] = max(sent) / formula if formula else float('nan')
+      rows.append(row)
+  return rows
+
+
+COLUMNS = ('setting', 'rate', 'variant', 'step_ms', 'link_added_ms', 'vs_unthrottled', 'speedup',
+           'link_MB_0to1', 'link_MB_1to0', 'formula_MB', 'measured_vs_formula')
+
+
+def main(argv=None):
+  p = worker_parser(__doc__)
+  a = p.parse_args(argv)
+  if a.rank is not None:
+    a.rank = int(a.rank)
+    a.batch = a.batch or BATCH.get(a.model, 8)
+    if a.devices == 1:  # one core each; M > 1 devices share the machine's cores
+      procs.pin_to_core(a.rank)
+    jax_worker(a)
+    return None
+  raise SystemExit('parent not written yet')
+
+
+if __name__ == '__main__':
+  main()
