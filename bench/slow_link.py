@@ -166,7 +166,8 @@ def jax_worker(a) -> None:
     ms = replicated({key: w for key, w in v.items() if key != 'params'})
     opt = parallel.init_worker_state(tx, params, lay)
     step = setup.step(tx).lower(params, ms, opt, data[0]).compile()
-    payload[name] = [c.bytes for c in wire.collectives(step) if c.op == 'all-reduce']
+    payload[name] = [b for c in wire.collectives(step) if c.op == 'all-reduce'
+                     for b in c.operand_bytes]
     runners[name] = common.step_runner(step, [params, ms, opt], data, 1)
     del params, ms, opt
 
@@ -176,6 +177,7 @@ def jax_worker(a) -> None:
                     dev=a.dev, barrier=barrier, log=log)
   res.update(framework='jax', model=a.model, d=setup.num_params, devices_per_host=a.devices,
              workers=k, batch_per_worker=a.batch, allreduce_bytes=payload,
+             allreduce_operands={n: len(p) for n, p in payload.items()},
              formula_payload_bytes={
                  n: sum(ring_link_bytes(b, k) for b in p) for n, p in payload.items()},
              collectives_impl=jax.config.jax_cpu_collectives_implementation,

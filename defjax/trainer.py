@@ -143,6 +143,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log=p
                   'num_params': traffic.d, 'bytes_per_step': traffic.bytes_per_step,
                   **resumed.reshard_info}
   t0 = time.time() - resumed.meta.get('wall_time', 0.0)
+  clock = _TrainClock(resumed.meta.get('train_time', 0.0))
 
   def diverge(at):
     summary = dict(summary_base, status='diverged', diverged_at_step=at, steps=at,
@@ -164,6 +165,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log=p
       stops = [total_steps, (step // eval_every + 1) * eval_every]
       stops += [(step // every + 1) * every] if every else []
       n = min(spd, min(stops) - step)
+      clock.start()
       params, batch_stats, opt_state, losses = step_fn(
           params, batch_stats, opt_state, batches.next(n))
       loss.settle(diverge)  # the previous dispatch's, while this one runs
@@ -173,6 +175,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log=p
       is_ckpt = bool(every) and step % every == 0
       if not lookahead or is_eval or is_ckpt or flag.signum is not None:
         loss.settle(diverge)
+      clock.stop()
       bar.update(n, loss.mean)
       if is_eval:
         if not parallel.all_finite(params):
@@ -185,7 +188,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log=p
         last_record = {
             'step': step, 'epoch': step / steps_per_epoch, 'train_loss': loss.mean,
             'test_accuracy': acc, 'test_accuracy_x': acc_x, 'lr': float(schedule(step - 1)),
-            'wall_time': time.time() - t0, 'bytes_sent': traffic.bytes_sent(step)}
+            'wall_time': time.time() - t0, 'train_time': clock.total,
+            'bytes_sent': traffic.bytes_sent(step)}
         loss.reset()
         if jax.process_index() == 0:
           runfiles.append_metrics(workdir, last_record)
@@ -201,7 +205,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log=p
           ckpt.save(mngr, step,
                     {'params': params, 'batch_stats': batch_stats, 'opt_state': opt_state},
                     {'step': step, 'loss_sum': loss.sum, 'loss_count': loss.count,
-                     'wall_time': time.time() - t0, 'data_state': batches.state(),
+                     'wall_time': time.time() - t0, 'train_time': clock.total,
+                     'data_state': batches.state(),
                      'fingerprint': ckpt.fingerprint(config)})
       if flag.signum is not None and step < total_steps:
         raise Interrupted(step, flag.signum)
@@ -213,8 +218,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log=p
       final_test_accuracy=last_record.get('test_accuracy'),
       final_test_accuracy_x=last_record.get('test_accuracy_x'),
       final_train_loss=last_record.get('train_loss'),
-      wall_time=time.time() - t0, bytes_sent=traffic.bytes_sent(total_steps),
-      params_sha256=params_sha256(output(params, opt_state)))
+      wall_time=time.time() - t0, train_time=clock.total,
+      bytes_sent=traffic.bytes_sent(total_steps), params_sha256=params_sha256(output(params, opt_state)))
   if jax.process_index() == 0:
     runfiles.write_summary(workdir, summary)
   return summary
@@ -283,6 +288,23 @@ class _Traffic:
   def bytes_sent(self, step: int) -> int:
     warm = min(step, self._warmup)
     return warm * self._dense + (step - warm) * self.bytes_per_step
+
+
+class _TrainClock:
+  """Seconds spent in train steps, summed over resumes: evaluations,
+  checkpoints and start-up are left out, and so is each invocation's first
+  step, which compiles the step (what a time-to-accuracy curve plots)."""
+
+  def __init__(self, total: float):
+    self.total, self._started, self._first = total, None, True
+
+  def start(self) -> None:
+    self._started = time.time()
+
+  def stop(self) -> None:
+    if not self._first:
+      self.total += time.time() - self._started
+    self._first = False
 
 
 class _RunningLoss:

@@ -45,7 +45,13 @@ class Collective:
 
   @property
   def bytes(self) -> int:
-    return sum(math.prod(s) * _DTYPE_BYTES[t] for t, s in self.shapes)
+    return sum(self.operand_bytes)
+
+  @property
+  def operand_bytes(self) -> tuple[int, ...]:
+    """Bytes of each array, one by one: XLA:CPU runs a combined (tuple)
+    all-reduce as one gloo all-reduce per operand, each with its own messages."""
+    return tuple(math.prod(s) * _DTYPE_BYTES[t] for t, s in self.shapes)
 
 
 def _hlo_text(compiled) -> str:

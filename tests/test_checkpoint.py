@@ -59,7 +59,8 @@ def _summary(workdir):
 
 def _records(workdir):
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [{k: v for k, v in json.loads(l).items() if k != 'wall_time'} for l in f]
+    return [{k: v for k, v in json.loads(l).items() if k not in ('wall_time', 'train_time')}
+            for l in f]
 
 
 @pytest.fixture(scope='module')

@@ -28,7 +28,7 @@ needs_fmnist = pytest.mark.skipif(
     reason='Fashion-MNIST not installed (make data)')
 
 RECORD_KEYS = {'step', 'epoch', 'train_loss', 'test_accuracy', 'test_accuracy_x', 'lr',
-               'wall_time', 'bytes_sent'}
+               'wall_time', 'train_time', 'bytes_sent'}
 SUMMARY_KEYS = {'status', 'final_test_accuracy', 'final_train_loss', 'steps', 'wall_time', 'finished',
                 'bytes_sent', 'config', 'params_sha256'}
 
@@ -69,6 +69,8 @@ def test_every_method_trains_and_evaluates(method, tiny_folder, tmp_path):
     assert set(r) == RECORD_KEYS
     assert 0 <= r['test_accuracy'] <= 1 and 0 <= r['test_accuracy_x'] <= 1
     assert np.isfinite(r['train_loss'])
+    assert 0 < r['train_time'] < r['wall_time']  # steps after the first, nothing else
+  assert records[0]['train_time'] < records[1]['train_time'] == summary['train_time']
   # bytes: the block (or all d values for sgd) + BN stats (none here) + loss
   d = summary['num_params']
   per_step = 4 * ((d if method == 'sgd' else -(-d // 16)) + 1)
@@ -119,7 +121,7 @@ def test_runs_are_deterministic_seeded_and_steps_per_dispatch_only_rounds(
   b = run('b', steps_per_dispatch=4)
   c = run('c', steps_per_dispatch=2)
   d = run('d', steps_per_dispatch=1, seed=1)
-  drop_time = lambda w: [{k: v for k, v in r.items() if k != 'wall_time'}
+  drop_time = lambda w: [{k: v for k, v in r.items() if k not in ('wall_time', 'train_time')}
                          for r in _records(tmp_path / w)]
   # (A same-config rerun is bitwise equal too: test_checkpoint's resume tests.)
   assert c['params_sha256'] == b['params_sha256'] and drop_time('c') == drop_time('b')
