@@ -112,6 +112,14 @@ def sent_bytes(dev: str, netns: Optional[str] = None) -> int:
   return int(qdisc['bytes'])
 
 
+def retransmitted() -> int:
+  """TCP segments this network namespace has retransmitted (/proc/net/snmp,
+  as seen from inside the namespace)."""
+  with open('/proc/net/snmp') as f:
+    header, values = [line.split() for line in f if line.startswith('Tcp:')][:2]
+  return int(values[header.index('RetransSegs')])
+
+
 def wire_bytes(payload_bytes: float, mss: int = MSS) -> float:
   """What ``payload_bytes`` of TCP payload occupy on the wire: one header of
   ``HEADER_BYTES`` per full segment of ``mss`` (the formula the benchmark

@@ -77,7 +77,10 @@ def time_rounds(runners: dict[str, Callable[[], None]], *, rates: Sequence[str],
 
   Returns {'step_s': {rate: {name: [seconds per step, per round]}},
   'sent': {rate: {name: [bytes this end sent per step, per round]}},
-  'idle_bytes_per_s': {rate: [per round]}}.
+  'retransmitted_segments': (the same, TCP segments this host sent again),
+  'idle_bytes_per_s': {rate: [per round]}}. Retransmissions are counted in
+  ``sent`` (they crossed the wire) and reported beside it: unthrottled, the
+  veth reorders packets now and then and TCP resends some spuriously.
   """
   names = list(runners)
   netns.set_rate(dev, None)
@@ -87,6 +90,7 @@ def time_rounds(runners: dict[str, Callable[[], None]], *, rates: Sequence[str],
     barrier(f'warm {name}')
   step_s = {rate: {n: [] for n in names} for rate in rates}
   sent = {rate: {n: [] for n in names} for rate in rates}
+  resent = {rate: {n: [] for n in names} for rate in rates}
   idle = {rate: [] for rate in rates}
   for r in range(rounds):
     for rate in rotated(rates, r):
@@ -97,17 +101,22 @@ def time_rounds(runners: dict[str, Callable[[], None]], *, rates: Sequence[str],
       idle[rate].append((netns.sent_bytes(dev) - b0) / (time.perf_counter() - t0))
       for name in rotated(names, r):
         barrier(f'{name} {rate} {r}')
-        b0, t0 = netns.sent_bytes(dev), time.perf_counter()
+        b0, t0, re0 = netns.sent_bytes(dev), time.perf_counter(), netns.retransmitted()
         for _ in range(steps):
           runners[name]()
         elapsed = time.perf_counter() - t0
-        b1 = netns.sent_bytes(dev)
+        # Once the peer is past this barrier it has received everything this
+        # end sent, so no tail is left in the bucket for the next unit.
+        barrier(f'done {name} {rate} {r}')
+        b1, counted = netns.sent_bytes(dev), time.perf_counter() - t0
         step_s[rate][name].append(elapsed / steps)
-        sent[rate][name].append((b1 - b0 - idle[rate][-1] * elapsed) / steps)
+        sent[rate][name].append((b1 - b0 - idle[rate][-1] * counted) / steps)
+        resent[rate][name].append((netns.retransmitted() - re0) / steps)
         log(f'round {r} {rate} {name}: {1e3 * elapsed / steps:.0f} ms/step,'
             f' {(b1 - b0) / steps / 1e6:.2f} MB/step sent')
   netns.set_rate(dev, None)
-  return {'step_s': step_s, 'sent': sent, 'idle_bytes_per_s': idle}
+  return {'step_s': step_s, 'sent': sent, 'retransmitted_segments': resent,
+          'idle_bytes_per_s': idle}
 
 
 # --------------------------------------------------------------- jax worker
@@ -288,11 +297,40 @@ def rows_of(results: list[dict], setting: str) -> list[dict]:
 
 
 COLUMNS = ('setting', 'rate', 'variant', 'step_ms', 'link_added_ms', 'vs_unthrottled', 'speedup',
-           'link_MB_0to1', 'link_MB_1to0', 'formula_MB', 'measured_vs_formula')
+           'link_MB_0to1', 'link_MB_1to0', 'formula_MB', 'measured_vs_formula',
+           'with_messages_MB', 'measured_vs_with_messages')
+
+
+# name -> (model, devices per host, rates, frameworks). M = 4 only for
+# VGG-16 at 100 Mbit/s (issue 24); 10 Mbit/s only for the small model (a
+# VGG-16 SGD step would take about 50 s there).
+SETTINGS = {
+    'vgg16 M=1': ('vgg16', 1, f'{UNTHROTTLED},1gbit,100mbit', ('jax', 'torch')),
+    'vgg16_slim M=1': ('vgg16_slim', 1, f'{UNTHROTTLED},1gbit,100mbit,10mbit', ('jax', 'torch')),
+    'vgg16 M=4': ('vgg16', 4, f'{UNTHROTTLED},100mbit', ('jax',)),
+}
+MODULES = {'jax': 'bench.slow_link', 'torch': 'bench.slow_link_torch'}
+RESULT = 'slow_link'
+
+
+def measure(setting: str, framework: str, *, rounds: int, steps: int,
+            rates: Optional[str] = None) -> list[dict]:
+  model, devices, default_rates, _ = SETTINGS[setting]
+  args = ['--model', model, '--devices', str(devices), '--rates', rates or default_rates,
+          '--rounds', str(rounds), '--steps', str(steps)]
+  t0, load0 = time.time(), os.getloadavg()
+  results = run_on_link(MODULES[framework], args, devices=devices)
+  for r in results:
+    r.update(wall_s=time.time() - t0, loadavg_before=load0, loadavg_after=os.getloadavg(),
+             date=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
+  return results
 
 
 def main(argv=None):
   p = worker_parser(__doc__)
+  p.add_argument('--settings', default=','.join(SETTINGS),
+                 help=f'comma-separated, of: {", ".join(SETTINGS)}')
+  p.add_argument('--frameworks', default='jax,torch')
   a = p.parse_args(argv)
   if a.rank is not None:
     a.rank = int(a.rank)
@@ -301,7 +339,195 @@ def main(argv=None):
       procs.pin_to_core(a.rank)
     jax_worker(a)
     return None
-  raise SystemExit('parent not written yet')
+  from bench import common
+  path = common.RESULTS / f'{RESULT}.json'
+  doc = json.loads(path.read_text()) if path.exists() else {}
+  measured = doc.get('measured', {})
+  for setting in a.settings.split(','):
+    for framework in a.frameworks.split(','):
+      if framework not in SETTINGS[setting][3]:
+        continue
+      if framework == 'torch' and not _torch_available():
+        print('PyTorch with gloo is not installed: its peers are skipped'
+              " (pip install '.[bench]')", flush=True)
+        continue
+      print(f'=== {setting}, {framework}', flush=True)
+      measured.setdefault(setting, {})[framework] = measure(
+          setting, framework, rounds=a.rounds, steps=a.steps)
+  report(measured)
+
+
+def _torch_available() -> bool:
+  try:
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_gloo_available()
+  except ImportError:
+    return False
+
+
+def report(measured: dict) -> None:
+  """Rows, the per-message byte model, the projection check and the table."""
+  from bench import common
+  rows = []
+  for setting, by_framework in measured.items():
+    for framework, results in by_framework.items():
+      rows += rows_of(results, f'{setting} {framework}')
+  message = fit_message_bytes(measured)
+  add_message_model(rows, measured, message)
+  check = projection_check(measured, message)
+  table_md = (common.table(rows, COLUMNS) + '\n\nProjection check (bench/netmodel.py):\n\n'
+              + common.table(check['rows'], PROJECTION_COLUMNS)
+              + '\n\n16 GPU-class workers (corrected model):\n\n'
+              + common.table(check['gpu_class'], GPU_COLUMNS))
+  common.write(RESULT, {'measured': measured, 'rows': rows, 'message_model': message,
+                        'projection': check}, table_md, NOTES + ' ' + check['notes'])
+
+
+# The per-message model is fitted on this setting and framework only and
+# checked on every other row.
+FIT_MESSAGES = ('vgg16 M=1', 'jax')
+# The projection's correction is fitted at this rate only.
+FIT_RATE = '100mbit'
+
+
+def _ranks(results: list[dict]) -> int:
+  return results[0]['workers']
+
+
+def fit_message_bytes(measured: dict) -> dict:
+  """Bytes per all-reduce operand and crossing ring message beyond the
+  formula: each operand's ring sends 2 (P - 1) messages across the link in
+  each direction. Least squares through 0 over the compressed variants of
+  ``FIT_MESSAGES`` at every rate (the larger direction)."""
+  setting, framework = FIT_MESSAGES
+  results = measured.get(setting, {}).get(framework)
+  if not results:
+    return {'bytes_per_message': 0.0, 'fitted_on': None}
+  w0 = results[0]
+  xs, ys = [], []
+  for rate, by_name in w0['sent'].items():
+    for name in by_name:
+      if name == 'sgd':
+        continue  # its few messages drown in its payload's acknowledgements
+      sent = max(statistics.median(w['sent'][rate][name]) for w in results)
+      messages = 2 * (_ranks(results) - 1) * w0['allreduce_operands'][name]
+      xs.append(messages)
+      ys.append(sent - netns.wire_bytes(w0['formula_payload_bytes'][name]))
+  h = sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs)
+  return {'bytes_per_message': h,
+          'fitted_on': f'{setting} {framework}, compressed variants, every rate'}
+
+
+def message_model_bytes(results: list[dict], name: str, message: dict) -> float:
+  w0 = results[0]
+  messages = 2 * (_ranks(results) - 1) * w0['allreduce_operands'][name]
+  return netns.wire_bytes(w0['formula_payload_bytes'][name]) + message['bytes_per_message'] * messages
+
+
+def add_message_model(rows: list[dict], measured: dict, message: dict) -> None:
+  for row in rows:
+    results = measured[row['setting'].rsplit(' ', 1)[0]][row['setting'].rsplit(' ', 1)[1]]
+    model = message_model_bytes(results, row['variant'], message)
+    row['with_messages_MB'] = model / 1e6
+    row['measured_vs_with_messages'] = 1e6 * max(row['link_MB_0to1'], row['link_MB_1to0']) / model
+
+
+def projection_check(measured: dict, message: dict) -> dict:
+  """``bench/netmodel.py``'s step time (a measured unthrottled step plus the
+  ring all-reduce of the compiled step's payload at the link's rate) against
+  the measured step at each rate; then the same with the link's measured
+  bytes model (payload, headers, per-message bytes) and an effective rate
+  eta x rate, eta fitted at ``FIT_RATE`` only and checked at the others."""
+  from bench import netmodel
+  cases = []
+  for setting, by_framework in measured.items():
+    results = by_framework.get('jax')
+    if not results:
+      continue
+    w0 = results[0]
+    base = w0['step_s'].get(UNTHROTTLED)
+    if base is None:
+      continue
+    for rate, by_name in w0['step_s'].items():
+      if rate == UNTHROTTLED:
+        continue
+      gbps = netns.bits_per_s(rate) / 1e9
+      for name, times in by_name.items():
+        unthrottled = statistics.median(base[name])
+        payload = sum(w0['allreduce_bytes'][name])
+        raw = unthrottled + netmodel.ring_allreduce_s(payload, _ranks(results),
+                                                      netmodel.Network(gbps))
+        cases.append({'setting': setting, 'rate': rate, 'variant': name,
+                      'measured_ms': 1e3 * statistics.median(times), 'model_ms': 1e3 * raw,
+                      'unthrottled_s': unthrottled, 'link_bytes': message_model_bytes(
+                          results, name, message), 'bytes_per_s': gbps * 1e9 / 8})
+  fit = [c for c in cases if c['rate'] == FIT_RATE]
+  # added time = bytes / (eta rate): least squares of the added time through 0.
+  xs = [c['link_bytes'] / c['bytes_per_s'] for c in fit]
+  ys = [c['measured_ms'] / 1e3 - c['unthrottled_s'] for c in fit]
+  inverse_eta = sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs) if fit else 1.0
+  for c in cases:
+    c['model_error'] = c['model_ms'] / c['measured_ms'] - 1
+    c['corrected_ms'] = 1e3 * (c['unthrottled_s'] + inverse_eta * c['link_bytes']
+                               / c['bytes_per_s'])
+    c['corrected_error'] = c['corrected_ms'] / c['measured_ms'] - 1
+    c['fitted_here'] = c['rate'] == FIT_RATE
+  held_out = [abs(c['corrected_error']) for c in cases if not c['fitted_here']]
+  gpu = gpu_class_prediction(measured, 1 / inverse_eta, message)
+  notes = (
+      f'Projection: model_ms = unthrottled step + ring all-reduce of the HLO payload at the rate'
+      f' (netmodel); corrected_ms = unthrottled step + the link bytes model / (eta x rate), eta ='
+      f' {1 / inverse_eta:.3f} fitted at {FIT_RATE} only; largest corrected error at the other'
+      f' rates: {100 * max(held_out, default=float("nan")):.1f}%. Per-message bytes'
+      f' {message["bytes_per_message"]:.0f} per crossing ring message, fitted on'
+      f' {message["fitted_on"]}.')
+  return {'rows': cases, 'eta': 1 / inverse_eta, 'max_held_out_error': max(held_out, default=None),
+          'gpu_class': gpu, 'notes': notes}
+
+
+def gpu_class_prediction(measured: dict, eta: float, message: dict) -> list[dict]:
+  """The corrected model for the paper's cluster: VGG-16 on K = 16 workers
+  with cluster_projection's GPU-class compute time (the paper fit at 10
+  Gbit/s), the measured per-leaf payloads and collective counts of VGG-16."""
+  from bench import cluster_projection, netmodel
+  results = measured.get('vgg16 M=1', {}).get('jax')
+  if not results:
+    return []
+  w0 = results[0]
+  check = cluster_projection.paper_check(w0['d'], 0)
+  compute = next(r for r in check['rows'] if r['gbps'] == 10)['compute_ms_fit64'] / 1e3
+  k = 16
+  out = []
+  for gbps in (1, 10, 25):
+    row = {'K': k, 'gbps': gbps, 'compute_ms': 1e3 * compute}
+    times = {}
+    for name in w0['allreduce_bytes']:
+      payload = sum(w0['allreduce_bytes'][name])
+      messages = 2 * (k - 1) * w0['allreduce_operands'][name]
+      wire = netns.wire_bytes(2 * (k - 1) / k * payload) + message['bytes_per_message'] * messages
+      times[name] = compute + wire / (eta * gbps * 1e9 / 8)
+      row[f'{name}_step_ms'] = 1e3 * times[name]
+    for name in times:
+      if name != 'sgd':
+        row[f'{name}_speedup'] = times['sgd'] / times[name]
+    out.append(row)
+  return out
+
+
+PROJECTION_COLUMNS = ('setting', 'rate', 'variant', 'measured_ms', 'model_ms', 'model_error',
+                      'corrected_ms', 'corrected_error', 'fitted_here')
+GPU_COLUMNS = ('K', 'gbps', 'compute_ms', 'sgd_step_ms', 'def@256_step_ms', 'def@64_speedup',
+               'def@256_speedup', 'def@1024_speedup')
+
+
+NOTES = (
+    'Two hosts on this machine (bench.netns): processes in their own network namespaces joined'
+    ' by a veth pair, each end sending at most the rate (token bucket); K = 2M workers, one'
+    ' per device, on the 1-D layout; per-leaf RBGS. step_ms: median over rounds (process 0);'
+    ' link_added_ms: step time minus the same variant\'s unthrottled step time in the same round'
+    ' (median); speedup: SGD\'s (DDP\'s) step time / the variant\'s in the same round; link_MB:'
+    ' bytes each direction carried per step (qdisc counters, idle traffic subtracted);'
+    ' formula_MB: the formula in bench/slow_link.py\'s docstring, written before measuring.')
 
 
 if __name__ == '__main__':
