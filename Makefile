@@ -8,7 +8,7 @@ FMNIST := $(FMNIST_DIR)/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 WORKDIR ?= runs/quickstart
 
-.PHONY: install malloc data test train bench bench-gpu clean
+.PHONY: install malloc data test train bench bench-link bench-gpu clean
 
 install: $(STAMP) malloc
 
@@ -65,6 +65,20 @@ train: install data
 
 bench: install data
 	$(PRELOAD) $(PY) -m bench.run_all
+
+# The slow-link benchmark (root, Linux: network namespaces and tc): train
+# steps of SGD, DEF and EF across a throttled veth between two processes,
+# beside PyTorch DDP with its PowerSGD and fp16 hooks (torch: the bench
+# extra), then train.py as two hosts to a stated accuracy on CIFAR-10 (the
+# JPEG tar at CIFAR_TAR when it exists, else TFDS's cifar10). About an hour
+# and a half on 2 cores; writes bench/results/slow_link*.json and the plot.
+CIFAR_TAR ?= $(abspath ../shared/data/cifar10-jpeg.tar)
+bench-link: install data
+	$(VENV)/bin/pip install -q -e '.[bench]'
+	$(PRELOAD) $(PY) -m bench.slow_link
+	$(PRELOAD) $(PY) -m bench.slow_link_train \
+	  $(if $(wildcard $(CIFAR_TAR)),--image-folder $(CIFAR_TAR))
+	$(PY) -m bench.run_all --summary-only
 
 # One GPU (about 5 minutes on an H200): SGD vs DEF steps/s, compile time,
 # memory and wire bytes for VGG-16 and ResNet-50 with K = 8 vmapped workers;

@@ -30,6 +30,9 @@ END = '<!-- bench:end -->'
 BENCHMARKS = ('wire_bytes', 'overhead', 'opt_bytes', 'dispatch', 'local_workers', 'compressor_cost',
               'collectives', 'cluster_projection', 'peer_torch', 'allocator',
               'collective_settings')
+# Written by `make bench-link` (root, about an hour and a half), never by
+# run_all; first in the summary and the README: the speed over a slow link.
+LINK_BENCHMARKS = ('slow_link', 'slow_link_train')
 # Written by `make bench-gpu` (python -m bench.gpu) on a GPU machine, never by
 # run_all; its table joins the summary and the README once its JSON exists.
 ACCELERATOR_BENCHMARKS = ('gpu',)
@@ -121,7 +124,7 @@ def _projection_subset(doc: dict) -> str:
 def readme_section(results: pathlib.Path = RESULTS) -> str:
   """The README's Performance tables, from the benchmark JSON files only."""
   parts = [BEGIN, '']
-  for name in BENCHMARKS + ACCELERATOR_BENCHMARKS:
+  for name in LINK_BENCHMARKS + BENCHMARKS + ACCELERATOR_BENCHMARKS:
     path = results / f'{name}.json'
     if not path.exists():
       continue
@@ -175,7 +178,7 @@ def main(argv=None):
   ]
   if a.note:
     parts += [a.note, '']
-  for n in BENCHMARKS + ACCELERATOR_BENCHMARKS:
+  for n in LINK_BENCHMARKS + BENCHMARKS + ACCELERATOR_BENCHMARKS:
     if (RESULTS / f'{n}.json').exists() or n in runs:
       parts.append(section(n, runs.get(n)))
   (RESULTS / 'summary.md').write_text('\n'.join(parts))
