@@ -68,7 +68,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.optim = optim = ml_collections.ConfigDict()
   # sgd | ef | def | def_a | saef | psync (def and def_a are the same run; they
-  # differ only in the model reported as test_accuracy: y or x).
+  # differ only in the model reported as test_accuracy: y or x) | ef21_sgdm |
+  # ef21 (EF21-SGDM and plain EF21, defjax.ef21; not in the paper's tables).
   optim.method = 'def'
   # Compression ratio d / b of RBGS (ignored by sgd).
   optim.ratio = 256.0
@@ -84,6 +85,7 @@ def get_config() -> ml_collections.ConfigDict:
   # the blocks fixed. A resumed run continues the block sequence it saved.
   optim.block_seed = ml_collections.config_dict.placeholder(int)
   optim.lr = 0.05
+  # Heavy-ball momentum mu (ef21 runs with 0).
   optim.momentum = 0.9
   optim.weight_decay = 5e-4
   # step (divide by 10 at each decay_at fraction of training) | cosine.

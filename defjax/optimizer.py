@@ -2,7 +2,8 @@
 
 The local optimizer is the paper's (momentum SGD with weight decay); the
 method's row in ``defjax.methods`` decides what wraps it: the dense
-all-reduce (SGD), PSync, or error feedback at lam with RBGS.
+all-reduce (SGD), PSync, or error feedback at lam with RBGS. EF21 takes the
+same lr schedule, momentum and weight decay as its own arguments.
 """
 
 from __future__ import annotations
@@ -78,7 +79,11 @@ def build(optim, *, schedule, axis_name, seed: int = 0, rbgs: Optional[RBGS] = N
   c = compressor(optim, seed=seed, rbgs=rbgs)
   if c is None:
     return feedback.data_parallel(inner, axis_name=axis_name), None
-  if method.name == 'psync':
+  if method.transform == 'psync':
     return feedback.psync(inner, c, axis_name=axis_name), c
+  if method.transform == 'ef21':
+    momentum = methods.resolved_momentum(method.name, optim.momentum)
+    return feedback.ef21(schedule, c, momentum=momentum, weight_decay=optim.weight_decay,
+                         axis_name=axis_name), c
   lam = methods.resolved_lam(method.name, optim.lam)
   return feedback.error_feedback(inner, c, lam=lam, axis_name=axis_name), c

@@ -92,6 +92,10 @@ def test_every_method_trains_and_evaluates(method, tiny_folder, tmp_path):
     assert 'error' not in saved['opt_state']
     assert summary['params_sha256'] == x_hash
     return
+  if methods.get(method).transform == 'ef21':
+    _check_ef21_state(saved['opt_state'], momentum=method == 'ef21_sgdm')
+    assert summary['params_sha256'] == x_hash
+    return
   error = saved['opt_state']['error']
   expected_lam = {'ef': 0.0, 'def': 0.3, 'def_a': 0.3, 'saef': 1.0, 'psync': 1.0}[method]
   if 'lam' in saved['opt_state']:
@@ -105,6 +109,18 @@ def test_every_method_trains_and_evaluates(method, tiny_folder, tmp_path):
     assert summary['params_sha256'] != x_hash
   else:
     assert summary['params_sha256'] == x_hash
+
+
+def _check_ef21_state(opt_state, *, momentum):
+  """EF21's saved state: h the same on all 8 workers and mean_k h_k, the
+  estimates per worker, v_k only with momentum, 6 steps counted."""
+  h, h_k = opt_state['shared_estimate'], opt_state['estimate']
+  for a, b in zip(jax.tree.leaves(h), jax.tree.leaves(h_k)):
+    assert a.shape[0] == 8 and (a == a[0]).all()
+    np.testing.assert_allclose(a[0], b.mean(0), rtol=1e-5, atol=1e-7)
+  assert any(not np.allclose(b[0], b[1]) for b in jax.tree.leaves(h_k))
+  assert bool(jax.tree.leaves(opt_state.get('momentum'))) == momentum
+  np.testing.assert_array_equal(opt_state['count'], np.full(8, 6))
 
 
 def test_runs_are_deterministic_seeded_and_steps_per_dispatch_only_rounds(
