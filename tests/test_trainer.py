@@ -407,6 +407,18 @@ def test_cli_bad_input_is_one_line(tmp_path, tiny_folder):
   assert 'apt-get install dataset-fashion-mnist' in proc.stderr
 
 
+def test_cli_unprepared_tfds_data_is_one_line(tmp_path):
+  """A paper config on a machine where TFDS has not built cifar10."""
+  (tmp_path / 'tfds').mkdir()
+  proc = _train_py(tmp_path, '--config', 'configs/cifar10_vgg16.py', '--workdir',
+                   str(tmp_path / 'x'), env={'TFDS_DATA_DIR': str(tmp_path / 'tfds')})
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  [line] = proc.stderr.strip().splitlines()
+  assert line.startswith('error: cifar10 is not prepared as array_record')
+  assert 'tfds build cifar10 --file_format=array_record' in line
+  assert '--config.dataset=image_folder' in line
+
+
 def test_cli_divergence_exit_code(tmp_path, tiny_folder):
   proc = _train_py(tmp_path, '--config', 'configs/fashion_mnist.py', '--workdir',
                    str(tmp_path / 'd'), f'--config.data_dir={tiny_folder}',
