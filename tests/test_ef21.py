@@ -166,21 +166,6 @@ def test_steps_by_hand_under_shard_map(num_workers):
                                rtol=1e-4, atol=1e-6)
 
 
-def test_state_types_unchanged_and_composes_with_optax():
-  params = mlp_params()
-  tx = optax.chain(optax.clip_by_global_norm(1.0),
-                   defjax.ef21(optax.linear_schedule(0.1, 0.0, 10), defjax.rbgs(16)))
-  state = tx.init(params)
-  update = jax.jit(tx.update)
-  types = jax.tree.map(jax.typeof, state)
-  g = jax.tree.map(jnp.ones_like, params)
-  for _ in range(3):
-    _, state = update(g, state, params)
-    assert jax.tree.map(jax.typeof, state) == types
-  assert update._cache_size() == 1
-  assert int(state[1].count) == 3
-
-
 @pytest.mark.parametrize('kwargs, match', [
     (dict(momentum=1.0), 'momentum'), (dict(momentum=-0.1), 'momentum'),
     (dict(momentum='0.9'), 'momentum'), (dict(weight_decay=-1e-4), 'weight_decay'),
