@@ -223,13 +223,12 @@ def ef21(
     x   <- x - eta_t h
 
   Since h and every h_k start at 0, h = mean_k h_k at every step (up to
-  float rounding). mu = 0 is
-  plain EF21 (Richtarik et al. 2021) started from zero estimates. The paper's
-  EF21-SGDM averages v_k <- (1 - a) v_k + a g_k; heavy-ball momentum as in
-  ``optax.sgd`` is that recursion times 1 / a with a = 1 - mu, and since C is
-  linear, so are v_k, h_k and h: eta_t here is the paper's step size times
-  a. With C = identity, h = mean_k v_k and this is momentum SGD on the mean
-  gradient.
+  float rounding). mu = 0 is plain EF21 (Richtarik et al. 2021) started from
+  zero estimates. The paper's EF21-SGDM averages v_k <- (1 - a) v_k + a g_k;
+  heavy-ball momentum as in ``optax.sgd`` is that recursion times 1 / a with
+  a = 1 - mu, and since C is linear, so are v_k, h_k and h: eta_t here is the
+  paper's step size times a. With C = identity, h = mean_k v_k and this is
+  momentum SGD on the mean gradient.
 
   Call ``update`` with the gradient at ``params`` = x (``eval_point`` is x)
   and apply the returned -eta_t h with ``optax.apply_updates``.
