@@ -19,8 +19,11 @@ def _flat(tree):
   return np.concatenate([np.ravel(np.asarray(a)) for a in jax.tree.leaves(tree)])
 
 
+_jit_grad = jax.jit(jax.grad(mlp_loss))
+
+
 def _grad(params, x, y):
-  return _flat(jax.grad(mlp_loss)(params, (x, y)))
+  return _flat(_jit_grad(params, (x, y)))
 
 
 def _block(seed, step, d, ratio):
@@ -99,17 +102,21 @@ def test_no_momentum_is_ef21():
   assert states.momentum == optax.EmptyState()
 
   c = defjax.rbgs(ratio, key=seed)
+
+  @jax.jit
+  def paper_step(x, g_k, g, cstate, xs, ys):  # g_k: the K workers' g_k^t, stacked
+    x = jax.tree.map(lambda a, b: a - LR * b, x, g)
+    grads = jax.vmap(jax.grad(mlp_loss), in_axes=(None, 0))(x, (xs, ys))
+    g_k = jax.tree.map(lambda a, b: a + b, g_k, jax.vmap(c.compress, in_axes=(0, None))(
+        jax.tree.map(lambda a, b: a - b, grads, g_k), cstate))
+    return x, g_k, jax.tree.map(lambda a: a.mean(0), g_k), cstate._replace(
+        count=cstate.count + 1)
+
   cstate = c.init(params)
-  zeros = jax.tree.map(jnp.zeros_like, params)
-  g_k, g, x_ref = [zeros] * K, zeros, params
+  g = jax.tree.map(jnp.zeros_like, params)
+  g_k, x_ref = jax.tree.map(lambda a: jnp.stack([a] * K), g), params
   for t in range(steps):
-    x_ref = jax.tree.map(lambda a, b: a - LR * b, x_ref, g)
-    grads = [jax.grad(mlp_loss)(x_ref, (xs[t, k], ys[t, k])) for k in range(K)]
-    g_k = [jax.tree.map(lambda a, b: a + b, g_k[k],
-                        c.compress(jax.tree.map(lambda a, b: a - b, grads[k], g_k[k]), cstate))
-           for k in range(K)]
-    g = jax.tree.map(lambda *a: sum(a) / K, *g_k)
-    cstate = cstate._replace(count=cstate.count + 1)
+    x_ref, g_k, g, cstate = paper_step(x_ref, g_k, g, cstate, xs[t], ys[t])
   x_ref = jax.tree.map(lambda a, b: a - LR * b, x_ref, g)
   assert_trees_close(x, x_ref, rtol=1e-5, atol=1e-6)
   assert np.abs(_flat(x) - _flat(params)).max() > 1e-3
