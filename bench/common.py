@@ -65,11 +65,15 @@ def inner_optimizer(lr: float = 0.05, momentum: float = 0.9, wd: float = 5e-4):
 def make_tx(method: str, ratio: float, axis_name, *, compressor=None):
   """The per-worker transform of ``method`` with RBGS at ``ratio``."""
   inner = inner_optimizer()
-  if not methods.get(method).compresses:
+  row = methods.get(method)
+  if not row.compresses:
     return defjax.data_parallel(inner, axis_name=axis_name)
   compressor = compressor if compressor is not None else defjax.rbgs(ratio)
-  if method == 'psync':
+  if row.transform == 'psync':
     return defjax.psync(inner, compressor, axis_name=axis_name)
+  if row.transform == 'ef21':  # inner_optimizer's lr, momentum and weight decay
+    return defjax.ef21(0.05, compressor, momentum=methods.resolved_momentum(method, 0.9),
+                       weight_decay=5e-4, axis_name=axis_name)
   return defjax.error_feedback(inner, compressor, lam=methods.resolved_lam(method, DEF_LAM),
                                axis_name=axis_name)
 

@@ -28,7 +28,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Mini-batch per worker (the global batch is num_workers * batch_size).
   config.batch_size = 16
   config.num_epochs = 3
-  # > 0 overrides num_epochs (the schedule then spans these steps).
+  # > 0 overrides num_epochs (the schedule then spans these steps; see
+  # optim.decay_whole_epochs for runs shorter than a few epochs).
   config.num_train_steps = 0
   # Seed of the parameters, the data order, augmentation and (unless
   # optim.block_seed is set) the RBGS block sequence.
@@ -68,7 +69,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.optim = optim = ml_collections.ConfigDict()
   # sgd | ef | def | def_a | saef | psync (def and def_a are the same run; they
-  # differ only in the model reported as test_accuracy: y or x).
+  # differ only in the model reported as test_accuracy: y or x) | ef21_sgdm |
+  # ef21 (EF21-SGDM and plain EF21, defjax.ef21; not in the paper's tables).
   optim.method = 'def'
   # Compression ratio d / b of RBGS (ignored by sgd).
   optim.ratio = 256.0
@@ -84,6 +86,7 @@ def get_config() -> ml_collections.ConfigDict:
   # the blocks fixed. A resumed run continues the block sequence it saved.
   optim.block_seed = ml_collections.config_dict.placeholder(int)
   optim.lr = 0.05
+  # Heavy-ball momentum mu (ef21 runs with 0).
   optim.momentum = 0.9
   optim.weight_decay = 5e-4
   # step (divide by 10 at each decay_at fraction of training) | cosine.
@@ -91,8 +94,15 @@ def get_config() -> ml_collections.ConfigDict:
   optim.decay_at = (0.5, 0.75)
   # Decay at the start of epoch int(f * num_epochs), as the authors do (True),
   # or at step int(f * total_steps) (False; the results before 2026-11-29).
+  # A short run keeps whole epochs only where a decay's epoch comes after
+  # step 0 and after the previous decay's epoch; the other decays come at
+  # step int(f * total_steps). (Without that, a run under 2 epochs, e.g.
+  # num_train_steps=400 of the quick start, would train at lr / 100 from its
+  # first step.) With decay_at (0.5, 0.75), every run of 8/3 epochs or more
+  # decays at whole epochs only.
   optim.decay_whole_epochs = True
-  # Linear learning-rate warm-up from 0, in epochs.
+  # Linear learning-rate warm-up from 0, in epochs; it must end before the
+  # first decay and before the run does (ConfigError otherwise).
   optim.warmup_epochs = 0.0
   # Dense (uncompressed) all-reduce for this many steps before compression.
   optim.dense_warmup_steps = 0

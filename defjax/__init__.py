@@ -12,9 +12,11 @@ from defjax.compress import rbgs
 from defjax.compress import scaled
 from defjax.compress import topk
 from defjax.feedback import DataParallelState
+from defjax.feedback import EF21State
 from defjax.feedback import ErrorFeedbackState
 from defjax.feedback import averaged_params
 from defjax.feedback import data_parallel
+from defjax.feedback import ef21
 from defjax.feedback import error_feedback
 from defjax.feedback import eval_point
 from defjax.feedback import psync
@@ -24,10 +26,12 @@ __version__ = '0.1.0'
 __all__ = [
     'Compressor',
     'DataParallelState',
+    'EF21State',
     'ErrorFeedbackState',
     'averaged_params',
     'data_parallel',
     'dense_warmup',
+    'ef21',
     'error_feedback',
     'eval_point',
     'identity',

@@ -1,4 +1,4 @@
-"""The error-feedback family (EF, DEF, DEF-A, SAEF), PSync and plain SGD.
+"""The error-feedback family (EF, DEF, DEF-A, SAEF), PSync, EF21 and plain SGD.
 
 EF, DEF, DEF-A and SAEF are one algorithm (paper Algorithm 1) with one
 coefficient lam: the worker takes its gradient at the detached point
@@ -11,7 +11,10 @@ z = x - lam * e_k, then (line numbers of Algorithm 1)
 
 lam = 0 is EF, 0 < lam < 1 is DEF / DEF-A (they differ only in the model they
 output: y = x - mean_k e_k for DEF, x for DEF-A), lam = 1 is SAEF. PSync is the
-same recursion with lam = 1 read differently (see ``psync``).
+same recursion with lam = 1 read differently (see ``psync``). EF21 (the
+paper tried it with RBGS: "it does not converge") and its momentum version
+EF21-SGDM are ``ef21``: it compresses the change of each worker's momentum
+instead of carrying an error.
 
 The transforms here are per worker: under ``jax.vmap``/``jax.pmap``/
 ``jax.shard_map`` each worker holds its own state (error, momentum) and the
@@ -175,6 +178,141 @@ def psync(
     ``ErrorFeedbackState`` with lam = 1.
   """
   return error_feedback(inner, compressor, lam=1.0, axis_name=axis_name)
+
+
+class EF21State(NamedTuple):
+  """Worker k's momentum v_k and estimate h_k, the shared estimate h, the
+  step count (the learning-rate schedule's argument) and C's state."""
+
+  momentum: Any  # v_k; optax.EmptyState() when momentum = 0 (plain EF21)
+  estimate: optax.Updates  # h_k
+  shared_estimate: optax.Updates  # h, bitwise equal on every worker
+  count: jax.Array
+  compressor_state: Any
+
+
+def check_momentum(momentum) -> float:
+  """Returns momentum as a float, or raises ValueError unless 0 <= it < 1."""
+  momentum = compress_lib.as_real_scalar(momentum, 'momentum', 'a number in [0, 1)')
+  if not 0.0 <= momentum < 1.0:
+    raise ValueError(
+        f'momentum must be in [0, 1) (0: plain EF21), got {momentum!r}')
+  return float(momentum)
+
+
+def ef21(
+    learning_rate: optax.ScalarOrSchedule,
+    compressor: compress_lib.Compressor,
+    *,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    axis_name: AxisName = None,
+) -> optax.GradientTransformationExtraArgs:
+  """EF21-SGDM: error feedback on the change of each worker's momentum.
+
+  Worker k keeps its heavy-ball momentum v_k and an estimate h_k of it; only
+  the compressed difference C(v_k - h_k) is all-reduced, and the model moves
+  along h, the shared estimate of mean_k v_k. With mu = ``momentum``, wd =
+  ``weight_decay``, eta_t = ``learning_rate`` at step t and all state zero at
+  the start, one step is
+
+    v_k <- mu v_k + g_k + wd x        (g_k: worker k's gradient at x)
+    c_k  = C(v_k - h_k)               (the shared block of the difference)
+    h_k <- h_k + c_k
+    h   <- h + mean_k c_k             (one all-reduce of the block)
+    x   <- x - eta_t h
+
+  Since h and every h_k start at 0, h = mean_k h_k at every step (up to
+  float rounding). mu = 0 is plain EF21 (Richtarik et al. 2021) started from
+  zero estimates. The paper's EF21-SGDM averages v_k <- (1 - a) v_k + a g_k;
+  heavy-ball momentum as in ``optax.sgd`` is that recursion times 1 / a with
+  a = 1 - mu, and since C is linear, so are v_k, h_k and h: eta_t here is the
+  paper's step size times a. With C = identity, h = mean_k v_k and this is
+  momentum SGD on the mean gradient.
+
+  Call ``update`` with the gradient at ``params`` = x (``eval_point`` is x)
+  and apply the returned -eta_t h with ``optax.apply_updates``.
+
+  Args:
+    learning_rate: eta_t, a float or an optax schedule of the step count.
+    compressor: the compressor C, e.g. ``defjax.rbgs(256)``; any defjax
+      compressor works (with Top-K each worker's c_k is its own).
+    momentum: mu in [0, 1); 0 is plain EF21 (no momentum is stored).
+    weight_decay: wd, added to the gradient at x before the momentum.
+    axis_name: the workers' named axis (or axes) under vmap, pmap or
+      shard_map; None for a single worker.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is an
+    ``EF21State``.
+
+  References:
+    Fatkhullin, Tyurin & Richtarik, "Momentum Provably Improves Error
+    Feedback!", NeurIPS 2023, Algorithm 1 (EF21-SGDM); Richtarik, Sokolov &
+    Fatkhullin, "EF21: A New, Simpler, Theoretically Better, and Practically
+    Faster Error Feedback", NeurIPS 2021.
+
+  Example:
+    >>> import jax.numpy as jnp, defjax
+    >>> tx = defjax.ef21(0.1, defjax.rbgs(2), momentum=0.9)
+    >>> params = {'w': jnp.ones(4)}
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({'w': jnp.ones(4)}, state, params)
+    >>> int((updates['w'] != 0).sum())  # h holds one block of d / ratio so far
+    2
+  """
+  _check_compressor(compressor)
+  mu = check_momentum(momentum)
+  wd = compress_lib.as_real_scalar(weight_decay, 'weight_decay', 'a number >= 0')
+  if not wd >= 0:
+    raise ValueError(f'weight_decay must be >= 0, got {weight_decay!r}')
+
+  # h is kept per worker, like everything in a transform's state: the
+  # program stacks each worker's state on a leading K axis, and a transform
+  # has no other place for state. The K copies stay bitwise equal (each adds
+  # the same all-reduced block values), as the K copies of x do; keeping one
+  # copy would make part of the optimizer state replicated, a layout of its
+  # own for one method, to save one d-vector per worker (the size of v_k).
+  # Not keeping h at all (h = mean_k h_k) would cost a full all-reduce.
+  def init_fn(params):
+    compress_lib.check_float_leaves(params)
+    zeros = optax.tree.zeros_like(params)
+    return EF21State(
+        momentum=zeros if mu else optax.EmptyState(),
+        estimate=zeros,
+        shared_estimate=zeros,
+        count=jnp.zeros([], jnp.int32),
+        compressor_state=compressor.init(params),
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args  # accepted, as in optax.chain, and unused
+    if wd and params is None:
+      raise ValueError('ef21 with weight_decay needs params (x): call'
+                       ' update(grads, state, params)')
+    # In optax's order (add_decayed_weights, then trace), so that with C =
+    # identity the momentum is computed as optax.sgd's.
+    v = jax.tree.map(lambda g, x: g + wd * x, updates, params) if wd else updates
+    if mu:
+      v = jax.tree.map(lambda g, t: g + mu * t, v, state.momentum)
+    diff = optax.tree.sub(v, state.estimate)
+    mean_c, residual, compressor_state = compressor.aggregate(
+        diff, state.compressor_state, axis_name)
+    # C(diff) = diff - (diff - C(diff)): exact for a projection (RBGS,
+    # Random-K, Top-K, identity), whose residual is diff or 0 per value.
+    c = optax.tree.sub(diff, residual)
+    shared = optax.tree.add(state.shared_estimate, mean_c)
+    eta = learning_rate(state.count) if callable(learning_rate) else learning_rate
+    new_updates = jax.tree.map(lambda h: jnp.asarray(-eta, h.dtype) * h, shared)
+    return new_updates, EF21State(
+        momentum=v if mu else state.momentum,
+        estimate=optax.tree.add(state.estimate, c),
+        shared_estimate=shared,
+        count=optax.safe_increment(state.count),
+        compressor_state=compressor_state,
+    )
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 class DataParallelState(NamedTuple):

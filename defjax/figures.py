@@ -25,7 +25,8 @@ from defjax import methods
 from defjax import results as results_lib
 
 COLORS = {'SGD': 'black', 'EF': 'tab:red', 'SAEF': 'tab:orange',
-          'PSync': 'tab:purple', 'DEF': 'tab:blue', 'DEF-A': 'tab:green'}
+          'PSync': 'tab:purple', 'DEF': 'tab:blue', 'DEF-A': 'tab:green',
+          'EF21-SGDM': 'tab:brown', 'EF21': 'tab:pink'}
 
 
 def _pyplot():

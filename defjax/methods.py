@@ -2,9 +2,10 @@
 
 The trainer builds a method from its row, the sweep lists the known names,
 the report labels and orders its columns by it, and the benchmarks take their
-lam from it. Every method except SGD is one of two recursions (paper
-Algorithm 1, ``defjax.feedback``): error feedback at the detached point
-x - lam e_k (EF: lam 0, DEF/DEF-A: lam in [0, 1], SAEF: lam 1), or PSync.
+lam from it. Every method of the paper except SGD is one of two recursions
+(paper Algorithm 1, ``defjax.feedback``): error feedback at the detached
+point x - lam e_k (EF: lam 0, DEF/DEF-A: lam in [0, 1], SAEF: lam 1), or
+PSync. EF21 and EF21-SGDM, for comparison, are ``defjax.ef21``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ class Method(NamedTuple):
       PSync the same formula is mean_k x_k) rather than x.
     x_label: the label of the result read from x in the same run, when the
       reported model is y (a DEF run also yields DEF-A), else None.
+    transform: the ``defjax.feedback`` transform that runs it when it
+      compresses: 'error_feedback', 'psync' or 'ef21'.
+    momentum: the momentum mu the method fixes; None = ``optim.momentum``.
   """
 
   name: str
@@ -32,17 +36,25 @@ class Method(NamedTuple):
   lam: Optional[float]
   averaged_output: bool
   x_label: Optional[str] = None
+  transform: str = 'error_feedback'
+  momentum: Optional[float] = None
 
 
-# In the paper's column order (Table 1).
+# In the paper's column order (Table 1), then the methods it does not tabulate.
+# EF21 takes its gradient at x: lam 0.
 TABLE = (
     Method('sgd', 'SGD', compresses=False, lam=None, averaged_output=False),
     Method('ef', 'EF', compresses=True, lam=0.0, averaged_output=False),
     Method('saef', 'SAEF', compresses=True, lam=1.0, averaged_output=False),
-    Method('psync', 'PSync', compresses=True, lam=1.0, averaged_output=True),
+    Method('psync', 'PSync', compresses=True, lam=1.0, averaged_output=True,
+           transform='psync'),
     Method('def', 'DEF', compresses=True, lam=None, averaged_output=True,
            x_label='DEF-A'),
     Method('def_a', 'DEF-A', compresses=True, lam=None, averaged_output=False),
+    Method('ef21_sgdm', 'EF21-SGDM', compresses=True, lam=0.0, averaged_output=False,
+           transform='ef21'),
+    Method('ef21', 'EF21', compresses=True, lam=0.0, averaged_output=False,
+           transform='ef21', momentum=0.0),
 )
 BY_NAME = {m.name: m for m in TABLE}
 NAMES = tuple(BY_NAME)
@@ -65,3 +77,9 @@ def resolved_lam(name: str, lam: float) -> float:
   """The lam ``name`` runs with: its own, or ``lam`` for DEF and DEF-A."""
   fixed = get(name).lam
   return float(lam) if fixed is None else fixed
+
+
+def resolved_momentum(name: str, momentum: float) -> float:
+  """The momentum ``name`` runs with: ``momentum``, or 0 for plain EF21."""
+  fixed = get(name).momentum
+  return float(momentum) if fixed is None else fixed

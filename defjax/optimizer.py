@@ -2,7 +2,8 @@
 
 The local optimizer is the paper's (momentum SGD with weight decay); the
 method's row in ``defjax.methods`` decides what wraps it: the dense
-all-reduce (SGD), PSync, or error feedback at lam with RBGS.
+all-reduce (SGD), PSync, or error feedback at lam with RBGS. EF21 takes the
+same lr schedule, momentum and weight decay as its own arguments.
 """
 
 from __future__ import annotations
@@ -16,19 +17,55 @@ from defjax import feedback
 from defjax import methods
 
 
+def decay_steps(optim, *, steps_per_epoch: int, total_steps: int) -> list[int]:
+  """The steps at which the 'step' schedule divides the lr by 10, in order.
+
+  With ``optim.decay_whole_epochs``, decay f comes at the start of epoch
+  int(f * E), as the authors' code does; step int(f * T) differs from that
+  whenever f * E is not a whole number (E = 6: epochs 3 and 4, steps 3 and
+  4.5 epochs in). Their rule was written for 200-epoch runs: in a run shorter
+  than 1 / f epochs, epoch int(f * E) is 0 and the decay would come before
+  the first step (400 steps of the quick start trained at lr / 100
+  throughout), and for 2 <= E < 8/3 both decays would fall on epoch 1. So a
+  decay keeps its whole epoch only where that epoch is after step 0 and
+  after the previous decay's; elsewhere, and without decay_whole_epochs, it
+  comes at step int(f * T). Decays that still land on one step (a run of a
+  few steps) compound.
+  """
+  epochs = total_steps / steps_per_epoch
+  steps, last_epoch = [], 0
+  for f in sorted(optim.decay_at):
+    epoch = int(f * epochs)
+    if optim.decay_whole_epochs and epoch > last_epoch:
+      steps.append(epoch * steps_per_epoch)
+      last_epoch = epoch
+    else:
+      steps.append(int(f * total_steps))
+  return steps
+
+
 def learning_rate_schedule(optim, *, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
-  """``optim.schedule`` ('step' or 'cosine') after ``optim.warmup_epochs``."""
+  """``optim.schedule`` ('step' or 'cosine') after ``optim.warmup_epochs``.
+
+  Raises:
+    ValueError: if the warm-up does not end before the run does, or before
+      the first decay of the 'step' schedule (the decays due during the
+      warm-up would all come at its end).
+  """
   warmup = int(round(optim.warmup_epochs * steps_per_epoch))
+  decays = ([] if optim.schedule == 'cosine' else
+            decay_steps(optim, steps_per_epoch=steps_per_epoch, total_steps=total_steps))
+  end = min([total_steps] + decays)
+  if warmup and warmup >= end:
+    raise ValueError(
+        f'optim.warmup_epochs={optim.warmup_epochs:g} is {warmup} steps, not shorter than'
+        f' the {end} steps before the {"end of the run" if end == total_steps else "first lr decay"}'
+        f' ({total_steps} steps, {steps_per_epoch} per epoch): shorten the warm-up')
   if optim.schedule == 'cosine':
     main = optax.cosine_decay_schedule(optim.lr, max(1, total_steps - warmup))
   else:
     boundaries = {}
-    epochs = total_steps / steps_per_epoch
-    for f in optim.decay_at:  # decays that land on one step (short runs) compound
-      # The authors decay at the start of epoch int(f * E); step int(f * T)
-      # differs from that whenever f * E is not a whole number (E = 6: 3, 4.5).
-      at = (int(f * epochs) * steps_per_epoch if optim.decay_whole_epochs
-            else int(f * total_steps))
+    for at in decays:
       b = at - warmup
       boundaries[b] = boundaries.get(b, 1.0) * 0.1
     main = optax.piecewise_constant_schedule(optim.lr, boundaries)
@@ -78,7 +115,11 @@ def build(optim, *, schedule, axis_name, seed: int = 0, rbgs: Optional[RBGS] = N
   c = compressor(optim, seed=seed, rbgs=rbgs)
   if c is None:
     return feedback.data_parallel(inner, axis_name=axis_name), None
-  if method.name == 'psync':
+  if method.transform == 'psync':
     return feedback.psync(inner, c, axis_name=axis_name), c
+  if method.transform == 'ef21':
+    momentum = methods.resolved_momentum(method.name, optim.momentum)
+    return feedback.ef21(schedule, c, momentum=momentum, weight_decay=optim.weight_decay,
+                         axis_name=axis_name), c
   lam = methods.resolved_lam(method.name, optim.lam)
   return feedback.error_feedback(inner, c, lam=lam, axis_name=axis_name), c

@@ -103,11 +103,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log=p
   total_steps = runfiles.total_steps(
       config.num_train_steps, config.num_epochs, steps_per_epoch)
   eval_every = config.eval_every_steps or steps_per_epoch
+  try:  # a warm-up that outlasts the run: known only now that the data is open
+    schedule = optimizer.learning_rate_schedule(
+        o, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
   model = models_lib.get_model(config.model, info.num_classes)
   params, batch_stats = workers.init_variables(model, config, train.image_shape)
-  schedule = optimizer.learning_rate_schedule(
-      o, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
   tx, compressor = optimizer.build(o, schedule=schedule, axis_name=layout.axis_name,
                                    seed=config.seed, rbgs=workers.rbgs)
   opt_state = workers.init_state(tx, params)

@@ -14,7 +14,7 @@ PY=${PY:-.venv/bin/python}
 # (pinned at one commit while the first one is edited) run the queue.
 R=${RESULTS:-results}
 sweep() { "$PY" -m defjax.sweep "$@"; }
-# Sections 1-8 and 11 predate per-leaf blocks, whole-epoch decays and the
+# Sections 1-8 and 12 predate per-leaf blocks, whole-epoch decays and the
 # authors' VGG classifier as defaults (2026-11-29) and pin what they ran with
 # (their summaries say model 'vgg16_slim': the one-Linear VGG now called
 # 'vgg16_slim_linear').
@@ -98,7 +98,12 @@ sweep "${CL[@]}" --out "$C"/runs_ef_lr0.01 --methods ef --ratios 256 --seeds 0 \
 sweep "${CL[@]}" --out "$C"/runs --methods sgd,def --ratios 256 --lams 0.3 --seeds 1
 sweep "${CL[@]}" --out "$C"/runs --methods def --ratios 1024,64 --lams 0.3 --seeds 0
 sweep "${CL[@]}" --out "$C"/runs --methods saef --ratios 256 --seeds 0
-# 11. More seeds where time allows.
+# 11. EF21-SGDM (defjax.ef21, momentum 0.9, the config's lr 0.05 as SGD's) in
+#    both long horizons at ratio 256: the paper reports that EF21 with RBGS
+#    "does not converge" on its tasks; EF21-SGDM is its momentum version.
+sweep "${LONG[@]}" --out "$L"/runs --methods ef21_sgdm --ratios 256 --seeds 0,1
+sweep "${CL[@]}" --out "$C"/runs --methods ef21_sgdm --ratios 256 --seeds 0
+# 12. More seeds where time allows.
 sweep "${C10[@]}" --out "$R"/cifar10/runs --methods sgd,ef,def,saef,psync --ratios 64,256 \
   --seeds 0,1
 echo 'queue finished'

@@ -5,6 +5,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -230,6 +231,20 @@ def test_nan_in_one_worker_is_divergence_and_spares_checkpoints(tiny_folder, tmp
   assert summary['status'] == 'diverged' and summary['diverged_at_step'] == bad_step + 1
   mngr = ckpt.manager(str(tmp_path / 'checkpoints'), max_to_keep=2)
   assert mngr.all_steps() == [4]  # the good one, nothing written after the NaN
+def test_ef21_state_resumes_bitwise(tiny_folder, tmp_path):
+  """EF21-SGDM's state (v_k, h_k, h, its count) is all a resume needs: from
+  the step-3 checkpoint the run ends on the uninterrupted run's bits."""
+  config = tiny_config(tiny_folder, checkpoint_every_steps=3, **{'optim.method': 'ef21_sgdm'})
+  whole = trainer.train_and_evaluate(config, str(tmp_path / 'whole'), log=lambda *_: None)
+  shutil.copytree(tmp_path / 'whole' / 'checkpoints' / '3',
+                  tmp_path / 'resumed' / 'checkpoints' / '3')
+  logs = []
+  resumed = trainer.train_and_evaluate(config, str(tmp_path / 'resumed'), log=logs.append)
+  assert 'resuming from the checkpoint at step 3' in logs
+  for key in ('params_sha256', 'final_train_loss', 'final_test_accuracy', 'bytes_sent'):
+    assert resumed[key] == whole[key], key
+
+
 @pytest.mark.parametrize('new', [4, 16, 3])
 def test_reshard_keeps_the_mean_error(new):
   rng = np.random.default_rng(0)

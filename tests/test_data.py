@@ -165,6 +165,21 @@ def test_missing_tfds_data_says_how_to_prepare_it(tmp_path):
   assert error.value.__suppress_context__
 
 
+def test_unprepared_tfds_data_dir_is_the_same_one_line(tmp_path, monkeypatch, caplog):
+  """Found through an empty TFDS_DATA_DIR, TFDS raises a KeyError ("`splits`
+  is empty") after a warning: one FileNotFoundError line instead, naming the
+  build command and the image_folder way."""
+  monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path))
+  with pytest.raises(FileNotFoundError) as error:
+    data.load('cifar10', None, split='train')
+  message = str(error.value)
+  assert message.startswith(f'cifar10 is not prepared as array_record in {tmp_path}')
+  assert f'`tfds build cifar10 --file_format=array_record --data_dir={tmp_path}`' in message
+  assert '--config.dataset=image_folder --config.data_dir=PATH' in message
+  assert '\n' not in message and error.value.__suppress_context__
+  assert not [r for r in caplog.records if 'dataset_info' in r.getMessage()]
+
+
 def test_missing_image_folder(tmp_path):
   with pytest.raises(FileNotFoundError, match='config.data_dir'):
     data.load('image_folder', None, split='train')

@@ -224,9 +224,16 @@ def test_eval_point_and_average_for_plain_optimizers():
   assert defjax.averaged_params(params, state) is params
 
 
-def test_state_types_unchanged_and_no_recompilation():
+@pytest.mark.parametrize('make_tx, count', [
+    (lambda: defjax.error_feedback(momentum_sgd(), defjax.rbgs(16), lam=0.3),
+     lambda state: state.compressor_state.count),
+    # EF21-SGDM in a chain, its schedule counted by its own step count.
+    (lambda: optax.chain(optax.clip_by_global_norm(1.0), defjax.ef21(
+        optax.linear_schedule(0.1, 0.0, 10), defjax.rbgs(16))), lambda state: state[1].count),
+])
+def test_state_types_unchanged_and_no_recompilation(make_tx, count):
   params = mlp_params()
-  tx = defjax.error_feedback(momentum_sgd(), defjax.rbgs(16), lam=0.3)
+  tx = make_tx()
   state = tx.init(params)
   update = jax.jit(tx.update)
   types = jax.tree.map(jax.typeof, state)
@@ -235,7 +242,7 @@ def test_state_types_unchanged_and_no_recompilation():
     _, state = update(g, state, params)
     assert jax.tree.map(jax.typeof, state) == types
   assert update._cache_size() == 1
-  assert int(state.compressor_state.count) == 4
+  assert int(count(state)) == 4
 
 
 @pytest.mark.parametrize('lam', [-0.1, 1.01, float('nan'), 'a', '0.3', True, np.array([0.3])])

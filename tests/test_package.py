@@ -30,12 +30,19 @@ def test_library_imports_no_program_dependency():
 
 
 def test_method_table():
-  """One row per method in the paper's column order; the lam each runs with."""
-  assert methods.LABELS == ('SGD', 'EF', 'SAEF', 'PSync', 'DEF', 'DEF-A')
+  """One row per method in the paper's column order, then EF21-SGDM and EF21;
+  the lam and momentum each runs with, and the transform that runs it."""
+  assert methods.LABELS == ('SGD', 'EF', 'SAEF', 'PSync', 'DEF', 'DEF-A', 'EF21-SGDM', 'EF21')
   assert [m.name for m in methods.TABLE if not m.compresses] == ['sgd']
   assert methods.LAM_NAMES == ('def', 'def_a')
   assert {m.name: methods.resolved_lam(m.name, 0.6) for m in methods.TABLE} == {
-      'sgd': 0.6, 'ef': 0.0, 'saef': 1.0, 'psync': 1.0, 'def': 0.6, 'def_a': 0.6}
+      'sgd': 0.6, 'ef': 0.0, 'saef': 1.0, 'psync': 1.0, 'def': 0.6, 'def_a': 0.6,
+      'ef21_sgdm': 0.0, 'ef21': 0.0}
+  assert {m.name: methods.resolved_momentum(m.name, 0.9) for m in methods.TABLE
+          if m.momentum is not None} == {'ef21': 0.0}
+  assert methods.resolved_momentum('ef21_sgdm', 0.9) == 0.9
+  assert {m.name: m.transform for m in methods.TABLE if m.transform != 'error_feedback'} == {
+      'psync': 'psync', 'ef21_sgdm': 'ef21', 'ef21': 'ef21'}
   assert [(m.label, m.x_label) for m in methods.TABLE if m.x_label] == [('DEF', 'DEF-A')]
   with pytest.raises(ValueError, match='unknown method .adam.; choose one of sgd'):
     methods.get('adam')

@@ -32,7 +32,7 @@ PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 def fake_accuracy(method, ratio, lam, seed, x):
   """The fake final test accuracy (a fraction) of one run."""
   base = {'sgd': 0.90, 'ef': 0.85, 'saef': 0.84, 'psync': 0.83,
-          'def': 0.89, 'def_a': 0.891}[method]
+          'def': 0.89, 'def_a': 0.891, 'ef21_sgdm': 0.87, 'ef21': 0.5}[method]
   if method == 'def' and x:  # DEF-A's model x of a def run
     base += 0.001
   ratio_cost = 0.0 if method == 'sgd' else 0.004 * math.log2(ratio)
@@ -587,6 +587,31 @@ def test_readme_results_tables_are_the_generated_ones():
       missing.append((folder.name, row))
   assert checked, 'no result tables in the README'
   assert not missing, missing
+
+
+def test_ef21_runs_are_named_grouped_and_reported(fake, tmp_path):
+  """ef21_sgdm and ef21 runs: not repeated over --lams (their gradient is
+  taken at x), read back from their names, and two columns after the
+  paper's in Table 1 and the figures."""
+  out = tmp_path / 'sweep'
+  assert run_sweep(fake, out, '--methods', 'sgd,ef21_sgdm,ef21,def', '--ratios', '256',
+                   '--seeds', '0', '--lams', '0.3,0.6') == 0
+  assert sorted(launches(fake[1])) == [
+      'def-r256-lam0.3-s0', 'def-r256-lam0.6-s0', 'ef21-r256-s0', 'ef21_sgdm-r256-s0',
+      'sgd-r1-s0']
+  for name in ('ef21_sgdm-r256-s0', 'ef21-r256-s0'):  # a run without summary: by its name
+    (tmp_path / 'named' / name).mkdir(parents=True)
+    shutil.copy(out / name / 'metrics.jsonl', tmp_path / 'named' / name)
+  assert sorted((r.method, r.ratio, r.lam, r.status) for r in results.collect(
+      [tmp_path / 'named']).runs) == [('ef21', 256, None, 'unfinished'),
+                                      ('ef21_sgdm', 256, None, 'unfinished')]
+  summary = report.write_report([out], tmp_path / 'report')
+  table = (tmp_path / 'report' / 'table1.md').read_text().splitlines()
+  assert table[0] == '| ratio | SGD | DEF | DEF-A | EF21-SGDM | EF21 |'
+  for label, method in (('EF21-SGDM', 'ef21_sgdm'), ('EF21', 'ef21')):
+    text = f'{100 * fake_accuracy(method, 256, 0.3, 0, False):.2f} (n=1)'
+    assert summary['table1'][label][256]['text'] == text
+  assert (tmp_path / 'report' / 'fig1_256.png').read_bytes()[:8] == PNG_MAGIC
 
 
 def test_gap_report_is_sgd_minus_method_against_sends_per_value(fake, tmp_path):

@@ -94,6 +94,10 @@ def test_every_method_trains_and_evaluates(method, tiny_folder, tmp_path):
     assert 'error' not in saved['opt_state']
     assert summary['params_sha256'] == x_hash
     return
+  if methods.get(method).transform == 'ef21':
+    _check_ef21_state(saved['opt_state'], momentum=method == 'ef21_sgdm')
+    assert summary['params_sha256'] == x_hash
+    return
   error = saved['opt_state']['error']
   expected_lam = {'ef': 0.0, 'def': 0.3, 'def_a': 0.3, 'saef': 1.0, 'psync': 1.0}[method]
   if 'lam' in saved['opt_state']:
@@ -107,6 +111,18 @@ def test_every_method_trains_and_evaluates(method, tiny_folder, tmp_path):
     assert summary['params_sha256'] != x_hash
   else:
     assert summary['params_sha256'] == x_hash
+
+
+def _check_ef21_state(opt_state, *, momentum):
+  """EF21's saved state: h the same on all 8 workers and mean_k h_k, the
+  estimates per worker, v_k only with momentum, 6 steps counted."""
+  h, h_k = opt_state['shared_estimate'], opt_state['estimate']
+  for a, b in zip(jax.tree.leaves(h), jax.tree.leaves(h_k)):
+    assert a.shape[0] == 8 and (a == a[0]).all()
+    np.testing.assert_allclose(a[0], b.mean(0), rtol=1e-5, atol=1e-7)
+  assert any(not np.allclose(b[0], b[1]) for b in jax.tree.leaves(h_k))
+  assert bool(jax.tree.leaves(opt_state.get('momentum'))) == momentum
+  np.testing.assert_array_equal(opt_state['count'], np.full(8, 6))
 
 
 def test_runs_are_deterministic_seeded_and_steps_per_dispatch_only_rounds(
@@ -206,6 +222,10 @@ def test_divergence_is_a_result(tiny_folder, tmp_path):
     ({'optim.weight_decay': -1e-4}, 'optim.weight_decay must be a number >= 0'),
     ({'optim.warmup_epochs': -1.0}, 'optim.warmup_epochs must be a number >= 0'),
     ({'optim.dense_warmup_steps': -1}, 'optim.dense_warmup_steps must be an integer >= 0'),
+    ({'eval_every_steps': -3}, 'eval_every_steps must be an integer >= 0'),
+    ({'checkpoint_every_steps': -1}, 'checkpoint_every_steps must be an integer >= 0'),
+    ({'max_to_keep': 0}, 'max_to_keep must be a positive integer'),
+    ({'optim.warmup_epochs': 1.0}, 'warmup_epochs=1 is 3 steps, not shorter than the 3 steps'),
 ])
 def test_bad_config_errors(overrides, message, tiny_folder, tmp_path):
   with pytest.raises(trainer.ConfigError, match=message):
@@ -302,6 +322,43 @@ def test_learning_rate_schedule_boundaries():
   assert lr(s, 100) == pytest.approx(0.0, abs=1e-9)
 
 
+@pytest.mark.parametrize('total_steps, decays', [
+    (400, [200, 300]),  # issue 28: whole epochs put both at step 0 (lr / 100 throughout)
+    (702, [351, 468]),  # 1.5 epochs: the first has no whole epoch, the second does
+    (1000, [468, 750]),  # 2.1 epochs: both fell on epoch 1; the second moves to 75%
+    (1404, [468, 936]),  # the quick start (3 epochs): whole epochs, as committed
+    (25740, [12636, 19188]),  # the long horizon (55 epochs): epochs 27 and 41
+])
+def test_short_runs_decay_within_the_run(total_steps, decays):
+  """With whole-epoch decays (the default) a decay keeps its epoch only where
+  that epoch is after step 0 and after the previous decay's; otherwise it
+  comes at step int(f T), so a short run trains at lr before its first decay."""
+  optim = default.get_config().optim
+  assert optim.decay_whole_epochs
+  assert optimizer.decay_steps(optim, steps_per_epoch=468, total_steps=total_steps) == decays
+  s = optimizer.learning_rate_schedule(optim, steps_per_epoch=468, total_steps=total_steps)
+  for t, want in [(0, 0.05), (decays[0] - 1, 0.05), (decays[0], 0.005),
+                  (decays[1] - 1, 0.005), (decays[1], 0.0005), (total_steps - 1, 0.0005)]:
+    assert float(s(t)) == pytest.approx(want, rel=1e-6), t
+
+
+def test_warmup_must_end_before_the_first_decay_and_the_run():
+  optim = default.get_config().optim
+  optim.warmup_epochs = 1.0
+  s = optimizer.learning_rate_schedule(optim, steps_per_epoch=100, total_steps=400)
+  assert [float(s(t)) for t in (50, 100, 200, 300)] == pytest.approx(
+      [0.025, 0.05, 0.005, 0.0005], rel=1e-6)
+  with pytest.raises(ValueError, match='100 steps, not shorter than the 100 steps before the'
+                     ' first lr decay'):  # 3 epochs: the decay right at the warm-up's end
+    optimizer.learning_rate_schedule(optim, steps_per_epoch=100, total_steps=300)
+  with pytest.raises(ValueError, match='468 steps, not shorter than the 200 steps before the'
+                     ' first lr decay'):
+    optimizer.learning_rate_schedule(optim, steps_per_epoch=468, total_steps=400)
+  optim.schedule = 'cosine'
+  with pytest.raises(ValueError, match='not shorter than the 400 steps before the end of the run'):
+    optimizer.learning_rate_schedule(optim, steps_per_epoch=468, total_steps=400)
+
+
 def test_resolved_lam_and_output_model():
   """EF detaches nothing (lam 0), SAEF and PSync fully (1), DEF and DEF-A use
   optim.lam; DEF and PSync output the average y, the rest x."""
@@ -352,6 +409,18 @@ def test_cli_bad_input_is_one_line(tmp_path, tiny_folder):
   assert 'apt-get install dataset-fashion-mnist' in proc.stderr
 
 
+def test_cli_unprepared_tfds_data_is_one_line(tmp_path):
+  """A paper config on a machine where TFDS has not built cifar10."""
+  (tmp_path / 'tfds').mkdir()
+  proc = _train_py(tmp_path, '--config', 'configs/cifar10_vgg16.py', '--workdir',
+                   str(tmp_path / 'x'), env={'TFDS_DATA_DIR': str(tmp_path / 'tfds')})
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  [line] = proc.stderr.strip().splitlines()
+  assert line.startswith('error: cifar10 is not prepared as array_record')
+  assert 'tfds build cifar10 --file_format=array_record' in line
+  assert '--config.dataset=image_folder' in line
+
+
 def test_cli_divergence_exit_code(tmp_path, tiny_folder):
   proc = _train_py(tmp_path, '--config', 'configs/fashion_mnist.py', '--workdir',
                    str(tmp_path / 'd'), f'--config.data_dir={tiny_folder}',
@@ -400,7 +469,16 @@ def test_block_sequence_follows_the_seed_unless_pinned(seed, block_seed, expecte
     p[:-3] for p in os.listdir(os.path.join(REPO, 'configs'))
     if p.endswith('.py') and p != '__init__.py'))
 def test_every_shipped_config_is_valid(name):
-  """Each file in configs/ loads and passes the checks run before any compute."""
+  """Each file in configs/ loads and passes the checks run before any compute;
+  at its full length it decays at the start of epochs int(f E), the authors'
+  rule (the short-run exception never applies to a shipped config)."""
   import importlib
   config = importlib.import_module(f'configs.{name}').get_config()
   validation.validate(config)
+  train_size = {'fashion_mnist': 60000, 'cifar10': 50000, 'cifar100': 50000,
+                'imagenet2012': 1281167}[config.dataset]
+  per_epoch = train_size // (config.num_workers * config.batch_size)
+  total = runfiles.total_steps(config.num_train_steps, config.num_epochs, per_epoch)
+  assert config.optim.decay_whole_epochs
+  assert optimizer.decay_steps(config.optim, steps_per_epoch=per_epoch, total_steps=total) == [
+      int(f * config.num_epochs) * per_epoch for f in config.optim.decay_at]

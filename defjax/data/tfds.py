@@ -6,6 +6,7 @@ import os
 import pathlib
 from typing import Any, Mapping
 
+from absl import logging as absl_logging
 import numpy as np
 
 from defjax.data import cache
@@ -26,14 +27,19 @@ def source(name: str, data_dir: str | None, split: str):
   tfds_split = (
       'validation' if name == 'imagenet2012' and split == 'test' else split
   )
+  verbosity = absl_logging.get_verbosity()
+  # Unprepared data also makes TFDS warn that a folder "has no
+  # dataset_info.json", a second line before the one error below says.
+  absl_logging.set_verbosity(absl_logging.ERROR)
   try:
     # download=False: preparing needs TensorFlow and, for ImageNet, a manual
     # download; a training run should fail fast instead.
     return tfds.data_source(
         name, split=tfds_split, data_dir=data_dir, download=False
     )
-  except (NotImplementedError, FileNotFoundError):
-    # TFDS reports unprepared data as "random access ... not supported".
+  except (NotImplementedError, FileNotFoundError, KeyError):
+    # TFDS reports unprepared data as "random access ... not supported", or,
+    # found through TFDS_DATA_DIR, as a KeyError: "`splits` is empty".
     where = (
         data_dir or os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets'
     )
@@ -42,12 +48,21 @@ def source(name: str, data_dir: str | None, split: str):
         if name == 'imagenet2012'
         else ''
     )
+    folder = (
+        ''
+        if name == 'imagenet2012'
+        else ', or train from JPEGs with --config.dataset=image_folder'
+        ' --config.data_dir=PATH (a folder or .tar of train/<class>/* and'
+        ' test/<class>/*)'
+    )
     raise FileNotFoundError(
         f'{name} is not prepared as array_record in {where}: run `pip install'
         f" 'defjax[tfds]'` then `tfds build {name} --file_format=array_record"
         f' --data_dir={where}`{manual}, or set config.data_dir to a TFDS data'
-        ' directory that has it'
+        f' directory that has it{folder}'
     ) from None
+  finally:
+    absl_logging.set_verbosity(verbosity)
 
 
 def example_image(example: Mapping[str, Any]) -> np.ndarray:
