@@ -39,13 +39,18 @@ def _name(path: pathlib.Path) -> str:
   return str(path.relative_to(ROOT))
 
 
+def run_blocks(path: pathlib.Path) -> dict:
+  """Runs a page's Python blocks in order; returns the namespace they leave."""
+  namespace = {'__name__': f'docs:{path.name}'}
+  for i, code in enumerate(blocks(path, ('python',))):
+    exec(compile(code, f'{path} (python block {i + 1})', 'exec'), namespace)
+  return namespace
+
+
 @functools.lru_cache(maxsize=None)
 def run_page(name: str) -> dict:
-  """Runs a page's Python blocks in order; returns the namespace they leave."""
-  namespace = {'__name__': f'docs:{name}'}
-  for i, code in enumerate(blocks(ROOT / name, ('python',))):
-    exec(compile(code, f'{name} (python block {i + 1})', 'exec'), namespace)
-  return namespace
+  """``run_blocks`` of a page of this checkout, once per test process."""
+  return run_blocks(ROOT / name)
 
 
 PYTHON_PAGES = [_name(p) for p in PAGES if blocks(p, ('python',))]
@@ -146,7 +151,7 @@ def test_shell_blocks_name_what_exists(name):
   assert not bad, f'{name} names what does not exist: {bad}'
 
 
-def test_the_checks_can_fail():
+def test_the_checks_can_fail(tmp_path):
   assert problems('make no-such-target') == ["make target 'no-such-target'"]
   assert problems('python train.py --config configs/nope.py') == ["config 'configs/nope.py'"]
   assert problems('python train.py --config configs/fashion_mnist.py \\\n'
@@ -155,6 +160,7 @@ def test_the_checks_can_fail():
   assert problems('python -m defjax.no_such_module') == ["module 'defjax.no_such_module'"]
   assert problems('make train && python -m defjax.main --config configs/fashion_mnist.py'
                   ' --config.optim.ratio=16') == []
+  page = tmp_path / 'page.md'
+  page.write_text('Text.\n\n```python\nx = 2\n```\n\n  ```python\n  y = 1 / (x - 2)\n  ```\n')
   with pytest.raises(ZeroDivisionError):
-    run_page.__wrapped__  # noqa: B018  (the cache keeps a page's first run)
-    exec(compile('1 / 0', 'x', 'exec'), {})
+    run_blocks(page)
