@@ -8,7 +8,7 @@ FMNIST := $(FMNIST_DIR)/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 WORKDIR ?= runs/quickstart
 
-.PHONY: install malloc data test train bench bench-link bench-gpu clean
+.PHONY: install malloc data test train docs bench bench-link bench-gpu clean
 
 install: $(STAMP) malloc
 
@@ -60,6 +60,15 @@ PYTEST_WORKERS ?= 2
 test: install data
 	$(PRELOAD) $(PY) -m pytest -q -n $(PYTEST_WORKERS) --max-worker-restart=4 --durations=15
 
+# The documentation site, warnings as errors: docs/_build/html/index.html.
+DOCS_STAMP := $(VENV)/.docs-installed
+$(DOCS_STAMP): $(STAMP)
+	$(VENV)/bin/pip install -q -e '.[docs]'
+	touch $@
+
+docs: $(DOCS_STAMP)
+	$(VENV)/bin/sphinx-build -W --keep-going -q -b html docs docs/_build/html
+
 train: install data
 	$(PRELOAD) $(PY) train.py --config configs/fashion_mnist.py --workdir $(WORKDIR)
 
@@ -88,4 +97,4 @@ bench-gpu: install
 	$(PY) -m bench.gpu
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .cache
+	rm -rf $(VENV) runs .pytest_cache .cache docs/_build
