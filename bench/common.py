@@ -35,9 +35,10 @@ import optax  # noqa: E402
 
 import defjax  # noqa: E402
 from defjax import methods  # noqa: E402
-from defjax import parallel  # noqa: E402
+from defjax import xla_cpu  # noqa: E402
+from defjax.layouts import data_parallel  # noqa: E402
 
-parallel.tolerate_slow_cpu_devices()
+xla_cpu.tolerate_slow_cpu_devices()
 from defjax.models import get_model  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / 'results'
@@ -117,7 +118,7 @@ class Setup:
       shape = input_shape
     self.name = model_name
     self.model = model
-    self.layout = parallel.make_layout(num_workers) if layout is None else layout
+    self.layout = data_parallel.make_layout(num_workers) if layout is None else layout
     self.batch = batch
     self.input_shape = shape
     self.classes = classes
@@ -182,8 +183,8 @@ class Setup:
     return out
 
   def step(self, tx, donate: bool = True, check_collectives: bool = True):
-    return parallel.make_train_step(self.loss_fn, tx, self.layout, sync_model_state=True,
-                                    donate=donate, check_collectives=check_collectives)
+    return self.layout.train_step(self.loss_fn, tx, sync_model_state=True, donate=donate,
+                                  check_collectives=check_collectives)
 
 
 # ------------------------------------------------------------------- timing

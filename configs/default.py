@@ -19,11 +19,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = 'cnn'
   # K, the number of workers. K > devices simulates K / devices per device.
   config.num_workers = 8
-  # M, the devices of one worker (tensor parallelism, defjax.sharded): K
-  # workers of M devices on a ('data', 'model') mesh, the params sharded over
-  # 'model' by the model's nn.with_partitioning specs (mlp_tp has them), one
-  # RBGS block per local shard. 1 = the 1-D layout. M > 1 must divide the
-  # device count and needs K * M <= devices.
+  # M, the devices of one worker (tensor parallelism, defjax.layouts.sharded):
+  # K workers of M devices on a ('data', 'model') mesh, the params sharded
+  # over 'model' by the model's nn.with_partitioning specs (mlp_tp has them),
+  # one RBGS block per local shard. 1 = the 1-D layout
+  # (defjax.layouts.data_parallel). M > 1 must divide the device count and
+  # needs K * M <= devices.
   config.model_axis_size = 1
   # Mini-batch per worker (the global batch is num_workers * batch_size).
   config.batch_size = 16
@@ -46,8 +47,8 @@ def get_config() -> ml_collections.ConfigDict:
   # With more workers than devices (K > devices), how each device computes its
   # workers' gradients: 'vmap' (one batched program; DEF's per-worker eval
   # points make every convolution a grouped one), 'unroll' (a copy of the
-  # model per local worker) or 'auto' (workers.AUTO_LOCAL_GRADIENTS: unroll on
-  # CPU, where bench/local_workers.py measured it far faster than vmap).
+  # model per local worker) or 'auto' (data_parallel.AUTO_LOCAL_GRADIENTS:
+  # unroll on CPU, where bench/local_workers.py measured it far faster).
   config.local_gradients = 'auto'
   # Checkpoint every this many steps (0 = only at the end and on SIGTERM).
   config.checkpoint_every_steps = 0

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from defjax import parallel
+from defjax.layouts import base as layouts_base
 
 # Config fields whose change makes a saved state meaningless for this run, or
 # makes the resumed run a mix of two runs (the run length fixes where the
@@ -214,7 +214,7 @@ def resume(mngr: ocp.CheckpointManager, config, state, *, per_worker: tuple[str,
       key: jax.tree.map(lambda x: jax.ShapeDtypeStruct((saved_k, *x.shape[1:]), x.dtype), v)
       if key in per_worker else v for key, v in state.items()}
   raw = restore_host(mngr, step, saved_shapes)
-  output = parallel.make_averaged_params()  # y = x - mean_k e_k, host arrays in
+  output = layouts_base.stacked_averaged_params()  # y = x - mean_k e_k, host arrays in
   y_before = output(raw['params'], raw['opt_state'])
   for key in per_worker:
     raw[key] = reshard_workers(raw[key], saved_k, k)

@@ -43,9 +43,10 @@ def main(argv):
   config = _CONFIG.value
   import jax  # after flag parsing; backends start on first use
 
-  from defjax import parallel
+  from defjax import layouts
+  from defjax import xla_cpu
 
-  parallel.tolerate_slow_cpu_devices()  # before the backends start
+  xla_cpu.tolerate_slow_cpu_devices()  # before the backends start
 
   if _COORDINATOR.value or _NUM_PROCESSES.value:
     jax.distributed.initialize(
@@ -54,9 +55,9 @@ def main(argv):
         heartbeat_timeout_seconds=_HEARTBEAT.value)
   elif ('xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', '')
         and os.environ.get('JAX_PLATFORMS', 'cpu') == 'cpu' and config.num_workers > 1):
-    # On a CPU-only machine run K real devices (K x M for workers of M
-    # devices) so real collectives run.
-    jax.config.update('jax_num_cpu_devices', config.num_workers * config.model_axis_size)
+    # On a CPU-only machine run a real device per worker (K x M for workers
+    # of M devices) so real collectives run.
+    jax.config.update('jax_num_cpu_devices', layouts.devices_for(config))
 
   from defjax import checkpoint
   from defjax import runfiles

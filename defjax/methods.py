@@ -33,6 +33,10 @@ class Method(NamedTuple):
   averaged_output: bool
   x_label: Optional[str] = None
 
+  def resolved_lam(self, lam: float) -> float:
+    """The lam this method runs with: its own, or ``lam`` (DEF and DEF-A)."""
+    return float(lam) if self.lam is None else self.lam
+
 
 # In the paper's column order (Table 1).
 TABLE = (
@@ -63,5 +67,4 @@ def get(name: str) -> Method:
 
 def resolved_lam(name: str, lam: float) -> float:
   """The lam ``name`` runs with: its own, or ``lam`` for DEF and DEF-A."""
-  fixed = get(name).lam
-  return float(lam) if fixed is None else fixed
+  return get(name).resolved_lam(lam)

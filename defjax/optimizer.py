@@ -7,7 +7,7 @@ all-reduce (SGD), PSync, or error feedback at lam with RBGS.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 import optax
 
@@ -47,38 +47,34 @@ def local_optimizer(optim, schedule) -> optax.GradientTransformation:
   )
 
 
-# rbgs(ratio, key) -> Compressor: RBGS as a layout needs it.
-RBGS = Callable[[float, compress.KeyLike], compress.Compressor]
+# rbgs(ratio, *, key, per_leaf) -> Compressor: RBGS as a layout needs it
+# (``Layout.rbgs`` with the params' specs bound).
+RBGS = Callable[..., compress.Compressor]
 
 
-def compressor(optim, *, seed: int, rbgs: Optional[RBGS] = None
-               ) -> Optional[compress.Compressor]:
-  """RBGS at ``optim.ratio`` (after the dense warm-up), None for SGD.
+def compressor(optim, *, seed: int, rbgs: RBGS = compress.rbgs) -> compress.Compressor:
+  """RBGS at ``optim.ratio`` with ``optim.per_leaf``, after the dense warm-up.
 
   ``seed`` seeds the shared block sequence unless ``optim.block_seed`` is set.
-  ``rbgs`` builds the compressor (e.g. ``sharded.rbgs``'s per-shard blocks);
-  None is ``defjax.rbgs`` with ``optim.per_leaf``.
+  ``rbgs`` builds the compressor: ``defjax.rbgs``, or a layout's
+  (``Layout.rbgs``: per-shard blocks on the sharded layout).
   """
-  if not methods.get(optim.method).compresses:
-    return None
   block_seed = seed if optim.block_seed is None else optim.block_seed
-  if rbgs is None:
-    c = compress.rbgs(optim.ratio, key=block_seed, per_leaf=optim.per_leaf)
-  else:
-    c = rbgs(optim.ratio, block_seed)
+  c = rbgs(optim.ratio, key=block_seed, per_leaf=optim.per_leaf)
   if optim.dense_warmup_steps > 0:
     c = compress.dense_warmup(c, optim.dense_warmup_steps)
   return c
 
 
-def build(optim, *, schedule, axis_name, seed: int = 0, rbgs: Optional[RBGS] = None):
-  """The per-worker transform of ``optim.method`` and its compressor (or None)."""
+def build(optim, *, schedule, axis_name, seed: int = 0, rbgs: RBGS = compress.rbgs):
+  """The per-worker transform of ``optim.method`` and its compressor (None
+  for the dense all-reduce)."""
   method = methods.get(optim.method)
   inner = local_optimizer(optim, schedule)
-  c = compressor(optim, seed=seed, rbgs=rbgs)
-  if c is None:
+  if not method.compresses:
     return feedback.data_parallel(inner, axis_name=axis_name), None
+  c = compressor(optim, seed=seed, rbgs=rbgs)
   if method.name == 'psync':
     return feedback.psync(inner, c, axis_name=axis_name), c
-  lam = methods.resolved_lam(method.name, optim.lam)
+  lam = method.resolved_lam(optim.lam)
   return feedback.error_feedback(inner, c, lam=lam, axis_name=axis_name), c

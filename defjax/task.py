@@ -18,20 +18,18 @@ import numpy as np
 import optax
 
 from defjax import data as data_lib
-from defjax import parallel
+from defjax import layouts
 
 
-def initializer(model, config, image_shape, layout: parallel.WorkerLayout,
-                param_shardings=None):
+def initializer(model, config, image_shape, layout: layouts.Layout):
   """``(init, args, specs)``: ``init(*args)`` returns the model's variables
   with x on the layout; ``specs`` are x's PartitionSpecs (a model's
   ``nn.with_partitioning`` annotations, ``P()`` for unannotated leaves).
 
-  ``param_shardings(specs, abstract_params)`` gives x's shardings (default:
-  replicated). The jitted init writes x straight into them, so a device
-  computes and holds only its own shards of x (x sharded over 'model' is
-  never whole on one device; tests/test_sharded.py checks the compiled
-  program's per-device sizes).
+  The jitted init writes x straight into the layout's shardings for it
+  (``Layout.param_shardings``), so a device computes and holds only its own
+  shards of x (x sharded over 'model' is never whole on one device;
+  tests/test_sharded.py checks the compiled program's per-device sizes).
   """
   dummy = jnp.zeros((1, *image_shape), jnp.float32)
   key = jax.random.PRNGKey(config.seed)
@@ -39,18 +37,16 @@ def initializer(model, config, image_shape, layout: parallel.WorkerLayout,
   boxed = jax.eval_shape(init, key, dummy)
   specs = nn.get_partition_spec(boxed)['params']
   abstract = nn.unbox(boxed)
-  place = (layout.replicated if param_shardings is None
-           else param_shardings(specs, abstract['params']))
+  place = layout.param_shardings(abstract['params'], specs)
   shardings = {name: place if name == 'params' else layout.replicated for name in abstract}
   return (jax.jit(lambda k, x: nn.unbox(init(k, x)), out_shardings=shardings),
           (key, dummy), specs)
 
 
-def init_variables(model, config, image_shape, layout: parallel.WorkerLayout,
-                   param_shardings=None):
+def init_variables(model, config, image_shape, layout: layouts.Layout):
   """x, the batch-norm statistics (per worker if not synced) and x's specs,
   as ``initializer`` places them."""
-  init, args, specs = initializer(model, config, image_shape, layout, param_shardings)
+  init, args, specs = initializer(model, config, image_shape, layout)
   variables = init(*args)
   params = variables['params']
   batch_stats = variables.get('batch_stats', {})
@@ -87,13 +83,13 @@ def make_loss_fn(model, info: data_lib.DatasetInfo, config):
   return loss_fn
 
 
-def make_evaluator(model, info: data_lib.DatasetInfo, test, layout: parallel.WorkerLayout,
+def make_evaluator(model, info: data_lib.DatasetInfo, test, layout: layouts.Layout,
                    batch_size: int):
   """``accuracy(params, batch_stats)`` on the whole test split.
 
   The test set goes in batches split like a per-worker array (over the
   devices of the 1-D mesh; over 'data' only, replicated over 'model', on
-  ``sharded``'s), ``batch_size`` rounded to a multiple of the splits; each
+  the sharded layout's), ``batch_size`` rounded to a multiple of the splits; each
   process reads only its devices' rows, and the last batch is padded and
   masked.
   """
@@ -135,7 +131,7 @@ def make_evaluator(model, info: data_lib.DatasetInfo, test, layout: parallel.Wor
   def accuracy(params, batch_stats) -> float:
     correct = 0
     for i in range(math.ceil(n_test / eval_bs)):
-      correct += int(parallel.host_value(count_correct(params, batch_stats, *batch(i * eval_bs))))
+      correct += int(layouts.host_value(count_correct(params, batch_stats, *batch(i * eval_bs))))
     return correct / n_test
 
   return accuracy

@@ -1,16 +1,17 @@
 """The training loop: ``train_and_evaluate(config, workdir)``.
 
-Data flows one way: the config is validated (``validation``); the input
-pipeline (``data``), the model and its loss (``task``) and the per-worker
-transform (``optimizer``, ``methods``) are built; ``parallel`` makes the
-shard_map step (``sharded`` for workers of several devices: ``workers``
-chooses); the loop dispatches steps and, between dispatches, fetches
-the losses, evaluates, writes ``metrics.jsonl`` (``runfiles``), saves and
-resumes checkpoints (``checkpoint``) and obeys signals (``hooks``).
+Data flows one way: the config is validated (``validation``); the layout
+of the workers (``defjax.layouts``), the input pipeline (``data``), the model
+and its loss (``task``) and the per-worker transform (``optimizer``,
+``methods``) are built; the layout makes the step and the output model; the
+loop dispatches steps and, between dispatches, fetches the losses,
+evaluates, writes ``metrics.jsonl`` (``runfiles``), saves and resumes
+checkpoints (``checkpoint``) and obeys signals (``hooks``).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -19,19 +20,20 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 
 from defjax import checkpoint as ckpt
 from defjax import data as data_lib
+from defjax import layouts
+from defjax import methods
 from defjax import models as models_lib
 from defjax import optimizer
-from defjax import parallel
 from defjax import runfiles
 from defjax import task
-from defjax import wire
-from defjax import workers as workers_lib
+from defjax import xla_cpu
 from defjax.hooks import Progress
 from defjax.hooks import SignalFlag
 from defjax.validation import ConfigError
@@ -42,6 +44,8 @@ from defjax.validation import validate
 # is compute-bound and a rolled loop of it runs ~6x slower per step, so 1; no
 # other platform has been measured yet, so 1 there too.
 AUTO_STEPS_PER_DISPATCH = {'cpu': 1}
+
+
 class Diverged(Exception):
   """The loss or the parameters became non-finite at ``step``."""
 
@@ -77,7 +81,7 @@ def params_sha256(params) -> str:
   """SHA-256 over the parameters' bytes in tree order (a fingerprint)."""
   h = hashlib.sha256()
   for leaf in jax.tree.leaves(params):
-    h.update(np.ascontiguousarray(parallel.host_value(leaf)).tobytes())
+    h.update(np.ascontiguousarray(layouts.host_value(leaf)).tobytes())
   return h.hexdigest()
 
 
@@ -95,8 +99,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log=p
   """
   validate(config)
   o, K = config.optim, config.num_workers
-  workers = workers_lib.Workers(config)
-  layout = workers.layout
+  layout = layouts.for_config(config)
   info, train, test = _open_data(config, layout)
   _check_writable(workdir)
   steps_per_epoch = train.steps_per_epoch
@@ -105,22 +108,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log=p
   eval_every = config.eval_every_steps or steps_per_epoch
 
   model = models_lib.get_model(config.model, info.num_classes)
-  params, batch_stats = workers.init_variables(model, config, train.image_shape)
+  params, batch_stats, specs = task.init_variables(model, config, train.image_shape, layout)
   schedule = optimizer.learning_rate_schedule(
       o, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
   tx, compressor = optimizer.build(o, schedule=schedule, axis_name=layout.axis_name,
-                                   seed=config.seed, rbgs=workers.rbgs)
-  opt_state = workers.init_state(tx, params)
+                                   seed=config.seed,
+                                   rbgs=functools.partial(layout.rbgs, param_specs=specs))
+  opt_state = layout.init_state(tx, params, specs)
   spd = steps_per_dispatch(config)
   # n > 1: a lax.scan program; its bits are the same for every n > 1 (also
   # for the shorter calls before an evaluation) but differ from the plain
   # one-step program's in float rounding on convolutional models.
-  step_fn = workers.train_step(
-      task.make_loss_fn(model, info, config), tx,
+  step_fn = layout.train_step(
+      task.make_loss_fn(model, info, config), tx, specs,
       sync_model_state=config.sync_batch_stats, multi_step=spd > 1)
-  output = workers.output_fn(o.method)
+  # The reported model: y = x - mean_k e_k (DEF, PSync) or x.
+  output = (layout.averaged_params(specs) if methods.get(o.method).averaged_output
+            else lambda params, opt_state: params)
   accuracy = task.make_evaluator(model, info, test, layout, config.eval_batch_size)
-  traffic = _Traffic(config, params, batch_stats, compressor, workers)
+  traffic = _Traffic(config, params, batch_stats, compressor, layout, specs)
 
   mngr = ckpt.manager(os.path.join(workdir, 'checkpoints'), max_to_keep=config.max_to_keep)
   per_worker = ('opt_state',) + (() if config.sync_batch_stats else ('batch_stats',))
@@ -175,11 +181,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log=p
         loss.settle(diverge)
       bar.update(n, loss.mean)
       if is_eval:
-        if not parallel.all_finite(params):
+        if not _all_finite(params):
           diverge(step)
-        # One multi-device program at a time (parallel.run_alone).
-        out = parallel.run_alone(output(params, opt_state))
-        stats = parallel.run_alone(_eval_stats(config, batch_stats))
+        # One multi-device program at a time (xla_cpu.run_alone).
+        out = xla_cpu.run_alone(output(params, opt_state))
+        stats = xla_cpu.run_alone(_eval_stats(config, batch_stats))
         acc_x = accuracy(params, stats)
         acc = accuracy(out, stats) if out is not params else acc_x
         last_record = {
@@ -196,7 +202,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log=p
             + f', lr {last_record["lr"]:.4g}, {last_record["wall_time"]:.0f}s')
       if is_ckpt or step == total_steps or flag.signum is not None:
         if step not in mngr.all_steps():  # e.g. a signal right after a periodic save
-          if not (parallel.all_finite(params) and parallel.all_finite(opt_state)):
+          if not (_all_finite(params) and _all_finite(opt_state)):
             diverge(step)  # never write a non-finite state over a good checkpoint
           ckpt.save(mngr, step,
                     {'params': params, 'batch_stats': batch_stats, 'opt_state': opt_state},
@@ -261,23 +267,35 @@ def _eval_stats(config, batch_stats):
 def _worker_mean(tree):
   # One program for all leaves: eager means, leaf by leaf, are independent
   # collective programs in flight together, which deadlocked XLA:CPU (the
-  # abort of issue #12 in this very function; see parallel.run_alone).
+  # abort of issue #12 in this very function; see defjax.xla_cpu).
   return jax.tree.map(lambda x: x.mean(0), tree)
 
 
+def _all_finite(tree) -> bool:
+  """Whether every value of ``tree`` is finite, reduced on the devices:
+  copying every worker's state to the host would move K times the model."""
+  return bool(layouts.host_value(_finite(tree)))
+
+
+@jax.jit
+def _finite(tree):
+  # One program for the whole tree: leaf by leaf, each per-worker leaf's
+  # reduction would be a separate collective program (defjax.xla_cpu).
+  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)] or
+                           [jnp.bool_(True)]))
+
+
 class _Traffic:
-  """Bytes one worker sends per step and in total (dense warm-up included).
+  """Bytes one worker sends per step and in total (dense warm-up included),
+  by the layout's formula (``Layout.bytes_per_step``)."""
 
-  A worker of M devices (``sharded``) sends M times one device's bytes.
-  """
-
-  def __init__(self, config, params, batch_stats, compressor, workers):
+  def __init__(self, config, params, batch_stats, compressor, layout, specs):
     self.d = optax.tree.size(params)
     synced = optax.tree.size(batch_stats) if config.sync_batch_stats else 0
-    dense = workers.dense_payload(params)
+    dense = layout.dense_payload(params, specs)
     self.payload = dense if compressor is None else compressor.payload(params)
-    self.bytes_per_step = workers.devices_per_worker * wire.bytes_per_step(self.payload, synced)
-    self._dense = workers.devices_per_worker * wire.bytes_per_step(dense, synced)
+    self.bytes_per_step = layout.bytes_per_step(self.payload, synced)
+    self._dense = layout.bytes_per_step(dense, synced)
     self._warmup = config.optim.dense_warmup_steps if compressor is not None else 0
 
   def bytes_sent(self, step: int) -> int:
@@ -300,7 +318,7 @@ class _RunningLoss:
       return
     first, losses = self.pending
     self.pending = None
-    for i, value in enumerate(np.atleast_1d(parallel.host_value(losses)).tolist()):
+    for i, value in enumerate(np.atleast_1d(layouts.host_value(losses)).tolist()):
       if not math.isfinite(value):
         diverge(first + i + 1)
       self.sum, self.count = self.sum + value, self.count + 1

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import math
 
-import jax
 import ml_collections
 
 from defjax import compress
 from defjax import data as data_lib
 from defjax import feedback
+from defjax import layouts
 from defjax import methods
 from defjax import models as models_lib
-from defjax import parallel
 
 SCHEDULES = ('step', 'cosine')
 
@@ -65,30 +64,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(
         f'{config.dataset} is augmented on the host (random-resized crop and flip):'
         ' set crop_padding=0 and flip=False')
-  if config.model_axis_size > 1:
-    _check_sharded_workers(config)
-    return
   try:
-    parallel.make_layout(config.num_workers)
+    layouts.check_config(config)  # the workers' layout: its own checks
   except ValueError as e:
     raise ConfigError(str(e)) from None
 
-
-def _check_sharded_workers(config) -> None:
-  """K workers of M = model_axis_size devices each (``defjax.sharded``)."""
-  k, m, n = config.num_workers, config.model_axis_size, jax.device_count()
-  if n % m:
-    raise ConfigError(f'model_axis_size={m} must divide the {n} devices')
-  if k * m > n:
-    raise ConfigError(
-        f'num_workers={k} x model_axis_size={m} needs {k * m} devices, only {n} are'
-        f' available (workers of several devices are not simulated: use num_workers'
-        f' <= {n // m})')
-  for unsupported, what in (
-      (config.steps_per_dispatch > 1, 'steps_per_dispatch > 1 (it runs one step per call)'),
-      (not config.sync_batch_stats, 'sync_batch_stats=False (it keeps one copy of the'
-       ' model state)'),
-      (not config.optim.per_leaf, 'optim.per_leaf=False (per-shard RBGS keeps one block'
-       ' per leaf shard)')):
-    if unsupported:
-      raise ConfigError(f'model_axis_size > 1 does not support {what}')

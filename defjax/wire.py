@@ -140,14 +140,6 @@ def transfers(compiled, mesh) -> list[Transfer]:
   return out
 
 
-def all_reduce_elements(compiled, *, min_elements: int = 1) -> list[int]:
-  """Sizes (in elements) of all-reduces of at least ``min_elements`` values."""
-  return sorted(
-      c.elements for c in collectives(compiled)
-      if c.op == 'all-reduce' and c.elements >= min_elements
-  )
-
-
 def payload_bytes(compiled) -> int:
   """Total bytes produced by the collectives of one run of the program."""
   return int(np.sum([c.bytes for c in collectives(compiled)], dtype=np.int64))

@@ -14,7 +14,7 @@ Every model is called the same way; the trainer relies on it::
 trainer derives the key from the seed, the step and the worker, so a step
 stays a deterministic, resumable function of its inputs); the other models
 ignore it. 'mlp_tp' carries ``nn.with_partitioning`` specs for tensor
-parallelism (``defjax.sharded``): unbox its variables with ``nn.unbox``.
+parallelism (``defjax.layouts.sharded``): unbox its variables with ``nn.unbox``.
 """
 
 from __future__ import annotations

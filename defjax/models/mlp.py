@@ -1,7 +1,7 @@
 """A wide MLP with Megatron-style tensor-parallel annotations.
 
-The model whose workers ``defjax.sharded`` splits over a 'model' axis: the
-first hidden layer is column-parallel (kernel ``P(None, 'model')``, bias
+The model whose workers ``defjax.layouts.sharded`` splits over a 'model'
+axis: the first hidden layer is column-parallel (kernel ``P(None, 'model')``, bias
 ``P('model')``: each model device computes its slice of the hidden units),
 the second row-parallel (kernel ``P('model', None)``: each device multiplies
 its slice of the hidden units and XLA all-reduces the partial sums over

@@ -1,4 +1,5 @@
-"""The shard_map train step on 8 CPU devices: wire payload, equivalence, layout."""
+"""The 1-D layout's shard_map train step on 8 CPU devices: wire payload,
+equivalence, layout."""
 
 import math
 
@@ -10,8 +11,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import defjax
-from defjax import parallel, wire
-from helpers import assert_trees_close, batches, mlp_loss, mlp_params, momentum_sgd, run_workers
+from defjax import wire
+from defjax.layouts import data_parallel
+from helpers import (all_reduce_elements, assert_trees_close, batches, mlp_loss, mlp_params,
+                     momentum_sgd, run_workers)
 
 
 def _loss(params, model_state, batch):
@@ -19,12 +22,11 @@ def _loss(params, model_state, batch):
 
 
 def _setup(tx_factory, num_workers, steps=4, local_gradients='vmap'):
-  layout = parallel.make_layout(num_workers)
+  layout = data_parallel.make_layout(num_workers, local_gradients=local_gradients)
   tx = tx_factory(layout.axis_name)
   params = jax.device_put(mlp_params(), layout.replicated)
-  state = parallel.init_worker_state(tx, params, layout)
-  step = parallel.make_train_step(_loss, tx, layout, donate=False,
-                                  local_gradients=local_gradients)
+  state = layout.init_state(tx, params)
+  step = layout.train_step(_loss, tx, donate=False)
   xs, ys = batches(steps, workers=num_workers)
   return layout, tx, params, state, step, xs, ys
 
@@ -39,13 +41,13 @@ def _big_params():
 @pytest.mark.parametrize('per_leaf', [False, True])
 def test_compiled_step_all_reduces_only_the_block(ratio, per_leaf):
   """Identity 7: the compiled step's all-reduce payload is b floats, never d."""
-  layout = parallel.make_layout(8)
+  layout = data_parallel.make_layout(8)
   tx = defjax.error_feedback(momentum_sgd(), defjax.rbgs(ratio, per_leaf=per_leaf),
                              lam=0.3, axis_name=layout.axis_name)
   params = jax.device_put(_big_params(), layout.replicated)
   d = optax.tree.size(params)
-  state = parallel.init_worker_state(tx, params, layout)
-  step = parallel.make_train_step(_loss, tx, layout, donate=False)
+  state = layout.init_state(tx, params)
+  step = layout.train_step(_loss, tx, donate=False)
   x = jnp.zeros((8, 4, 64)); y = jnp.zeros((8, 4), jnp.int32)
   compiled = step.lower(params, {}, state, jax.device_put((x, y), layout.per_worker)).compile()
   found = wire.collectives(compiled)
@@ -68,7 +70,7 @@ def test_step_rejects_a_transform_built_for_other_workers(num_workers):
   """A transform whose all-reduce misses some workers (axis_name 'data' with
   2 workers per device, or None) would silently drop their gradients: the
   step refuses it at trace time, also inside an optax chain."""
-  layout = parallel.make_layout(num_workers)
+  layout = data_parallel.make_layout(num_workers)
   params = jax.device_put(mlp_params(), layout.replicated)
   xs, ys = batches(1, workers=num_workers)
   batch = jax.device_put((xs[0], ys[0]), layout.per_worker)
@@ -77,21 +79,21 @@ def test_step_rejects_a_transform_built_for_other_workers(num_workers):
     for tx in (defjax.error_feedback(momentum_sgd(), defjax.rbgs(8), axis_name=axis_name),
                optax.chain(optax.clip(1.0),
                            defjax.data_parallel(momentum_sgd(), axis_name=axis_name))):
-      state = parallel.init_worker_state(tx, params, layout)
-      step = parallel.make_train_step(_loss, tx, layout, donate=False)
+      state = layout.init_state(tx, params)
+      step = layout.train_step(_loss, tx, donate=False)
       with pytest.raises(ValueError, match='axis_name='):
         step(params, {}, state, batch)
   tx = optax.chain(optax.clip(1.0), defjax.psync(momentum_sgd(), defjax.rbgs(8),
                                                  axis_name=layout.axis_name))
-  state = parallel.init_worker_state(tx, params, layout)
-  step = parallel.make_train_step(_loss, tx, layout, donate=False)
+  state = layout.init_state(tx, params)
+  step = layout.train_step(_loss, tx, donate=False)
   step(params, {}, state, batch)  # the right axes pass
 
 
 def test_hlo_check_catches_the_full_gradient_all_reduce():
   """The trap: grad w.r.t. replicated params under check_vma=True all-reduces
   the full gradient. The HLO check above must see it (so it can fail)."""
-  layout = parallel.make_layout(8)
+  layout = data_parallel.make_layout(8)
   params = jax.device_put(_big_params(), layout.replicated)
   d = optax.tree.size(params)
 
@@ -104,7 +106,7 @@ def test_hlo_check_catches_the_full_gradient_all_reduce():
                                out_specs=P(), check_vma=True))
   x = jnp.zeros((8, 4, 64)); y = jnp.zeros((8, 4), jnp.int32)
   compiled = step.lower(params, jax.device_put((x, y), layout.per_worker)).compile()
-  assert sum(wire.all_reduce_elements(compiled)) >= d
+  assert sum(all_reduce_elements(compiled)) >= d
 
   def fixed(params, batch):
     params = jax.lax.pcast(params, 'data', to='varying')
@@ -113,7 +115,7 @@ def test_hlo_check_catches_the_full_gradient_all_reduce():
   step = jax.jit(jax.shard_map(fixed, mesh=layout.mesh, in_specs=(P(), P('data')),
                                out_specs=P('data'), check_vma=True))
   compiled = step.lower(params, jax.device_put((x, y), layout.per_worker)).compile()
-  assert wire.all_reduce_elements(compiled) == []
+  assert all_reduce_elements(compiled) == []
 
 
 @pytest.mark.parametrize('num_workers, local_gradients',
@@ -162,12 +164,11 @@ def test_model_state_is_synced_or_per_worker():
 
   for sync, k, local_gradients in ((True, 8, 'vmap'), (False, 8, 'vmap'),
                                    (True, 16, 'unroll'), (False, 16, 'unroll')):
-    layout = parallel.make_layout(k)
+    layout = data_parallel.make_layout(k, local_gradients=local_gradients)
     tx = defjax.data_parallel(optax.sgd(0.1), axis_name=layout.axis_name)
     params = jax.device_put(mlp_params(), layout.replicated)
-    state = parallel.init_worker_state(tx, params, layout)
-    step = parallel.make_train_step(loss, tx, layout, sync_model_state=sync, donate=False,
-                                    local_gradients=local_gradients)
+    state = layout.init_state(tx, params)
+    step = layout.train_step(loss, tx, sync_model_state=sync, donate=False)
     xs, ys = batches(1, workers=k)
     ms = {'mean': jnp.zeros(())} if sync else {'mean': jnp.zeros(k)}
     ms = jax.device_put(ms, layout.replicated if sync else layout.per_worker)
@@ -184,7 +185,7 @@ def test_averaged_params_of_stacked_state():
       lambda a: defjax.error_feedback(momentum_sgd(), defjax.rbgs(8), lam=0.3, axis_name=a), 8)
   for t in range(3):
     params, _, state, _ = step(params, {}, state, jax.device_put((xs[t], ys[t]), layout.per_worker))
-  y = parallel.make_averaged_params()(params, state)
+  y = layout.averaged_params()(params, state)
   # On the host: eager means of per-worker arrays are multi-device programs,
   # which may deadlock XLA:CPU when several are in flight (issue #12).
   expected = jax.tree.map(lambda p, e: np.asarray(p) - np.asarray(e).mean(0), params, state.error)
@@ -192,15 +193,15 @@ def test_averaged_params_of_stacked_state():
 
 
 def test_layout():
-  assert parallel.make_layout(8).workers_per_device == 1
-  assert parallel.make_layout(16).workers_per_device == 2
-  assert parallel.make_layout(16).axis_name == ('data', 'local')
-  assert parallel.make_layout(3).num_devices == 3
-  assert parallel.make_layout(16).worker_rows(0) == slice(0, 16)
+  assert data_parallel.make_layout(8).workers_per_device == 1
+  assert data_parallel.make_layout(16).workers_per_device == 2
+  assert data_parallel.make_layout(16).axis_name == ('data', 'local')
+  assert data_parallel.make_layout(3).num_devices == 3
+  assert data_parallel.make_layout(16).worker_rows(0) == slice(0, 16)
   with pytest.raises(ValueError, match='divisible'):
-    parallel.make_layout(12)
+    data_parallel.make_layout(12)
   with pytest.raises(ValueError, match='positive'):
-    parallel.make_layout(0)
+    data_parallel.make_layout(0)
 
 
 def test_transform_runs_unchanged_under_pmap():
@@ -241,7 +242,7 @@ def test_multi_step_is_bitwise_n_single_steps(num_workers, method):
     return defjax.error_feedback(momentum_sgd(), defjax.rbgs(8), lam=0.3, axis_name=axis_name)
 
   layout, tx, params, state, step, xs, ys = _setup(factory, num_workers, steps=5)
-  multi = parallel.make_train_step(_loss, tx, layout, donate=False, multi_step=True)
+  multi = layout.train_step(_loss, tx, donate=False, multi_step=True)
   p1, s1, losses = params, state, []
   for t in range(5):
     p1, _, s1, loss = step(p1, {}, s1, jax.device_put((xs[t], ys[t]), layout.per_worker))
@@ -261,12 +262,12 @@ def test_multi_step_is_bitwise_n_single_steps(num_workers, method):
 
 def test_multi_step_all_reduces_only_the_block():
   """Inside the scan each step still all-reduces b values, never d."""
-  layout = parallel.make_layout(8)
+  layout = data_parallel.make_layout(8)
   tx = defjax.error_feedback(momentum_sgd(), defjax.rbgs(256, per_leaf=True), lam=0.3,
                              axis_name=layout.axis_name)
   params = jax.device_put(_big_params(), layout.replicated)
-  state = parallel.init_worker_state(tx, params, layout)
-  multi = parallel.make_train_step(_loss, tx, layout, donate=False, multi_step=True)
+  state = layout.init_state(tx, params)
+  multi = layout.train_step(_loss, tx, donate=False, multi_step=True)
   x = jnp.zeros((4, 8, 4, 64)); y = jnp.zeros((4, 8, 4), jnp.int32)
   compiled = multi.lower(params, {}, state,
                          jax.device_put((x, y), layout.per_step_and_worker)).compile()
