@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # tcmalloc: train.py restarts itself under it when it is installed
-# (defjax/main.py), so that XLA:CPU's fresh buffers reuse freed pages instead
+# (defjax/training/main.py), so that XLA:CPU's fresh buffers reuse freed pages instead
 # of faulting in new ones every step (bench/allocator.py). Optional: tried
 # once per venv (Debian 12: libtcmalloc-minimal4; newer: ...-minimal4t64).
 MALLOC_STAMP := $(VENV)/.malloc-tried

@@ -39,7 +39,7 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 
 from bench import procs  # noqa: E402
-from defjax import main  # noqa: E402
+from defjax.training import main  # noqa: E402
 
 # (model, per-worker batch, steps per timed sample)
 TRAIN_SETTINGS = (('cnn', 16, 3), ('vgg16', 4, 1))

@@ -39,7 +39,7 @@ from defjax import xla_cpu  # noqa: E402
 from defjax.layouts import data_parallel  # noqa: E402
 
 xla_cpu.tolerate_slow_cpu_devices()
-from defjax.models import get_model  # noqa: E402
+from defjax.training.models import get_model  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / 'results'
 

@@ -15,7 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
   # image_folder, a folder or .tar of train/<class>/* and test/<class>/*.
   config.data_dir = ''
   # Model: cnn | mlp_tp | vgg16 | vgg16_slim | vgg16_linear | vgg16_slim_linear |
-  # resnet20 | preact_resnet110 | wrn28_10 | resnet50 (defjax/models/__init__.py).
+  # resnet20 | preact_resnet110 | wrn28_10 | resnet50 (defjax/training/models/__init__.py).
   config.model = 'cnn'
   # K, the number of workers. K > devices simulates K / devices per device.
   config.num_workers = 8

@@ -13,8 +13,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import defjax
-from defjax import checkpoint, layouts, wire
+from defjax import layouts, wire
 from defjax.layouts import sharded
+from defjax.training import checkpoint
 from helpers import batches, mlp_loss, mlp_params, momentum_sgd, shard_params
 
 LR, MU, WD = 0.1, 0.9, 5e-4
@@ -316,7 +317,7 @@ def test_workers_initialise_x_already_sharded():
   values are the unsharded init's."""
   import flax.linen as nn
   from configs import default
-  from defjax import models, task
+  from defjax.training import models, task
   config = default.get_config()
   config.update({'model': 'mlp_tp', 'num_workers': 4, 'model_axis_size': 2})
   model = models.get_model('mlp_tp', 10)

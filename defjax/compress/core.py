@@ -35,7 +35,7 @@ class RandomState(NamedTuple):
   count: jax.Array
 
 
-# ---------------------------------------------------------------- validation
+# -------------------------------------------------------------------- checks
 
 
 def as_real_scalar(value, name: str, what: str) -> float:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from defjax.data import tfds
+from defjax.training.data import tfds
 
 
 def crop(

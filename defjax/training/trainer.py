@@ -1,6 +1,6 @@
 """The training loop: ``train_and_evaluate(config, workdir)``.
 
-Data flows one way: the config is validated (``validation``); the layout
+Data flows one way: the config is checked (``config_checks``); the layout
 of the workers (``defjax.layouts``), the input pipeline (``data``), the model
 and its loss (``task``) and the per-worker transform (``optimizer``,
 ``methods``) are built; the layout makes the step and the output model; the
@@ -25,19 +25,19 @@ import ml_collections
 import numpy as np
 import optax
 
-from defjax import checkpoint as ckpt
-from defjax import data as data_lib
 from defjax import layouts
 from defjax import methods
-from defjax import models as models_lib
-from defjax import optimizer
-from defjax import runfiles
-from defjax import task
 from defjax import xla_cpu
-from defjax.hooks import Progress
-from defjax.hooks import SignalFlag
-from defjax.validation import ConfigError
-from defjax.validation import validate
+from defjax.training import checkpoint as ckpt
+from defjax.training import data as data_lib
+from defjax.training import models as models_lib
+from defjax.training import optimizer
+from defjax.training import runfiles
+from defjax.training import task
+from defjax.training.config_checks import ConfigError
+from defjax.training.config_checks import validate
+from defjax.training.hooks import Progress
+from defjax.training.hooks import SignalFlag
 
 # Steps per dispatch when config.steps_per_dispatch is 0, by platform. On CPU
 # (bench/dispatch.py, the README's Performance section) the quick start's step

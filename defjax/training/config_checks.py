@@ -7,11 +7,11 @@ import math
 import ml_collections
 
 from defjax import compress
-from defjax import data as data_lib
 from defjax import feedback
 from defjax import layouts
 from defjax import methods
-from defjax import models as models_lib
+from defjax.training import data as data_lib
+from defjax.training import models as models_lib
 
 SCHEDULES = ('step', 'cosine')
 

@@ -22,7 +22,7 @@ import pathlib
 import numpy as np
 
 from defjax import methods
-from defjax import results as results_lib
+from defjax.experiments import results as results_lib
 
 COLORS = {'SGD': 'black', 'EF': 'tab:red', 'SAEF': 'tab:orange',
           'PSync': 'tab:purple', 'DEF': 'tab:blue', 'DEF-A': 'tab:green'}

@@ -8,8 +8,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from defjax.data import cache
-from defjax.data.split import Split
+from defjax.training.data import cache
+from defjax.training.data.split import Split
 
 
 def source(name: str, data_dir: str | None, split: str):

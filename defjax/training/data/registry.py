@@ -5,12 +5,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-from defjax.data import fashion_mnist
-from defjax.data import image_folder
-from defjax.data import imagenet
-from defjax.data import tfds
-from defjax.data.split import SPLITS
-from defjax.data.split import Split
+from defjax.training.data import fashion_mnist
+from defjax.training.data import image_folder
+from defjax.training.data import imagenet
+from defjax.training.data import tfds
+from defjax.training.data.split import SPLITS
+from defjax.training.data.split import Split
 
 DATASETS = (
     'cifar10',

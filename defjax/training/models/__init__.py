@@ -24,11 +24,11 @@ from typing import Callable
 
 import flax.linen as nn
 
-from defjax.models import cnn
-from defjax.models import mlp
-from defjax.models import resnet_cifar
-from defjax.models import resnet_imagenet
-from defjax.models import vgg
+from defjax.training.models import cnn
+from defjax.training.models import mlp
+from defjax.training.models import resnet_cifar
+from defjax.training.models import resnet_imagenet
+from defjax.training.models import vgg
 
 _FACTORIES: dict[str, Callable[[int], nn.Module]] = {
     'cnn': cnn.CNN,                                          # 28x28x1

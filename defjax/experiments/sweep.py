@@ -4,7 +4,7 @@ Each run is one ``python -m defjax.main`` subprocess with its own workdir, so
 a sweep is resumable at two levels: a run whose ``summary.json`` exists
 (completed or diverged) is skipped, and an unfinished one is relaunched with
 the same command, which makes the program resume from its own checkpoint.
-Runs are launched one after another (``defjax.launch``): on a machine with
+Runs are launched one after another (``launch``): on a machine with
 few cores parallel runs would only share them.
 
 Usage::
@@ -20,7 +20,7 @@ compress, so it runs once per seed at ratio 1. ``lam`` only changes DEF and
 DEF-A (EF is lam = 0 and SAEF lam = 1 by definition), so only those methods
 are repeated over ``--lams``; without ``--lams`` the config's own lam is used
 and the name has no lam part. A def run yields both the DEF and the DEF-A
-result (see ``defjax.results``), so ``def_a`` rarely needs its own runs.
+result (see ``results``), so ``def_a`` rarely needs its own runs.
 
 ``<out>/sweep.json`` records the command line, the date, the machine, the
 package versions and every run's command and status; it is rewritten after
@@ -42,11 +42,11 @@ import shlex
 import sys
 from collections.abc import Sequence
 
-from defjax import launch
 from defjax import methods as methods_lib
-from defjax import runfiles
-from defjax.runfiles import FINISHED
-from defjax.runfiles import finished_status
+from defjax.experiments import launch
+from defjax.training import runfiles
+from defjax.training.runfiles import FINISHED
+from defjax.training.runfiles import finished_status
 
 
 

@@ -1,6 +1,6 @@
 """Finished runs read back from disk and grouped into the paper's results.
 
-The report (``defjax.report``) and the gap study (``defjax.gap``) read runs
+The report (``report``) and the gap study (``gap``) read runs
 the same way::
 
   collected = results.collect(['results/fashion_mnist/runs'])
@@ -8,7 +8,7 @@ the same way::
   cell['text']  # '88.82 ± 0.43 (n=3)'
 
 Every directory below the given paths that holds a ``summary.json`` or a
-``metrics.jsonl`` (``defjax.runfiles``) is a run. What a run is (method,
+``metrics.jsonl`` (``defjax.training.runfiles``) is a run. What a run is (method,
 ratio, lam, seed) comes from its config in summary.json, else from its
 directory name as the sweep writes it. A run gives one result per model it
 evaluates (``defjax.methods``): a def run gives DEF (``test_accuracy``, the
@@ -32,11 +32,11 @@ from typing import NamedTuple
 import numpy as np
 
 from defjax import methods
-from defjax import runfiles
+from defjax.training import runfiles
 
 DEFAULT_LAM = 0.3  # the paper's default, preferred when several lams exist
 DASH = '—'  # a cell without a number
-# The sweep's run names (``defjax.sweep.run_name``): the longest method name
+# The sweep's run names (``sweep.run_name``): the longest method name
 # first, so that def_a is not read as def.
 _NAME = re.compile(r'^(?P<method>' + '|'.join(sorted(methods.NAMES, key=len, reverse=True))
                    + r')-r(?P<ratio>\d+)'

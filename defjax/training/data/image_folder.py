@@ -11,9 +11,9 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from defjax.data import cache
-from defjax.data.split import SPLITS
-from defjax.data.split import Split
+from defjax.training.data import cache
+from defjax.training.data.split import SPLITS
+from defjax.training.data.split import Split
 
 _IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
 

@@ -29,28 +29,28 @@ Datasets (``registry``), one source module each; ``data_dir`` means:
   reads it without TensorFlow; preparing it needs TensorFlow).
 """
 
-from defjax.data.augmentation import augment
-from defjax.data.augmentation import shift
-from defjax.data.augmentation import standardize
-from defjax.data.cache import cache_dir
-from defjax.data.fashion_mnist import DEFAULT_DIR as FASHION_MNIST_DIR
-from defjax.data.fashion_mnist import URL as FASHION_MNIST_URL
-from defjax.data.fashion_mnist import read_idx
-from defjax.data.imagenet import Stream
-from defjax.data.order import WorkerBatches
-from defjax.data.pipeline import EvalInput
-from defjax.data.pipeline import StepIterator
-from defjax.data.pipeline import TrainInput
-from defjax.data.pipeline import eval_input
-from defjax.data.pipeline import train_input
-from defjax.data.registry import DATASETS
-from defjax.data.registry import STREAMED
-from defjax.data.registry import DatasetInfo
-from defjax.data.registry import info
-from defjax.data.registry import load
-from defjax.data.registry import stream
-from defjax.data.split import SPLITS
-from defjax.data.split import Split
+from defjax.training.data.augmentation import augment
+from defjax.training.data.augmentation import shift
+from defjax.training.data.augmentation import standardize
+from defjax.training.data.cache import cache_dir
+from defjax.training.data.fashion_mnist import DEFAULT_DIR as FASHION_MNIST_DIR
+from defjax.training.data.fashion_mnist import URL as FASHION_MNIST_URL
+from defjax.training.data.fashion_mnist import read_idx
+from defjax.training.data.imagenet import Stream
+from defjax.training.data.order import WorkerBatches
+from defjax.training.data.pipeline import EvalInput
+from defjax.training.data.pipeline import StepIterator
+from defjax.training.data.pipeline import TrainInput
+from defjax.training.data.pipeline import eval_input
+from defjax.training.data.pipeline import train_input
+from defjax.training.data.registry import DATASETS
+from defjax.training.data.registry import STREAMED
+from defjax.training.data.registry import DatasetInfo
+from defjax.training.data.registry import info
+from defjax.training.data.registry import load
+from defjax.training.data.registry import stream
+from defjax.training.data.split import SPLITS
+from defjax.training.data.split import Split
 
 __all__ = [
     'DATASETS',

@@ -11,7 +11,7 @@ The trainer writes them, the sweep and the report read them::
                             and completed when it ends: command, code commit
                             (and the diff of a dirty tree), start and end
                             time and step, status, machine and versions
-  <workdir>/checkpoints/    orbax checkpoints (defjax.checkpoint)
+  <workdir>/checkpoints/    orbax checkpoints (``checkpoint``)
   <workdir>/log.txt         the program's output, when run by the sweep
 """
 

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from defjax import data as data_lib
 from defjax import layouts
+from defjax.training import data as data_lib
 
 
 def initializer(model, config, image_shape, layout: layouts.Layout):

@@ -3,7 +3,7 @@
 A run is ``python -m defjax.main`` (or a script taking the same flags) in a
 child process, its output appended to ``<workdir>/log.txt`` so that a resumed
 run keeps the log of its earlier attempts. Its end is read from the exit code
-(``defjax.runfiles``) and checked against ``summary.json``. While it goes,
+(``defjax.training.runfiles``) and checked against ``summary.json``. While it goes,
 ``Progress`` shows one line per run, refreshed from the run's last
 ``metrics.jsonl`` record.
 """
@@ -18,7 +18,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 
-from defjax import runfiles
+from defjax.training import runfiles
 
 
 @dataclasses.dataclass

@@ -6,7 +6,7 @@ Usage::
       --out reports/fm [--lam 0.3]
 
 The runs below the given paths are read and grouped by (method, ratio, lam)
-as ``defjax.results`` describes: averaged over seeds, a ``def`` run giving
+as ``results`` describes: averaged over seeds, a ``def`` run giving
 both DEF (the model y = x - mean e) and DEF-A (the model x). Written into
 ``--out``:
 
@@ -17,7 +17,7 @@ both DEF (the model y = x - mean e) and DEF-A (the model x). Written into
 - ``table_lam.md``: DEF and DEF-A per lam at each ratio (the paper's Table
   4), only when the runs hold several lams.
 - ``fig1_<ratio>.png`` and ``fig3_<ratio>.png``: the paper's Figure 1 and
-  Figure 3 (``defjax.figures``).
+  Figure 3 (``figures``).
 - ``report.json``: what ``summarize`` returns; ``README.md``: all of the
   above on one page, with the command that made it and each sweep's date,
   machine and versions (no generation time: regenerating from the same runs
@@ -38,9 +38,9 @@ import shlex
 import sys
 from collections.abc import Iterable, Sequence
 
-from defjax import figures as figures_lib
 from defjax import methods
-from defjax import results as results_lib
+from defjax.experiments import figures as figures_lib
+from defjax.experiments import results as results_lib
 
 
 def summarize(paths: Iterable[str | os.PathLike[str]],

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import flax.linen as nn
 
-from defjax.models import layers
+from defjax.training.models import layers
 
 MODEL = 'model'  # the mesh axis the hidden units are split over
 

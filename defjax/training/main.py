@@ -1,4 +1,4 @@
-r"""The training program. Exit codes (``defjax.runfiles``): 0 completed,
+r"""The training program. Exit codes (``runfiles``): 0 completed,
 2 bad config or data, 3 diverged (a result: summary.json says where),
 4 interrupted by SIGTERM/SIGINT after saving a checkpoint (rerun the same
 command to resume).
@@ -59,9 +59,9 @@ def main(argv):
     # of M devices) so real collectives run.
     jax.config.update('jax_num_cpu_devices', layouts.devices_for(config))
 
-  from defjax import checkpoint
-  from defjax import runfiles
-  from defjax import trainer
+  from defjax.training import checkpoint
+  from defjax.training import runfiles
+  from defjax.training import trainer
 
   workdir = _WORKDIR.value
   try:

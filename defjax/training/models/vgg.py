@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Union
 
 import flax.linen as nn
 
-from defjax.models import layers
+from defjax.training.models import layers
 
 # Channel counts, 'M' for a 2x2 max-pool.
 VGG16 = (64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M',

@@ -29,7 +29,7 @@ import sys
 from collections.abc import Sequence
 
 from defjax import methods
-from defjax import results as results_lib
+from defjax.experiments import results as results_lib
 
 MARKERS = {16: 'v', 64: 'o', 256: 's', 1024: '^'}
 

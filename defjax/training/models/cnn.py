@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 
-from defjax.models import layers
+from defjax.training.models import layers
 
 
 class CNN(nn.Module):

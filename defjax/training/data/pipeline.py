@@ -22,11 +22,11 @@ from absl import flags
 import grain
 import numpy as np
 
-from defjax.data import imagenet
-from defjax.data import registry
-from defjax.data import tfds
-from defjax.data.order import WorkerBatches
-from defjax.data.split import Split
+from defjax.training.data import imagenet
+from defjax.training.data import registry
+from defjax.training.data import tfds
+from defjax.training.data.order import WorkerBatches
+from defjax.training.data.split import Split
 
 # grain datasets are finite; no run takes this many steps.
 _NO_END = 2**62

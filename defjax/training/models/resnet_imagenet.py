@@ -13,7 +13,7 @@ from typing import Sequence
 
 import flax.linen as nn
 
-from defjax.models import layers
+from defjax.training.models import layers
 
 EXPANSION = 4
 

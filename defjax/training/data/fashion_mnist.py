@@ -10,8 +10,8 @@ import urllib.request
 
 import numpy as np
 
-from defjax.data import cache
-from defjax.data.split import Split
+from defjax.training.data import cache
+from defjax.training.data.split import Split
 
 # Where the Debian package dataset-fashion-mnist puts the files.
 DEFAULT_DIR = '/usr/share/datasets/fashion-mnist'
