@@ -4,7 +4,7 @@ A run is ``python -m defjax.main`` (or a script taking the same flags) in a
 child process, its output appended to ``<workdir>/log.txt`` so that a resumed
 run keeps the log of its earlier attempts. Its end is read from the exit code
 (``defjax.training.runfiles``) and checked against ``summary.json``. While it goes,
-``Progress`` shows one line per run, refreshed from the run's last
+``StatusLines`` shows one line per run, refreshed from the run's last
 ``metrics.jsonl`` record.
 """
 
@@ -22,8 +22,9 @@ from defjax.training import runfiles
 
 
 @dataclasses.dataclass
-class Run:
-  """One training run (a cell of a sweep's grid) and what became of it."""
+class Job:
+  """One training run a sweep launches (a cell of its grid) and what became
+  of it. (``results.Run`` is a run folder read back from disk.)"""
 
   method: str
   ratio: int
@@ -76,8 +77,9 @@ def progress_detail(workdir: pathlib.Path) -> str:
   return ', '.join(parts)
 
 
-class Progress:
-  """One line per run; on a terminal the running line updates in place."""
+class StatusLines:
+  """One line per run of a sweep; on a terminal the running line updates in
+  place. (``hooks.Progress`` is a training run's own progress bar.)"""
 
   def __init__(self, total: int, stream):
     self._total = total
@@ -85,10 +87,10 @@ class Progress:
     self._live = stream.isatty()
     self._width = len(str(total))
 
-  def _prefix(self, index: int, run: Run) -> str:
+  def _prefix(self, index: int, run: Job) -> str:
     return f'[{index:>{self._width}}/{self._total}] {run.name}'
 
-  def update(self, index: int, run: Run, elapsed: float, detail: str = ''):
+  def update(self, index: int, run: Job, elapsed: float, detail: str = ''):
     if not self._live:
       return
     line = f'{self._prefix(index, run)}  running {_format_elapsed(elapsed)}'
@@ -97,14 +99,14 @@ class Progress:
     self._stream.write('\r\033[K' + line)
     self._stream.flush()
 
-  def start(self, index: int, run: Run):
+  def start(self, index: int, run: Job):
     if self._live:
       self.update(index, run, 0.0)
     else:
       print(f'{self._prefix(index, run)}  running', file=self._stream,
             flush=True)
 
-  def done(self, index: int, run: Run, detail: str = ''):
+  def done(self, index: int, run: Job, detail: str = ''):
     line = f'{self._prefix(index, run)}  {run.status}'
     if run.elapsed_s is not None:
       line += f' {_format_elapsed(run.elapsed_s)}'
@@ -120,7 +122,7 @@ def config_path(command: Sequence[str]) -> str:
   return command[command.index('--config') + 1].partition(':')[0]
 
 
-def launch(run: Run, index: int, progress: Progress, poll_s: float) -> None:
+def launch(run: Job, index: int, progress: StatusLines, poll_s: float) -> None:
   """Runs ``run`` to its end, its output appended to ``log.txt``.
 
   Sets the run's ``status``, ``returncode`` and ``elapsed_s``. On Ctrl-C it

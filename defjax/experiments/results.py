@@ -25,7 +25,6 @@ import collections
 import dataclasses
 import os
 import pathlib
-import re
 from collections.abc import Iterable
 from typing import NamedTuple
 
@@ -36,11 +35,6 @@ from defjax.training import runfiles
 
 DEFAULT_LAM = 0.3  # the paper's default, preferred when several lams exist
 DASH = '—'  # a cell without a number
-# The sweep's run names (``sweep.run_name``): the longest method name
-# first, so that def_a is not read as def.
-_NAME = re.compile(r'^(?P<method>' + '|'.join(sorted(methods.NAMES, key=len, reverse=True))
-                   + r')-r(?P<ratio>\d+)'
-                   r'(?:-lam(?P<lam>[0-9.eE+-]+))?-s(?P<seed>\d+)$')
 
 
 @dataclasses.dataclass
@@ -162,7 +156,7 @@ def load_run(path: pathlib.Path) -> Run | None:
   """Reads one run directory; None if its method cannot be told."""
   summary = runfiles.read_summary(path) or {}  # cut off mid-write: unfinished
   config = summary.get('config') or {}
-  named = _NAME.match(path.name)
+  named = runfiles.parse_run_name(path.name)  # the sweep's folder names
   method = config_get(config, 'optim.method')
   if method is None and named:
     method = named['method']
@@ -201,19 +195,8 @@ def results_of(run: Run) -> list[Result]:
   return results
 
 
-# What must agree between the seeds of one group: runs that differ in any of
-# these are different experiments, and averaging them (or counting one's
-# divergence against the other) would report a number nobody ran. Each key
-# has the value a config without it ran with (keys added to the config later).
-RECIPE = {
-    'dataset': None, 'model': None, 'num_epochs': None, 'num_train_steps': 0,
-    'batch_size': None, 'num_workers': None, 'crop_padding': 0, 'flip': False,
-    'sync_batch_stats': True, 'optim.lr': None, 'optim.momentum': None,
-    'optim.weight_decay': None, 'optim.schedule': 'step',
-    'optim.decay_at': (0.5, 0.75), 'optim.decay_whole_epochs': False,
-    'optim.warmup_epochs': 0.0, 'optim.dense_warmup_steps': 0,
-    'optim.per_leaf': False,
-}
+# What must agree between the seeds of one group (a run's identity).
+RECIPE = runfiles.RECIPE
 
 
 class IncompatibleRunsError(ValueError):

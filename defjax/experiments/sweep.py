@@ -49,13 +49,6 @@ from defjax.training.runfiles import FINISHED
 from defjax.training.runfiles import finished_status
 
 
-
-def run_name(method: str, ratio: int, lam: float | None, seed: int) -> str:
-  """The workdir name of one run, e.g. ``def-r256-lam0.3-s1``."""
-  lam_part = '' if lam is None else f'-lam{lam:g}'
-  return f'{method}-r{ratio}{lam_part}-s{seed}'
-
-
 def _absolute_config(config: str) -> str:
   # config_flags accepts ``path.py:override``; only the path part is a file.
   path, sep, rest = config.partition(':')
@@ -73,7 +66,7 @@ def expand_grid(
     overrides: Sequence[str] = (),
     train: str | os.PathLike[str] | None = None,
     python: str = sys.executable,
-) -> list[launch.Run]:
+) -> list[launch.Job]:
   """Lists the runs of a sweep, in launch order, with their commands.
 
   Args:
@@ -116,11 +109,11 @@ def expand_grid(
   runs, seen = [], set()
   for seed in seeds:
     for method in methods:
-      method_ratios = [1] if method == 'sgd' else ratios
+      method_ratios = ratios if methods_lib.get(method).compresses else [1]
       method_lams = lams if (lams and method in methods_lib.LAM_NAMES) else [None]
       for ratio in method_ratios:
         for lam in method_lams:
-          name = run_name(method, ratio, lam, seed)
+          name = runfiles.run_name(method, ratio, lam, seed)
           if name in seen:
             continue
           seen.add(name)
@@ -137,15 +130,15 @@ def expand_grid(
           # because a grid key given twice is the user's explicit choice.
           command += sets
           runs.append(
-              launch.Run(method, ratio, lam, seed, name, workdir, command))
+              launch.Job(method, ratio, lam, seed, name, workdir, command))
   return runs
 
 
-def _config_dir(runs: list[launch.Run]) -> str | None:
+def _config_dir(runs: list[launch.Job]) -> str | None:
   return str(pathlib.Path(launch.config_path(runs[0].command)).parent) if runs else None
 
 
-def _write_record(path: pathlib.Path, header: dict, runs: list[launch.Run],
+def _write_record(path: pathlib.Path, header: dict, runs: list[launch.Job],
                   previous: dict | None, todo: set[str]) -> None:
   # Several grids may share one --out (a queue adds a second seed later): keep
   # the other grids' runs and commands instead of forgetting them. A run this
@@ -169,7 +162,7 @@ def _write_record(path: pathlib.Path, header: dict, runs: list[launch.Run],
 
 
 def run_sweep(
-    runs: list[launch.Run],
+    runs: list[launch.Job],
     out: str | os.PathLike[str],
     *,
     argv: Sequence[str] = (),
@@ -194,7 +187,7 @@ def run_sweep(
   """
   out = pathlib.Path(out)
   stream = stream or sys.stdout
-  progress = launch.Progress(len(runs), stream)
+  progress = launch.StatusLines(len(runs), stream)
   todo = []
   for run in runs:
     status = finished_status(run.workdir)
@@ -249,7 +242,7 @@ def run_sweep(
   return 1 if any(r.status not in FINISHED for r in runs) else 0
 
 
-def _print_counts(runs: list[launch.Run], stream) -> None:
+def _print_counts(runs: list[launch.Job], stream) -> None:
   counts = {}
   for run in runs:
     counts[run.status] = counts.get(run.status, 0) + 1
@@ -257,7 +250,7 @@ def _print_counts(runs: list[launch.Run], stream) -> None:
         file=stream, flush=True)
 
 
-def _warn_if_base_changed(record_path: pathlib.Path, runs: list[launch.Run],
+def _warn_if_base_changed(record_path: pathlib.Path, runs: list[launch.Job],
                           stream) -> dict | None:
   """Warns about runs whose command changed; returns the previous record."""
   # A workdir is recognised by its name only, so resuming into an --out made

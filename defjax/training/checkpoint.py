@@ -26,18 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from defjax.layouts import base as layouts_base
-
-# Config fields whose change makes a saved state meaningless for this run, or
-# makes the resumed run a mix of two runs (the run length fixes where the
-# learning rate decays, so it is one of them).
-FINGERPRINT_KEYS = (
-    'dataset', 'model', 'num_workers', 'model_axis_size', 'optim.method', 'optim.ratio',
-    'optim.lam', 'optim.per_leaf', 'seed', 'batch_size',
-    'optim.lr', 'optim.momentum', 'optim.weight_decay', 'optim.schedule',
-    'optim.decay_at', 'optim.decay_whole_epochs', 'optim.warmup_epochs',
-    'optim.dense_warmup_steps', 'optim.block_seed', 'sync_batch_stats', 'crop_padding', 'flip',
-    'num_epochs', 'num_train_steps',
-)
+from defjax.training import runfiles
 
 
 class CheckpointMismatch(ValueError):
@@ -49,8 +38,11 @@ class CheckpointError(RuntimeError):
 
 
 def fingerprint(config) -> dict[str, Any]:
+  """The config's values of a run's identity (``runfiles.IDENTITY``): config
+  fields whose change makes a saved state meaningless for this run, or makes
+  the resumed run a mix of two runs."""
   out = {}
-  for key in FINGERPRINT_KEYS:
+  for key in runfiles.IDENTITY:
     value = config
     for part in key.split('.'):
       value = value[part]
@@ -62,7 +54,7 @@ def compare(saved: dict, current: dict, *, allow: tuple[str, ...] = ()) -> None:
   """Raises CheckpointMismatch naming every field that differs.
 
   A field the saved fingerprint lacks is not compared: checkpoints written
-  before it joined FINGERPRINT_KEYS stay resumable.
+  before it joined ``runfiles.IDENTITY`` stay resumable.
   """
   diffs = [
       f'{k}: checkpoint {saved[k]!r} vs config {current[k]!r}'

@@ -1,4 +1,4 @@
-"""A run directory's files and the training program's exit codes.
+"""A run directory's files, the training program's exit codes, and what a run is.
 
 The trainer writes them, the sweep and the report read them::
 
@@ -13,6 +13,10 @@ The trainer writes them, the sweep and the report read them::
                             time and step, status, machine and versions
   <workdir>/checkpoints/    orbax checkpoints (``checkpoint``)
   <workdir>/log.txt         the program's output, when run by the sweep
+
+A run's identity (``run_name``, ``IDENTITY``) is written here once: the sweep
+names run folders by it and the report parses the names back; a checkpoint
+records its fields and the report compares the recipe between seeds.
 """
 
 from __future__ import annotations
@@ -23,9 +27,12 @@ import json
 import os
 import pathlib
 import platform
+import re
 import subprocess
 import sys
 from typing import Optional
+
+from defjax import methods
 
 METRICS = 'metrics.jsonl'
 SUMMARY = 'summary.json'
@@ -44,6 +51,49 @@ STATUS_BY_EXIT = {
     EXIT_INTERRUPTED: 'interrupted',
 }
 FINISHED = ('completed', 'diverged')  # the statuses summary.json records
+
+# A run's identity: its place in a sweep's grid (what ``run_name`` spells)
+# and its recipe. A checkpoint records every field (``checkpoint.fingerprint``:
+# a resume refuses another run's state, and the run length is a field because
+# it fixes where the learning rate decays).
+GRID = ('optim.method', 'optim.ratio', 'optim.lam', 'seed')
+# What must agree between the seeds of one result (``results.group``): runs
+# that differ in any of these are different experiments, and averaging them
+# (or counting one's divergence against the other) would report a number
+# nobody ran. Each key has the value a config without it ran with (keys added
+# to the config later).
+RECIPE = {
+    'dataset': None, 'model': None, 'num_epochs': None, 'num_train_steps': 0,
+    'batch_size': None, 'num_workers': None, 'crop_padding': 0, 'flip': False,
+    'sync_batch_stats': True, 'optim.lr': None, 'optim.momentum': None,
+    'optim.weight_decay': None, 'optim.schedule': 'step',
+    'optim.decay_at': (0.5, 0.75), 'optim.decay_whole_epochs': False,
+    'optim.warmup_epochs': 0.0, 'optim.dense_warmup_steps': 0,
+    'optim.per_leaf': False,
+}
+# Checked on resume only: the block sequence follows the seed unless pinned,
+# and no committed result mixes worker layouts.
+RESUME_ONLY = ('model_axis_size', 'optim.block_seed')
+IDENTITY = GRID + tuple(RECIPE) + RESUME_ONLY
+
+# The run names, longest method name first so that def_a is not read as def.
+_NAME = re.compile(r'^(?P<method>' + '|'.join(sorted(methods.NAMES, key=len, reverse=True))
+                   + r')-r(?P<ratio>\d+)'
+                   r'(?:-lam(?P<lam>[0-9.eE+-]+))?-s(?P<seed>\d+)$')
+
+
+def run_name(method: str, ratio: int, lam: float | None, seed: int) -> str:
+  """The workdir name of one run of a sweep, e.g. ``def-r256-lam0.3-s1``;
+  no lam part when the run keeps its config's lam."""
+  lam_part = '' if lam is None else f'-lam{lam:g}'
+  return f'{method}-r{ratio}{lam_part}-s{seed}'
+
+
+def parse_run_name(name: str) -> Optional[dict]:
+  """``run_name``'s fields as strings (``method``, ``ratio``, ``lam``: None
+  without a lam part, ``seed``), or None for any other name."""
+  m = _NAME.match(name)
+  return None if m is None else m.groupdict()
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
