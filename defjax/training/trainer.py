@@ -40,9 +40,9 @@ from defjax.training.hooks import Progress
 from defjax.training.hooks import SignalFlag
 
 # Steps per dispatch when config.steps_per_dispatch is 0, by platform. On CPU
-# (bench/dispatch.py, the README's Performance section) the quick start's step
-# is compute-bound and a rolled loop of it runs ~6x slower per step, so 1; no
-# other platform has been measured yet, so 1 there too.
+# the quick start's step is compute-bound and a rolled loop of it runs
+# several times slower per step (bench/dispatch.py; README, Performance), so
+# 1; no other platform has been measured yet, so 1 there too.
 AUTO_STEPS_PER_DISPATCH = {'cpu': 1}
 
 
@@ -137,7 +137,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log=p
       resumed.state['params'], resumed.state['batch_stats'], resumed.state['opt_state'])
   start_step = step = resumed.step
   loss = _RunningLoss(resumed.meta.get('loss_sum', 0.0), resumed.meta.get('loss_count', 0))
-  batches = _Batches(train, layout, step, resumed.meta.get('data_state'), stacked=spd > 1)
+  batches = data_lib.GlobalBatches(train, layout, step, resumed.meta.get('data_state'),
+                                    stacked=spd > 1)
   if jax.process_index() == 0:
     runfiles.truncate_metrics(workdir, step)
   log(f'{config.model}: d = {traffic.d:,} parameters, {o.method} ratio {o.ratio:g}'
@@ -330,40 +331,3 @@ class _RunningLoss:
   def reset(self) -> None:
     self.sum, self.count = 0.0, 0
 
-
-class _Batches:
-  """The train iterator's next n steps as global arrays for the step.
-
-  Each process reads only its workers' rows; with ``stacked`` the arrays are
-  (n, K, ...) for a multi-step call, else (K, ...). The (step, worker) ids
-  that key augmentation and dropout travel with them.
-  """
-
-  def __init__(self, train, layout, step: int, data_state, *, stacked: bool):
-    self.iterator = train.iterator(step)
-    if data_state is not None:  # checkpoints from before the grain pipeline have none
-      self.iterator.set_state(data_state)
-    self.layout, self.step, self.stacked = layout, step, stacked
-    self.rows = layout.worker_rows()
-
-  def next(self, n: int):
-    K = self.layout.num_workers
-    per_step = []
-    for _ in range(n):
-      images, labels = next(self.iterator)
-      ids = np.stack([np.full(K, self.step), np.arange(K)], 1)[self.rows].astype(np.int32)
-      per_step.append((images, labels, ids))
-      self.step += 1
-    return tuple(
-        self.layout.global_batch(np.stack(arrays) if self.stacked else arrays[0],
-                                 stacked=self.stacked)
-        for arrays in zip(*per_step))
-
-  def state(self) -> dict:
-    return self.iterator.get_state()
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.iterator.close()  # ends prefetch threads and decode processes now

@@ -8,6 +8,8 @@ What the trainer uses, in this order:
   global step (``pipeline``), in the order ``WorkerBatches`` draws (``order``);
   its iterator's state resumes it exactly. ``eval_input(...)``: the test split
   at any indices.
+* ``GlobalBatches``: the next steps' rows as the global arrays the step takes,
+  placed by the workers' layout (``batches``).
 * ``augment`` and ``standardize``: random crop + flip and normalisation in JAX,
   run on the accelerator inside the jitted step, so the host only gathers
   uint8 rows (``augmentation``).
@@ -32,6 +34,7 @@ Datasets (``registry``), one source module each; ``data_dir`` means:
 from defjax.training.data.augmentation import augment
 from defjax.training.data.augmentation import shift
 from defjax.training.data.augmentation import standardize
+from defjax.training.data.batches import GlobalBatches
 from defjax.training.data.cache import cache_dir
 from defjax.training.data.fashion_mnist import DEFAULT_DIR as FASHION_MNIST_DIR
 from defjax.training.data.fashion_mnist import URL as FASHION_MNIST_URL
@@ -60,6 +63,7 @@ __all__ = [
     'STREAMED',
     'DatasetInfo',
     'EvalInput',
+    'GlobalBatches',
     'Split',
     'StepIterator',
     'Stream',
