@@ -64,11 +64,7 @@ def hlo_profile(compiled) -> dict:
   for m in pat.finditer(text):
     op = m.group(2).removesuffix('-start')
     count[op] += 1
-    for t, dims in wire._SHAPE.findall(m.group(1)):
-      n = 1
-      for x in dims.split(','):
-        n *= int(x) if x else 1
-      mbytes[op] += n * wire._DTYPE_BYTES[t] / 1e6
+    mbytes[op] += wire.array_bytes(m.group(1)) / 1e6
   return {op: {'count': count[op], 'MB': round(mbytes[op], 2)} for op in sorted(count)}
 
 
