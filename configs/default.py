@@ -77,8 +77,8 @@ def get_config() -> ml_collections.ConfigDict:
   optim.lam = 0.3
   # One block per leaf (the authors' code) instead of one over all values.
   # One global block moves all batch-norm and bias leaves together about once
-  # every `ratio` steps; on the slim VGG-16 it cost 24 points (results/
-  # cifar10_per_leaf). The results before 2026-11-29 pin False.
+  # every `ratio` steps, which batch-normalised models train far worse with
+  # (README, Block layout). Older results ran with False (their summary.json).
   optim.per_leaf = True
   # Seed of the shared RBGS block sequence (the same on every worker); unset
   # = config.seed. Set it to vary the initialisation and data over seeds with
@@ -91,7 +91,7 @@ def get_config() -> ml_collections.ConfigDict:
   optim.schedule = 'step'
   optim.decay_at = (0.5, 0.75)
   # Decay at the start of epoch int(f * num_epochs), as the authors do (True),
-  # or at step int(f * total_steps) (False; the results before 2026-11-29).
+  # or at step int(f * total_steps) (False: older results, their summary.json).
   optim.decay_whole_epochs = True
   # Linear learning-rate warm-up from 0, in epochs.
   optim.warmup_epochs = 0.0
