@@ -8,7 +8,7 @@ FMNIST := $(FMNIST_DIR)/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 WORKDIR ?= runs/quickstart
 
-.PHONY: install malloc data test train bench bench-gpu clean
+.PHONY: install malloc data test train bench bench-gpu fmt fmt-check clean
 
 install: $(STAMP) malloc
 
@@ -72,6 +72,17 @@ bench: install data
 bench-gpu: install
 	$(VENV)/bin/pip install -q -e '.[cuda]'
 	$(PY) -m bench.gpu
+
+# The formatter (pyproject's [tool.pyink]: 2-space indents, 80 columns).
+FMT_PATHS := defjax tests bench configs train.py
+
+fmt: install
+	$(VENV)/bin/pip install -q -e '.[fmt]'
+	$(VENV)/bin/pyink $(FMT_PATHS)
+
+fmt-check: install
+	$(VENV)/bin/pip install -q -e '.[fmt]'
+	$(VENV)/bin/pyink --check --diff $(FMT_PATHS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .cache
