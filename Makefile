@@ -8,7 +8,7 @@ FMNIST := $(FMNIST_DIR)/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 WORKDIR ?= runs/quickstart
 
-.PHONY: install malloc data test train docs bench bench-link bench-gpu clean
+.PHONY: install malloc data test train docs bench bench-link bench-gpu fmt fmt-check clean
 
 install: $(STAMP) malloc
 
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # tcmalloc: train.py restarts itself under it when it is installed
-# (defjax/main.py), so that XLA:CPU's fresh buffers reuse freed pages instead
+# (defjax/training/main.py), so that XLA:CPU's fresh buffers reuse freed pages instead
 # of faulting in new ones every step (bench/allocator.py). Optional: tried
 # once per venv (Debian 12: libtcmalloc-minimal4; newer: ...-minimal4t64).
 MALLOC_STAMP := $(VENV)/.malloc-tried
@@ -95,6 +95,17 @@ bench-link: install data
 bench-gpu: install
 	$(VENV)/bin/pip install -q -e '.[cuda]'
 	$(PY) -m bench.gpu
+
+# The formatter (pyproject's [tool.pyink]: 2-space indents, 80 columns).
+FMT_PATHS := defjax tests bench configs train.py
+
+fmt: install
+	$(VENV)/bin/pip install -q -e '.[fmt]'
+	$(VENV)/bin/pyink $(FMT_PATHS)
+
+fmt-check: install
+	$(VENV)/bin/pip install -q -e '.[fmt]'
+	$(VENV)/bin/pyink --check --diff $(FMT_PATHS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .cache docs/_build

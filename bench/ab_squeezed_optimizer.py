@@ -23,7 +23,6 @@ import tempfile
 from bench import common
 
 import defjax  # noqa: E402  (after bench.common: 8 CPU devices)
-from defjax import parallel  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -47,12 +46,16 @@ def main(argv=None):
   data = setup.batches(2)
   runners = {}
   for method in ('sgd', 'def'):
-    for name, module in (('old', old_parallel(a.before)), ('new', parallel)):
+    # The old module's make_train_step reads the layout attributes the new
+    # DataParallelLayout still has.
+    old = old_parallel(a.before).make_train_step
+    new = lambda loss_fn, tx, layout, **kw: layout.train_step(loss_fn, tx, **kw)
+    for name, make_train_step in (('old', old), ('new', new)):
       compressor = None if method == 'sgd' else defjax.rbgs(256, per_leaf=True)
       tx = common.make_tx(method, 256, setup.layout.axis_name, compressor=compressor)
       params, model_state = setup.variables()
-      opt_state = parallel.init_worker_state(tx, params, setup.layout)
-      step = module.make_train_step(setup.loss_fn, tx, setup.layout, sync_model_state=True)
+      opt_state = setup.layout.init_state(tx, params)
+      step = make_train_step(setup.loss_fn, tx, setup.layout, sync_model_state=True)
       runners[f'{method}_{name}'] = common.step_runner(step, [params, model_state, opt_state],
                                                        data, a.steps)
   res = common.alternate(runners, rounds=a.rounds, baseline='sgd_old', warmup=1)

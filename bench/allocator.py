@@ -10,7 +10,7 @@ freed pages for the next request. PyTorch works in place and pays neither.
 Each round runs every part once under each allocator (fresh processes, glibc
 first, then tcmalloc with LD_PRELOAD):
 
-* ``train step``: ``parallel.make_train_step`` on 8 CPU devices in one
+* ``train step``: ``DataParallelLayout.train_step`` on 8 CPU devices in one
   process, SGD and DEF (ratio 256, per-leaf, lam 0.3): the CNN (d = 0.42M,
   batch 16 per worker) and VGG-16 (d = 15M, batch 4);
 * ``2 processes``: ``bench.collectives``' optimizer + communication step of
@@ -39,7 +39,7 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 
 from bench import procs  # noqa: E402
-from defjax import main  # noqa: E402
+from defjax.training import main  # noqa: E402
 
 # (model, per-worker batch, steps per timed sample)
 TRAIN_SETTINGS = (('cnn', 16, 3), ('vgg16', 4, 1))
@@ -61,7 +61,7 @@ def train_child(out_path: str) -> None:
   import numpy as np
 
   import defjax
-  from defjax import parallel
+  from defjax import layouts
 
   out = {}
   for model, batch, steps in TRAIN_SETTINGS:
@@ -72,13 +72,13 @@ def train_child(out_path: str) -> None:
       compressor = None if method == 'sgd' else defjax.rbgs(RATIO, per_leaf=True)
       tx = common.make_tx(method, RATIO, setup.layout.axis_name, compressor=compressor)
       params, model_state = setup.variables()
-      opt_state = parallel.init_worker_state(tx, params, setup.layout)
+      opt_state = setup.layout.init_state(tx, params)
       state = [params, model_state, opt_state]
       step = setup.step(tx).lower(*state, data[0]).compile()
       runners[method] = common.step_runner(step, state, data, steps)
       runners[method]()  # 'steps' steps from the same start under each allocator
       digest[method] = hashlib.sha256(b''.join(
-          np.asarray(parallel.host_value(x)).tobytes() for x in jax.tree.leaves(state[0])
+          np.asarray(layouts.host_value(x)).tobytes() for x in jax.tree.leaves(state[0])
       )).hexdigest()
     runners, faults = common.count_faults(runners)
     res = common.alternate(runners, rounds=3, baseline='sgd', warmup=1)

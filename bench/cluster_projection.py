@@ -29,7 +29,7 @@ import math  # noqa: E402
 import statistics  # noqa: E402
 
 from bench import netmodel  # noqa: E402
-from defjax.models import vgg  # noqa: E402
+from defjax.training.models import vgg  # noqa: E402
 
 WORKERS = (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 BANDWIDTHS = (1, 10, 25, 100, 400)  # Gbit/s

@@ -4,7 +4,7 @@ The parent starts two worker processes, each with one CPU device (pinned to
 its own core when the machine has two or more), joined with
 ``jax.distributed.initialize('127.0.0.1:PORT', num_processes=2,
 process_id=i)``. The mesh spans both processes' devices
-(``parallel.make_layout(2)``), each process builds its own rows of the global
+(``data_parallel.make_layout(2)``), each process builds its own rows of the global
 batch with ``jax.make_array_from_process_local_data``, and the all-reduce of
 the train step crosses the process boundary through gloo over TCP loopback.
 
@@ -60,7 +60,7 @@ def worker(process_id: int, port: int, model_name: str, ratios, out_path: str,
   jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=2, process_id=process_id)
   from bench import common
   import numpy as np
-  from defjax import parallel, wire
+  from defjax import wire
 
   batch, rounds, steps = SETTINGS[model_name]
   if model_name == 'mlp':
@@ -98,7 +98,7 @@ def worker(process_id: int, port: int, model_name: str, ratios, out_path: str,
   for name, tx in variants.items():
     params = global_replicated(v['params'])
     ms = global_replicated({k: w for k, w in v.items() if k != 'params'})
-    opt = parallel.init_worker_state(tx, params, lay)
+    opt = lay.init_state(tx, params)
     # Compile once and run the compiled executable (a jit call would compile again).
     step = setup.step(tx).lower(params, ms, opt, data[0]).compile()
     payload[name] = sum(c.bytes for c in wire.collectives(step) if c.op == 'all-reduce')
@@ -133,7 +133,7 @@ def time_optimizer_only(variants, params_np, lay, global_replicated, rounds: int
   import optax
   from jax.sharding import PartitionSpec as P
   from bench import common
-  from defjax import feedback, parallel
+  from defjax import feedback
 
   rng = np.random.default_rng(jax.process_index())
   grads = jax.tree.map(
@@ -148,7 +148,7 @@ def time_optimizer_only(variants, params_np, lay, global_replicated, rounds: int
 
     # The optimizer mapped over the device's worker exactly as the train step
     # maps it (the update is equal on all workers: one copy, out_axes None).
-    mapped = parallel._map_workers(worker, lay, in_axes=(None, 0, 0), out_axes=(None, 0))
+    mapped = lay.map_workers(worker, in_axes=(None, 0, 0), out_axes=(None, 0))
 
     def local(params, opt_state, grads, mapped=mapped):
       updates, opt_state = mapped(params, opt_state, grads)
@@ -160,7 +160,7 @@ def time_optimizer_only(variants, params_np, lay, global_replicated, rounds: int
                                out_specs=(P(), P(lay.axis), P()), check_vma=False),
                  donate_argnums=(0, 1))
     params = global_replicated(params_np)
-    state = [params, parallel.init_worker_state(tx, params, lay)]
+    state = [params, lay.init_state(tx, params)]
 
     def run(fn=fn, state=state):
       state[0], state[1], point = fn(state[0], state[1], grads)

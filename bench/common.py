@@ -33,12 +33,14 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-import defjax  # noqa: E402
-from defjax import methods  # noqa: E402
-from defjax import parallel  # noqa: E402
+from configs import default as default_config  # noqa: E402
+from defjax import compress  # noqa: E402
+from defjax import xla_cpu  # noqa: E402
+from defjax.layouts import data_parallel  # noqa: E402
+from defjax.training import optimizer  # noqa: E402
 
-parallel.tolerate_slow_cpu_devices()
-from defjax.models import get_model  # noqa: E402
+xla_cpu.tolerate_slow_cpu_devices()
+from defjax.training.models import get_model  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / 'results'
 
@@ -57,25 +59,29 @@ MODEL_INPUTS = {
 }
 
 
-def inner_optimizer(lr: float = 0.05, momentum: float = 0.9, wd: float = 5e-4):
+def optim_config(method: str = 'sgd', ratio: float = 1):
+  """The training configs' ``optim`` (configs/default.py: the paper's momentum
+  SGD, lr 0.05, wd 5e-4) for ``method`` at ``ratio``, DEF at ``DEF_LAM``, one
+  global RBGS block."""
+  optim = default_config.get_config().optim
+  optim.update(method=method, ratio=float(ratio), lam=DEF_LAM, per_leaf=False)
+  return optim
+
+
+def inner_optimizer():
   """The paper's local optimizer: momentum SGD with weight decay."""
-  return optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr, momentum=momentum))
+  optim = optim_config()
+  return optimizer.local_optimizer(optim, optim.lr)
 
 
 def make_tx(method: str, ratio: float, axis_name, *, compressor=None):
-  """The per-worker transform of ``method`` with RBGS at ``ratio``."""
-  inner = inner_optimizer()
-  row = methods.get(method)
-  if not row.compresses:
-    return defjax.data_parallel(inner, axis_name=axis_name)
-  compressor = compressor if compressor is not None else defjax.rbgs(ratio)
-  if row.transform == 'psync':
-    return defjax.psync(inner, compressor, axis_name=axis_name)
-  if row.transform == 'ef21':  # inner_optimizer's lr, momentum and weight decay
-    return defjax.ef21(0.05, compressor, momentum=methods.resolved_momentum(method, 0.9),
-                       weight_decay=5e-4, axis_name=axis_name)
-  return defjax.error_feedback(inner, compressor, lam=methods.resolved_lam(method, DEF_LAM),
-                               axis_name=axis_name)
+  """The per-worker transform of ``method`` with RBGS at ``ratio``, built as
+  the training program builds it (``optimizer.build``); ``compressor``
+  replaces RBGS."""
+  optim = optim_config(method, ratio)
+  rbgs = compress.rbgs if compressor is None else lambda ratio, **_: compressor
+  tx, _ = optimizer.build(optim, schedule=optim.lr, axis_name=axis_name, rbgs=rbgs)
+  return tx
 
 
 def make_loss(model):
@@ -121,7 +127,7 @@ class Setup:
       shape = input_shape
     self.name = model_name
     self.model = model
-    self.layout = parallel.make_layout(num_workers) if layout is None else layout
+    self.layout = data_parallel.make_layout(num_workers) if layout is None else layout
     self.batch = batch
     self.input_shape = shape
     self.classes = classes
@@ -186,8 +192,8 @@ class Setup:
     return out
 
   def step(self, tx, donate: bool = True, check_collectives: bool = True):
-    return parallel.make_train_step(self.loss_fn, tx, self.layout, sync_model_state=True,
-                                    donate=donate, check_collectives=check_collectives)
+    return self.layout.train_step(self.loss_fn, tx, sync_model_state=True, donate=donate,
+                                  check_collectives=check_collectives)
 
 
 # ------------------------------------------------------------------- timing

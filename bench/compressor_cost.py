@@ -29,7 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import defjax  # noqa: E402
-from defjax.models import vgg  # noqa: E402
+from defjax.training.models import vgg  # noqa: E402
 
 SIZES = (15_000_000, 25_000_000)
 RATIOS = (64, 256, 1024)

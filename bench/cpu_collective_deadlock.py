@@ -8,9 +8,9 @@ intermittently deadlocks: the programs' participants interleave across the
 device threads so that no rendezvous completes; with XLA's default 40 s
 termination timeout the process then aborts (SIGABRT, "Termination timeout
 for all reduce"), with defjax's flags it waits up to 30 minutes. It was the
-abort behind issue #12 (defjax/trainer.py averaged unsynced batch-norm
+abort behind issue #12 (defjax/training/trainer.py averaged unsynced batch-norm
 statistics this way); defjax now runs one collective program at a time
-(``defjax.parallel.run_alone``).
+(``defjax.xla_cpu.run_alone``).
 
   python -m bench.cpu_collective_deadlock [--mode eager|jit] [--tries 5]
 

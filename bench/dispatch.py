@@ -26,7 +26,6 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import defjax  # noqa: E402
-from defjax import parallel  # noqa: E402
 
 # (name, steps per dispatch (0: the plain one-step program), lax.scan unroll)
 VARIANTS = (('single', 0, 1), ('n=1', 1, 1), ('n=16', 16, 1), ('n=16 unrolled', 16, True))
@@ -35,9 +34,8 @@ VARIANTS = (('single', 0, 1), ('n=1', 1, 1), ('n=16', 16, 1), ('n=16 unrolled', 
 def runner(setup, tx, n, steps, rng, unroll=1):
   """``steps`` training steps, n per dispatch (n = 0: the plain step)."""
   params, ms = setup.variables()
-  state = [params, ms, parallel.init_worker_state(tx, params, setup.layout)]
-  step = parallel.make_train_step(setup.loss_fn, tx, setup.layout, multi_step=n > 0,
-                                  unroll=unroll)
+  state = [params, ms, setup.layout.init_state(tx, params)]
+  step = setup.layout.train_step(setup.loss_fn, tx, multi_step=n > 0, unroll=unroll)
   k, b = setup.layout.num_workers, setup.batch
   per = max(n, 1)
   x = rng.normal(size=(per, k, b, *setup.input_shape)).astype(np.float32)

@@ -1,7 +1,7 @@
 """One accelerator, K = 8 vmapped workers: SGD against DEF at ratios 64 and 256.
 
 The setting of the paper's runs on a single GPU: the workers are simulated
-with vmap on one device (``parallel.make_layout(8)`` puts all 8 there), each
+with vmap on one device (``data_parallel.make_layout(8)`` puts all 8 there), each
 with its own error and momentum, and the block all-reduce becomes a sum over
 the vmapped axis. For each model and method this measures
 
@@ -32,12 +32,13 @@ from __future__ import annotations
 from bench import common  # noqa: F401  (sets 8 host devices before jax)
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
 
 import defjax  # noqa: E402
-from defjax import parallel  # noqa: E402
+from defjax.layouts import data_parallel  # noqa: E402
 from defjax import wire  # noqa: E402
 
 # (method, ratio, local_gradients): the local workers' gradients vmapped
@@ -65,7 +66,7 @@ def measure(model: str, batch: int, *, variants=VARIANTS, num_workers: int = 8,
             rounds: int = 5, steps: int = 10, devices=None) -> dict:
   """Compiles and times every variant of one model on ``devices`` (default:
   the first device only); returns one row per variant."""
-  layout = parallel.make_layout(num_workers, devices=devices or jax.devices()[:1])
+  layout = data_parallel.make_layout(num_workers, devices=devices or jax.devices()[:1])
   setup = common.Setup(model, num_workers, batch, layout=layout)
   data = setup.batches(2)
   runners, rows = {}, {}
@@ -74,9 +75,10 @@ def measure(model: str, batch: int, *, variants=VARIANTS, num_workers: int = 8,
     compressor = defjax.rbgs(ratio, per_leaf=True) if method != 'sgd' else None
     tx = common.make_tx(method, ratio, layout.axis_name, compressor=compressor)
     params, model_state = setup.variables()
-    opt_state = parallel.init_worker_state(tx, params, layout)
+    opt_state = layout.init_state(tx, params)
     t0 = time.perf_counter()
-    step = parallel.make_train_step(setup.loss_fn, tx, layout, local_gradients=local_gradients)
+    step = dataclasses.replace(layout, local_gradients=local_gradients).train_step(
+        setup.loss_fn, tx)
     compiled = step.lower(params, model_state, opt_state, data[0]).compile()
     compile_s = time.perf_counter() - t0
     memory = compiled.memory_analysis()

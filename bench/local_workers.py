@@ -3,7 +3,7 @@
 K = 8 DEF workers (ratio 256, per-leaf blocks, lam 0.3) on 8 CPU devices
 (one worker each) against the same K = 8 on 2 devices, 4 workers per device,
 their gradients computed under ``jax.vmap`` or by one copy of the model per
-worker (``make_train_step(local_gradients=...)``). DEF's workers take their
+worker (``make_layout(local_gradients=...)``). DEF's workers take their
 gradients at different points x - lam e_k, so under vmap every convolution
 gets per-worker weights (a grouped convolution). The three programs are timed
 in alternating rounds; ``x_8_devices`` is the step time over the 8-device
@@ -23,7 +23,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import defjax  # noqa: E402
-from defjax import parallel  # noqa: E402
+from defjax import layouts  # noqa: E402
+from defjax.layouts import data_parallel  # noqa: E402
 
 VARIANTS = (('8 devices', 8, 'vmap'), ('2 devices, vmap', 2, 'vmap'),
             ('2 devices, unroll', 2, 'unroll'))
@@ -35,19 +36,19 @@ def measure(model: str, batch: int, rounds: int, steps: int, variants=VARIANTS,
             num_workers: int = 8) -> dict:
   runners, final = {}, {}
   for name, num_devices, local_gradients in variants:
-    layout = parallel.make_layout(num_workers, devices=jax.devices()[:num_devices])
+    layout = data_parallel.make_layout(num_workers, devices=jax.devices()[:num_devices],
+                                       local_gradients=local_gradients)
     setup = common.Setup(model, num_workers, batch, layout=layout)
     data = setup.batches(2)
     tx = common.make_tx('def', 256, layout.axis_name, compressor=defjax.rbgs(256, per_leaf=True))
     params, model_state = setup.variables()
-    opt_state = parallel.init_worker_state(tx, params, layout)
-    step = parallel.make_train_step(setup.loss_fn, tx, layout, local_gradients=local_gradients,
-                                    donate=False)
+    opt_state = layout.init_state(tx, params)
+    step = layout.train_step(setup.loss_fn, tx, donate=False)
     compiled = step.lower(params, model_state, opt_state, data[0]).compile()
     state = (params, model_state, opt_state)
     for i in range(3):
       *state, _ = compiled(*state, data[i % 2])
-    final[name] = [np.asarray(parallel.host_value(x)) for x in jax.tree.leaves(state[0])]
+    final[name] = [np.asarray(layouts.host_value(x)) for x in jax.tree.leaves(state[0])]
     runners[name] = common.step_runner(compiled, [params, model_state, opt_state], data, steps)
     print(f'  {model} {name}: compiled', flush=True)
   base = VARIANTS[0][0]

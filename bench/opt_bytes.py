@@ -17,7 +17,7 @@ buffer that is still read after its new value is written is copied first).
 Parts: the optimizer alone on one device (what ``bench.overhead`` times as
 optimizer-only) for VGG-16 (CIFAR) and the ~15M-parameter MLP of
 ``bench.collectives`` / ``bench.peer_torch``; and the whole train step
-(``parallel.make_train_step``, K = 8 on 8 CPU devices), whose bytes include
+(``DataParallelLayout.train_step``, K = 8 on 8 CPU devices), whose bytes include
 the model's, so that what DEF adds is the difference to SGD. Deterministic:
 nothing is timed, so a loaded machine gives the same table.
 
@@ -91,7 +91,7 @@ def optimizer_only(model: str, variant: str, ratio: float) -> dict:
 
 
 def train_step(model: str, batch: int, variant: str, ratio: float, workers: int = 8) -> dict:
-  """The whole train step (``parallel.make_train_step``, K workers on K CPU
+  """The whole train step (``DataParallelLayout.train_step``, K workers on K CPU
   devices): its bytes include the model's; what DEF adds is the difference."""
   setup = common.Setup(model, workers, batch)
   _, tx = make_tx(variant, ratio, setup.layout.axis_name)
@@ -127,7 +127,7 @@ def main(argv=None):
       ' and PSync compile to DEF\'s program);'
       ' x_sgd and plus_sgd: over / minus SGD\'s bytes_d in the same part; copies: full-size'
       ' copy instructions (of at least 1% of d values). optimizer: tx.update + apply_updates +'
-      ' the next gradient point on one device; train step: parallel.make_train_step with K = 8'
+      ' the next gradient point on one device; train step: DataParallelLayout.train_step with K = 8'
       ' workers on 8 CPU devices. Nothing is timed.')
   common.write('opt_bytes', {'rows': rows}, common.table(rows, COLUMNS), notes)
   return rows

@@ -1,6 +1,6 @@
 """Step time of DEF, EF and PSync vs data-parallel SGD on the same devices.
 
-Every variant runs the real shard_map train step (``parallel.make_train_step``)
+Every variant runs the real shard_map train step (``DataParallelLayout.train_step``)
 on the same model, devices and per-worker batch. Variants are timed in
 alternation (A B C ... A B C ...), and the ratio to SGD is taken within each
 round, so a shared machine slowing down between rounds moves both sides of a
@@ -29,7 +29,6 @@ import re  # noqa: E402
 import jax  # noqa: E402
 
 import defjax  # noqa: E402
-from defjax import parallel  # noqa: E402
 
 VARIANTS = ('sgd', 'def', 'ef', 'psync', 'def_identity', 'local')
 
@@ -65,11 +64,7 @@ def hlo_profile(compiled) -> dict:
   for m in pat.finditer(text):
     op = m.group(2).removesuffix('-start')
     count[op] += 1
-    for t, dims in wire._SHAPE.findall(m.group(1)):
-      n = 1
-      for x in dims.split(','):
-        n *= int(x) if x else 1
-      mbytes[op] += n * wire._DTYPE_BYTES[t] / 1e6
+    mbytes[op] += wire.array_bytes(m.group(1)) / 1e6
   return {op: {'count': count[op], 'MB': round(mbytes[op], 2)} for op in sorted(count)}
 
 
@@ -82,7 +77,7 @@ def measure(model: str, batch: int, rounds: int, steps: int, ratio: float = 256,
   for v in variants:
     tx = make_variant_tx(v, ratio, setup.layout.axis_name)
     params, ms = setup.variables()
-    opt = parallel.init_worker_state(tx, params, setup.layout)
+    opt = setup.layout.init_state(tx, params)
     # Compile once and run the compiled executable (a jit call would compile again).
     # 'local' has no gradient all-reduce on purpose: skip the step's check.
     step = setup.step(tx, check_collectives=v != 'local').lower(params, ms, opt, data[0]).compile()

@@ -142,7 +142,7 @@ def jax_worker(a) -> None:
 
   from bench import common
   import defjax
-  from defjax import parallel, wire
+  from defjax import wire
 
   k = 2 * a.devices
   setup = common.Setup(a.model, k, a.batch)
@@ -173,7 +173,7 @@ def jax_worker(a) -> None:
                         compressor=defjax.rbgs(ratio, per_leaf=True) if ratio > 1 else None)
     params = replicated(v['params'])
     ms = replicated({key: w for key, w in v.items() if key != 'params'})
-    opt = parallel.init_worker_state(tx, params, lay)
+    opt = lay.init_state(tx, params)
     step = setup.step(tx).lower(params, ms, opt, data[0]).compile()
     payload[name] = [b for c in wire.collectives(step) if c.op == 'all-reduce'
                      for b in c.operand_bytes]

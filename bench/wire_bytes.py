@@ -1,7 +1,7 @@
 """All-reduce bytes per step, read from the compiled train step, vs the limit.
 
 For each model, method and ratio this compiles the real shard_map train step
-(``parallel.make_train_step``, trainer-like loss, synced batch-norm
+(``DataParallelLayout.train_step``, trainer-like loss, synced batch-norm
 statistics) on 8 devices without running it, reads every collective from the
 optimized HLO (``defjax.wire``) and compares the all-reduce payload with the
 physical limit:

@@ -15,15 +15,16 @@ def get_config() -> ml_collections.ConfigDict:
   # image_folder, a folder or .tar of train/<class>/* and test/<class>/*.
   config.data_dir = ''
   # Model: cnn | mlp_tp | vgg16 | vgg16_slim | vgg16_linear | vgg16_slim_linear |
-  # resnet20 | preact_resnet110 | wrn28_10 | resnet50 (defjax/models/__init__.py).
+  # resnet20 | preact_resnet110 | wrn28_10 | resnet50 (defjax/training/models/__init__.py).
   config.model = 'cnn'
   # K, the number of workers. K > devices simulates K / devices per device.
   config.num_workers = 8
-  # M, the devices of one worker (tensor parallelism, defjax.sharded): K
-  # workers of M devices on a ('data', 'model') mesh, the params sharded over
-  # 'model' by the model's nn.with_partitioning specs (mlp_tp has them), one
-  # RBGS block per local shard. 1 = the 1-D layout. M > 1 must divide the
-  # device count and needs K * M <= devices.
+  # M, the devices of one worker (tensor parallelism, defjax.layouts.sharded):
+  # K workers of M devices on a ('data', 'model') mesh, the params sharded
+  # over 'model' by the model's nn.with_partitioning specs (mlp_tp has them),
+  # one RBGS block per local shard. 1 = the 1-D layout
+  # (defjax.layouts.data_parallel). M > 1 must divide the device count and
+  # needs K * M <= devices.
   config.model_axis_size = 1
   # Mini-batch per worker (the global batch is num_workers * batch_size).
   config.batch_size = 16
@@ -47,8 +48,8 @@ def get_config() -> ml_collections.ConfigDict:
   # With more workers than devices (K > devices), how each device computes its
   # workers' gradients: 'vmap' (one batched program; DEF's per-worker eval
   # points make every convolution a grouped one), 'unroll' (a copy of the
-  # model per local worker) or 'auto' (workers.AUTO_LOCAL_GRADIENTS: unroll on
-  # CPU, where bench/local_workers.py measured it far faster than vmap).
+  # model per local worker) or 'auto' (data_parallel.AUTO_LOCAL_GRADIENTS:
+  # unroll on CPU, where bench/local_workers.py measured it far faster).
   config.local_gradients = 'auto'
   # Checkpoint every this many steps (0 = only at the end and on SIGTERM).
   config.checkpoint_every_steps = 0
@@ -78,8 +79,8 @@ def get_config() -> ml_collections.ConfigDict:
   optim.lam = 0.3
   # One block per leaf (the authors' code) instead of one over all values.
   # One global block moves all batch-norm and bias leaves together about once
-  # every `ratio` steps; on the slim VGG-16 it cost 24 points (results/
-  # cifar10_per_leaf). The results before 2026-11-29 pin False.
+  # every `ratio` steps, which batch-normalised models train far worse with
+  # (README, Block layout). Older results ran with False (their summary.json).
   optim.per_leaf = True
   # Seed of the shared RBGS block sequence (the same on every worker); unset
   # = config.seed. Set it to vary the initialisation and data over seeds with
@@ -93,7 +94,7 @@ def get_config() -> ml_collections.ConfigDict:
   optim.schedule = 'step'
   optim.decay_at = (0.5, 0.75)
   # Decay at the start of epoch int(f * num_epochs), as the authors do (True),
-  # or at step int(f * total_steps) (False; the results before 2026-11-29).
+  # or at step int(f * total_steps) (False: older results, their summary.json).
   # A short run keeps whole epochs only where a decay's epoch comes after
   # step 0 and after the previous decay's epoch; the other decays come at
   # step int(f * total_steps). (Without that, a run under 2 epochs, e.g.

@@ -1,8 +1,8 @@
 r"""The quick start with workers of two devices: tensor-parallel DEF.
 
 K = 4 workers of M = 2 devices each on a ('data', 'model') mesh of 8
-devices (defjax.sharded): the wide MLP 'mlp_tp' (784 -> 1024 -> 1024 -> 10,
-1.86M parameters; its first layer column-parallel, its second row-parallel)
+devices (defjax.layouts.sharded): the wide MLP 'mlp_tp' (784 -> 1024 ->
+1024 -> 10, 1.86M parameters; its first layer column-parallel, its second row-parallel)
 is sharded over each worker's 2 devices, and DEF (lam 0.3, ratio 256) keeps
 one RBGS block per local shard of each leaf, all-reduced over 'data' only.
 Everything else is the quick start's (configs/fashion_mnist.py): 16

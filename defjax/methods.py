@@ -39,6 +39,10 @@ class Method(NamedTuple):
   transform: str = 'error_feedback'
   momentum: Optional[float] = None
 
+  def resolved_lam(self, lam: float) -> float:
+    """The lam this method runs with: its own, or ``lam`` (DEF and DEF-A)."""
+    return float(lam) if self.lam is None else self.lam
+
 
 # In the paper's column order (Table 1), then the methods it does not tabulate.
 # EF21 takes its gradient at x: lam 0.
@@ -75,8 +79,7 @@ def get(name: str) -> Method:
 
 def resolved_lam(name: str, lam: float) -> float:
   """The lam ``name`` runs with: its own, or ``lam`` for DEF and DEF-A."""
-  fixed = get(name).lam
-  return float(lam) if fixed is None else fixed
+  return get(name).resolved_lam(lam)
 
 
 def resolved_momentum(name: str, momentum: float) -> float:

@@ -54,6 +54,17 @@ class Collective:
     return tuple(math.prod(s) * _DTYPE_BYTES[t] for t, s in self.shapes)
 
 
+def shapes(hlo_type: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+  """(dtype, dims) of every array in an HLO type, e.g. ``(f32[3,4]{1,0}, s32[])``."""
+  return tuple((t, tuple(int(x) for x in dims.split(',') if x))
+               for t, dims in _SHAPE.findall(hlo_type))
+
+
+def array_bytes(hlo_type: str) -> int:
+  """Bytes of the arrays of an HLO type (what an instruction produces)."""
+  return sum(math.prod(s) * _DTYPE_BYTES[t] for t, s in shapes(hlo_type))
+
+
 def _hlo_text(compiled) -> str:
   if isinstance(compiled, str):
     return compiled
@@ -72,15 +83,13 @@ def collectives(compiled) -> list[Collective]:
     if not m:
       continue
     result = m.group('result')
-    shapes = tuple(
-        (t, tuple(int(x) for x in dims.split(',') if x))
-        for t, dims in _SHAPE.findall(result)
-    )
+    produced = shapes(result)
     op = m.group('op').removesuffix('-start')
     if op.startswith('all-reduce') and result.startswith('(') and m.group('op').endswith('-start'):
       # all-reduce-start returns the operands then the results: count once.
-      shapes = shapes[: len(shapes) // 2] if len(shapes) > 1 and len(shapes) % 2 == 0 else shapes
-    found.append(Collective(op=op, shapes=shapes))
+      if len(produced) > 1 and len(produced) % 2 == 0:
+        produced = produced[: len(produced) // 2]
+    found.append(Collective(op=op, shapes=produced))
   return found
 
 
@@ -144,14 +153,6 @@ def transfers(compiled, mesh) -> list[Transfer]:
       spanned |= {n for n, c in zip(names, coords) if len(set(c.tolist())) > 1}
     out.append(Transfer(found[0], tuple(n for n in names if n in spanned)))
   return out
-
-
-def all_reduce_elements(compiled, *, min_elements: int = 1) -> list[int]:
-  """Sizes (in elements) of all-reduces of at least ``min_elements`` values."""
-  return sorted(
-      c.elements for c in collectives(compiled)
-      if c.op == 'all-reduce' and c.elements >= min_elements
-  )
 
 
 def payload_bytes(compiled) -> int:

@@ -20,10 +20,10 @@ os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(
 
 import jax  # noqa: E402
 
-from defjax import parallel  # noqa: E402
+from defjax import xla_cpu  # noqa: E402
 
 jax.config.update('jax_num_cpu_devices', 8)
-parallel.tolerate_slow_cpu_devices()
+xla_cpu.tolerate_slow_cpu_devices()
 
 
 import io  # noqa: E402

@@ -79,3 +79,18 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
       lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol),
       a, b,
   )
+
+
+def shard_params(params, layout, param_specs):
+  """``params`` placed on a sharded layout: sharded over 'model' by their specs."""
+  return jax.device_put(params, layout.param_shardings(params, param_specs))
+
+
+def all_reduce_elements(compiled, *, min_elements: int = 1) -> list[int]:
+  """Sizes (in elements) of a compiled program's all-reduces of at least
+  ``min_elements`` values."""
+  from defjax import wire
+  return sorted(
+      c.elements for c in wire.collectives(compiled)
+      if c.op == 'all-reduce' and c.elements >= min_elements
+  )

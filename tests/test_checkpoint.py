@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from defjax import checkpoint as ckpt
-from defjax import runfiles
-from defjax import task
-from defjax import trainer
+from defjax.training import checkpoint as ckpt
+from defjax.training import runfiles
+from defjax.training import task
+from defjax.training import trainer
 from configs import default
 from test_trainer import override, tiny_config
 
@@ -44,7 +44,7 @@ def _system_malloc_env():
   """An environment in which train.py keeps the C library's malloc; None
   where the reference run did not use tcmalloc either (not installed, or
   the user chose), so that no test compares glibc with glibc."""
-  from defjax import main
+  from defjax.training import main
   preload = os.environ.get('LD_PRELOAD', '')
   if (not main.tcmalloc_library() or (preload and 'tcmalloc' not in preload)
       or os.environ.get('DEFJAX_ALLOCATOR') == 'system'):

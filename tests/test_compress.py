@@ -8,10 +8,22 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import PartitionSpec as P
 
 import defjax
 from defjax import compress as compress_lib
+from defjax.layouts import sharded
 from helpers import K, assert_trees_close, mlp_params
+
+# Per-shard RBGS (one block per local shard) on one worker of M model devices:
+# mlp_params' layers split Megatron-style, its last bias whole on every device.
+SHARD_SPECS = {'layer0': {'w': P(None, 'model'), 'b': P('model')},
+               'layer1': {'w': P('model', None), 'b': P()}}
+
+
+def _per_shard(ratio, key, specs=SHARD_SPECS, model_axis_size=4):
+  mesh = sharded.make_layout(1, model_axis_size).mesh
+  return compress_lib.per_shard_rbgs(ratio, specs, mesh, key=key)
 
 
 def _tree(seed, params=None):
@@ -33,6 +45,7 @@ def _state_at(compressor, params, step):
 LINEAR = {
     'rbgs': lambda: defjax.rbgs(7, key=3),
     'rbgs_per_leaf': lambda: defjax.rbgs(7, key=3, per_leaf=True),
+    'rbgs_per_shard': lambda: _per_shard(7, key=3),
     'randomk': lambda: defjax.randomk(7, key=3),
     'scaled': lambda: defjax.scaled(0.25),
     'identity': defjax.identity,
@@ -52,9 +65,10 @@ def test_linear_and_shared(name):
       compress(jax.tree.map(jnp.add, a, b), state),
   )
   ps = jax.tree.map(lambda *xs: jnp.stack(xs), *[_tree(10 + k) for k in range(K)])
-  mean_c, residual, new_state = jax.vmap(
-      c.aggregate, in_axes=(0, None, None), axis_name='w'
-  )(ps, state, 'w')
+  # Jitted: per-shard RBGS's nested shard_map needs its mesh's devices.
+  mean_c, residual, new_state = jax.jit(jax.vmap(
+      lambda p, s: c.aggregate(p, s, 'w'), in_axes=(0, None), axis_name='w'
+  ))(ps, state)
   mean_p = jax.tree.map(lambda x: x.mean(0), ps)
   for k in range(K):
     assert_trees_close(jax.tree.map(lambda x: x[k], mean_c), compress(mean_p, state))
@@ -105,8 +119,8 @@ def test_rbgs_block_wraps_around():
   pytest.fail('no wrapping block in 200 steps')
 
 
-@pytest.mark.parametrize('per_leaf', [False, True])
-def test_uniform_coverage(per_leaf):
+@pytest.mark.parametrize('blocks', ['global', 'per_leaf', 'per_shard'])
+def test_uniform_coverage(blocks):
   """Every coordinate, first and last included, is kept with frequency b/d.
 
   For each coordinate the indicator over T independent steps is Bernoulli(p)
@@ -117,7 +131,10 @@ def test_uniform_coverage(per_leaf):
   """
   params = {'a': jnp.zeros((6, 5)), 'b': jnp.zeros(20)}  # d = 50
   ratio, T = 5, 4000
-  c = defjax.rbgs(ratio, key=11, per_leaf=per_leaf)
+  if blocks == 'per_shard':  # 2 model devices: 15 and 10 values each
+    c = _per_shard(ratio, 11, {'a': P('model', None), 'b': P('model')}, model_axis_size=2)
+  else:
+    c = defjax.rbgs(ratio, key=11, per_leaf=blocks == 'per_leaf')
   state = c.init(params)
   ones = jax.tree.map(jnp.ones_like, params)
 
@@ -128,7 +145,9 @@ def test_uniform_coverage(per_leaf):
     return jax.tree.map(lambda x: x.sum(0), jax.lax.map(kept, jnp.arange(T)))
 
   freq = jax.tree.map(lambda x: np.ravel(x) / T, counts())
-  if per_leaf:
+  if blocks == 'per_shard':
+    p = {'a': (15 // ratio) / 15, 'b': (10 // ratio) / 10}
+  elif blocks == 'per_leaf':
     p = {'a': (30 // ratio) / 30, 'b': (20 // ratio) / 20}
   else:
     p = {'a': 10 / 50, 'b': 10 / 50}
@@ -139,10 +158,18 @@ def test_uniform_coverage(per_leaf):
   np.testing.assert_array_less(np.abs(_flat(freq)[[0, -1]] - p['a']), eps)
 
 
-def test_all_workers_select_the_same_block():
+@pytest.mark.parametrize('name', ['rbgs', 'rbgs_per_shard'])
+def test_all_workers_select_the_same_block(name):
   """Identity 6: the block depends on the shared seed and step, not the worker."""
-  c = defjax.rbgs(16, key=2)
   params = mlp_params()
+  if name == 'rbgs':
+    c = defjax.rbgs(16, key=2)
+    kept = c.payload(params)
+  else:  # each of the 4 model devices keeps a block of its shard of a sharded leaf
+    c = _per_shard(16, key=2)
+    specs = jax.tree.leaves(SHARD_SPECS, is_leaf=lambda s: isinstance(s, P))
+    kept = sum(max(1, (x.size // (4 if 'model' in s else 1)) // 16) * (4 if 'model' in s else 1)
+               for x, s in zip(jax.tree.leaves(params), specs))
   stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
   # Every worker initialises and carries its own state, from its own values:
   # nothing but the seed and the step count may decide the block.
@@ -153,7 +180,7 @@ def test_all_workers_select_the_same_block():
     ps = stack([_tree(100 + 10 * t + k) for k in range(K)])
     _, residual, states = aggregate(ps, states)
     zeroed = np.stack([_flat(jax.tree.map(lambda x: x[k], residual)) == 0 for k in range(K)])
-    assert zeroed[0].sum() == c.payload(params)
+    assert zeroed[0].sum() == kept
     assert (zeroed == zeroed[0]).all()
     seen.append(zeroed[0])
   assert not np.array_equal(seen[0], seen[1])  # and the block moves from step to step
@@ -334,7 +361,9 @@ def test_as_key_is_the_raw_key_of_every_form():
 
 
 STATEFUL = {
-    **LINEAR,
+    # Per-shard RBGS's state comes back placed on its mesh (test_sharded
+    # checks its types across steps there).
+    **{k: v for k, v in LINEAR.items() if k != 'rbgs_per_shard'},
     'topk': lambda: defjax.topk(7),
     'dense_warmup': lambda: defjax.dense_warmup(defjax.rbgs(7, key=3), 1),
 }

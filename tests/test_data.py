@@ -1,4 +1,4 @@
-"""Tests for defjax.data's sources, cache, batch order and augmentation.
+"""Tests for defjax.training.data's sources, cache, batch order and augmentation.
 
 The grain pipeline over them is tested in test_data_pipeline.py.
 """
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from defjax import data
+from defjax.training import data
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CIFAR_TAR = next(

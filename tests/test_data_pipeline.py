@@ -1,4 +1,4 @@
-"""Tests for defjax.data's grain pipeline: exact steps, resume, eval reads."""
+"""Tests for defjax.training.data's grain pipeline: exact steps, resume, eval reads."""
 
 import json
 import multiprocessing
@@ -7,7 +7,7 @@ import grain
 import numpy as np
 import pytest
 
-from defjax import data
+from defjax.training import data
 
 # conftest's tiny_folder holds 48 train images: 4 steps of K * B per epoch.
 K, B, SEED = 4, 3, 5

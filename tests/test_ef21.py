@@ -9,7 +9,8 @@ import optax
 import pytest
 
 import defjax
-from defjax import parallel, wire
+from defjax import wire
+from defjax.layouts import data_parallel
 from helpers import K, assert_trees_close, batches, mlp_loss, mlp_params, momentum_sgd, run_workers
 
 LR, MU, WD = 0.1, 0.9, 5e-4
@@ -129,13 +130,12 @@ def test_steps_by_hand_under_shard_map(num_workers):
   hand in NumPy with the block from ALGORITHMS.md; the step's only
   non-scalar all-reduce is the block of b values."""
   ratio, seed = 10, 4
-  layout = parallel.make_layout(num_workers)
+  layout = data_parallel.make_layout(num_workers)
   tx = defjax.ef21(LR, defjax.rbgs(ratio, key=seed), momentum=MU, weight_decay=WD,
                    axis_name=layout.axis_name)
   params = jax.device_put(mlp_params(), layout.replicated)
-  state = parallel.init_worker_state(tx, params, layout)
-  step = parallel.make_train_step(lambda p, ms, b: (mlp_loss(p, b), ms), tx, layout,
-                                  donate=False)
+  state = layout.init_state(tx, params)
+  step = layout.train_step(lambda p, ms, b: (mlp_loss(p, b), ms), tx, donate=False)
   xs, ys = batches(2, workers=num_workers)
   batch = lambda t: jax.device_put((xs[t], ys[t]), layout.per_worker)
   compiled = step.lower(params, {}, state, batch(0)).compile()

@@ -4,7 +4,7 @@ XLA:CPU runs each device's program on its own thread and joins the threads
 at every collective in a rendezvous that aborts the process (SIGABRT) when
 a participant is more than xla_cpu_collective_call_warn_stuck_timeout_seconds
 + xla_cpu_collective_call_terminate_timeout_seconds late (20 + 40 s by
-default). ``parallel.tolerate_slow_cpu_devices`` (called by train.py and
+default). ``xla_cpu.tolerate_slow_cpu_devices`` (called by train.py and
 conftest) lifts the termination; these tests show the abort with short
 timeouts, its absence with defjax's (a device 45 s late), and unchanged
 results under CPU hogs.
@@ -31,10 +31,10 @@ import sys, time
 import jax, jax.numpy as jnp
 from jax.experimental import io_callback
 from jax.sharding import PartitionSpec as P
-from defjax import parallel
+from defjax import xla_cpu
 jax.config.update('jax_num_cpu_devices', 8)
 if sys.argv[2] == 'defjax':
-  parallel.tolerate_slow_cpu_devices()
+  xla_cpu.tolerate_slow_cpu_devices()
 delay = float(sys.argv[1])
 
 def late(i):

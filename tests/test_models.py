@@ -1,4 +1,4 @@
-"""Tests for defjax.models: parameter counts, shapes, and the BatchNorm contract."""
+"""Tests for defjax.training.models: parameter counts, shapes, and the BatchNorm contract."""
 
 import functools
 import math
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from defjax import models
+from defjax.training import models
 
 BATCH = 2
 NUM_CLASSES = {  # the datasets each model is trained on

@@ -39,6 +39,6 @@ def test_readme_sharded_example_runs():
   assert np.isfinite(float(namespace['loss']))
   layout, params, specs = namespace['layout'], namespace['params'], namespace['specs']
   assert layout.mesh.shape == {'data': 4, 'model': 2}
-  for x, want in zip(jax.tree.leaves(params), jax.tree.leaves(layout.param_shardings(specs))):
+  for x, want in zip(jax.tree.leaves(params), jax.tree.leaves(layout.param_shardings(params, specs))):
     assert x.sharding.is_equivalent_to(want, x.ndim)
   assert jax.tree.structure(namespace['y']) == jax.tree.structure(params)

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from defjax import runfiles
+from defjax.training import runfiles
 
 
 class _Stopped(Exception):

@@ -5,8 +5,6 @@ per-shard block rule written out (each leaf split into its M model shards by
 hand), not the library's compressor.
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,8 +13,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import defjax
-from defjax import checkpoint, sharded, wire
-from helpers import batches, mlp_loss, mlp_params, momentum_sgd
+from defjax import layouts, wire
+from defjax.layouts import sharded
+from defjax.training import checkpoint
+from helpers import batches, mlp_loss, mlp_params, momentum_sgd, shard_params
 
 LR, MU, WD = 0.1, 0.9, 5e-4
 SIZES = (12, 64, 3)  # hidden 64: sharded over up to 8 model devices
@@ -31,12 +31,12 @@ def _loss(params, model_state, batch):
 
 def _setup(num_workers, model_axis_size, *, ratio=4, lam=0.3):
   layout = sharded.make_layout(num_workers, model_axis_size)
-  compressor = sharded.rbgs(ratio, SPECS, layout)
+  compressor = layout.rbgs(ratio, SPECS, per_leaf=True)
   tx = defjax.error_feedback(momentum_sgd(LR, MU, WD), compressor, lam=lam,
                              axis_name=layout.axis_name)
-  params = sharded.shard_params(mlp_params(sizes=SIZES), layout, SPECS)
-  state = sharded.init_worker_state(tx, params, layout, SPECS)
-  step = sharded.make_train_step(_loss, tx, layout, SPECS, donate=False)
+  params = shard_params(mlp_params(sizes=SIZES), layout, SPECS)
+  state = layout.init_state(tx, params, SPECS)
+  step = layout.train_step(_loss, tx, SPECS, donate=False)
   return layout, compressor, params, state, step
 
 
@@ -111,14 +111,15 @@ def test_sharded_def_equals_direct_per_shard_blocks(mesh, lam):
   for k in range(num_workers):
     _close(jax.tree.map(lambda e: np.asarray(e)[k], state.error), errors_ref[k])
   # x, e_k and m_k kept their model sharding.
-  for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(layout.param_shardings(SPECS))):
+  for got, want in zip(jax.tree.leaves(params),
+                       jax.tree.leaves(layout.param_shardings(params, SPECS))):
     assert got.sharding.is_equivalent_to(want, got.ndim)
 
 
 def test_one_worker_lam_one_is_momentum_sgd():
   """Identity 1 on a 1x2 mesh: y = x - e follows momentum SGD exactly."""
   layout, _, params, state, step = _setup(1, 2, lam=1.0)
-  average = sharded.make_averaged_params(layout, SPECS)
+  average = layout.averaged_params(SPECS)
   xs, ys = batches(4, workers=1)
   sgd = momentum_sgd(LR, MU, WD)
   y_ref = mlp_params(sizes=SIZES)
@@ -196,24 +197,23 @@ def _broken(broken, layout):
   if broken == 'global_block':
     compressor, axis_name = defjax.rbgs(4, per_leaf=True), 'data'
   else:
-    compressor, axis_name = sharded.rbgs(4, SPECS, layout), ('data', 'model')
+    compressor, axis_name = layout.rbgs(4, SPECS, per_leaf=True), ('data', 'model')
   tx = defjax.error_feedback(momentum_sgd(), compressor, lam=0.3, axis_name=axis_name)
   return compressor, tx
 
 
 @pytest.mark.parametrize('broken', ['global_block', 'reduce_over_model'])
-def test_wire_check_fails_when_compression_touches_the_model_axis(broken, monkeypatch):
+def test_wire_check_fails_when_compression_touches_the_model_axis(broken):
   """The HLO check is not vacuous (with the step's trace-time check off). A
   global block (the 1-D per-leaf RBGS on model-sharded leaves, with its own
   payload) all-gathers a weight over 'model'; per-shard blocks averaged over
   ('data', 'model') all-reduce across the model axis."""
-  monkeypatch.setattr(sharded, 'check_worker_collectives', lambda *args: None)
   layout = sharded.make_layout(2, 4)
-  params = sharded.shard_params(mlp_params(sizes=SIZES), layout, SPECS)
+  params = shard_params(mlp_params(sizes=SIZES), layout, SPECS)
   compressor, tx = _broken(broken, layout)
   match = 'only all-reduces' if broken == 'global_block' else 'spans the model axis'
-  state = sharded.init_worker_state(tx, params, layout, SPECS)
-  step = sharded.make_train_step(_loss, tx, layout, SPECS, donate=False)
+  state = layout.init_state(tx, params, SPECS)
+  step = layout.train_step(_loss, tx, SPECS, donate=False, check_collectives=False)
   with pytest.raises(AssertionError, match=match):
     _check_wire(_compiled(layout, params, state, step), layout, compressor.payload(params))
 
@@ -229,19 +229,19 @@ def test_step_refuses_transforms_that_reduce_over_the_model_axis(broken, match):
   1-D layout (defjax.rbgs: its block is gathered out of model-sharded
   leaves) or with the wrong axis_name, naming the fix."""
   layout = sharded.make_layout(2, 4)
-  params = sharded.shard_params(mlp_params(sizes=SIZES), layout, SPECS)
+  params = shard_params(mlp_params(sizes=SIZES), layout, SPECS)
   if broken in ('global_block', 'reduce_over_model'):
     _, tx = _broken(broken, layout)
   else:
     axis_name = None if broken == 'no_axis' else 'workers'
-    tx = defjax.error_feedback(momentum_sgd(), sharded.rbgs(4, SPECS, layout), lam=0.3,
+    tx = defjax.error_feedback(momentum_sgd(), layout.rbgs(4, SPECS, per_leaf=True), lam=0.3,
                                axis_name=axis_name)
-  state = sharded.init_worker_state(tx, params, layout, SPECS)
-  step = sharded.make_train_step(_loss, tx, layout, SPECS, donate=False)
+  state = layout.init_state(tx, params, SPECS)
+  step = layout.train_step(_loss, tx, SPECS, donate=False)
   xs, ys = batches(1, workers=2)
   with pytest.raises(ValueError, match=match) as e:
     step.trace(params, {}, state, jax.device_put((xs[0], ys[0]), layout.per_worker))
-  assert "sharded.rbgs(ratio, param_specs, layout)" in str(e.value)
+  assert "layout.rbgs(ratio, param_specs, per_leaf=True)" in str(e.value)
 
 
 @pytest.mark.parametrize('name', ['def', 'dense_warmup', 'sgd'])
@@ -249,15 +249,15 @@ def test_step_accepts_per_shard_and_whole_leaf_reductions(name):
   """Per-shard RBGS (also behind a dense warm-up) and dense SGD, whose
   all-reduce takes whole leaves, pass the check."""
   layout = sharded.make_layout(2, 4)
-  params = sharded.shard_params(mlp_params(sizes=SIZES), layout, SPECS)
-  compressor = sharded.rbgs(4, SPECS, layout)
+  params = shard_params(mlp_params(sizes=SIZES), layout, SPECS)
+  compressor = layout.rbgs(4, SPECS, per_leaf=True)
   tx = {'def': lambda: defjax.error_feedback(momentum_sgd(), compressor, lam=0.3,
                                              axis_name='data'),
         'dense_warmup': lambda: defjax.error_feedback(
             momentum_sgd(), defjax.dense_warmup(compressor, 2), lam=0.3, axis_name='data'),
         'sgd': lambda: defjax.data_parallel(momentum_sgd(), axis_name='data')}[name]()
   state = jax.eval_shape(tx.init, params)
-  sharded.check_worker_collectives(tx, params, state, layout)
+  layout.check_collectives(tx, params, state)
 
 
 def test_checkpoint_resume_of_sharded_state_is_bit_exact(tmp_path):
@@ -284,8 +284,8 @@ def test_checkpoint_resume_of_sharded_state_is_bit_exact(tmp_path):
 def test_compress_keeps_one_block_per_shard():
   """C(p) outside the step (under jit on the mesh) is p on the written-out mask."""
   layout = sharded.make_layout(2, 4)
-  compressor = sharded.rbgs(4, SPECS, layout)
-  params = sharded.shard_params(mlp_params(sizes=SIZES), layout, SPECS)
+  compressor = layout.rbgs(4, SPECS, per_leaf=True)
+  params = shard_params(mlp_params(sizes=SIZES), layout, SPECS)
   kept = jax.jit(compressor.compress)(params, compressor.init(params))
   leaves = jax.tree.leaves(mlp_params(sizes=SIZES))
   specs = jax.tree.leaves(SPECS, is_leaf=lambda s: isinstance(s, P))
@@ -302,41 +302,38 @@ def test_specs_are_checked():
   bad = jax.tree.map(lambda s: s, SPECS, is_leaf=lambda s: isinstance(s, P))
   bad['layer1']['b'] = P('model')  # 3 values over 4 shards
   with pytest.raises(ValueError, match='does not divide'):
-    sharded.check_param_specs(params, bad, layout)
+    layout.check_param_specs(params, bad)
   bad['layer1']['b'] = P('data')
   with pytest.raises(ValueError, match="may only name 'model'"):
-    sharded.check_param_specs(params, bad, layout)
+    layout.check_param_specs(params, bad)
   with pytest.raises(ValueError, match='needs 16 devices'):
     sharded.make_layout(4, 4)
 
 
 def test_workers_initialise_x_already_sharded():
-  """The program's init (``task.initializer`` through ``Workers``) puts each
-  shard of x on its device without a whole copy on any device: the compiled
-  init's per-device output is the local shards' size, and its values are the
-  unsharded init's."""
+  """The program's init (``task.initializer`` on the config's layout) puts
+  each shard of x on its device without a whole copy on any device: the
+  compiled init's per-device output is the local shards' size, and its
+  values are the unsharded init's."""
   import flax.linen as nn
   from configs import default
-  from defjax import models, task
-  from defjax import workers as workers_lib
+  from defjax.training import models, task
   config = default.get_config()
   config.update({'model': 'mlp_tp', 'num_workers': 4, 'model_axis_size': 2})
   model = models.get_model('mlp_tp', 10)
-  workers = workers_lib.Workers(config)
-  params, _ = workers.init_variables(model, config, (28, 28, 1))
+  layout = layouts.for_config(config)
+  params, _, param_specs = task.init_variables(model, config, (28, 28, 1), layout)
   whole = nn.unbox(jax.jit(lambda k, x: model.init(k, x, train=False))(
       jax.random.PRNGKey(config.seed), jnp.zeros((1, 28, 28, 1))))['params']
-  specs = jax.tree.leaves(workers.specs, is_leaf=lambda s: isinstance(s, P))
+  specs = jax.tree.leaves(param_specs, is_leaf=lambda s: isinstance(s, P))
   local_bytes = 0
   for x, want, spec in zip(jax.tree.leaves(params), jax.tree.leaves(whole), specs):
-    np.testing.assert_array_equal(defjax.parallel.host_value(x), np.asarray(want))
+    np.testing.assert_array_equal(layouts.host_value(x), np.asarray(want))
     assert x.sharding.is_equivalent_to(
-        jax.sharding.NamedSharding(workers.layout.mesh, spec), x.ndim)
+        jax.sharding.NamedSharding(layout.mesh, spec), x.ndim)
     local_bytes += x.nbytes // (2 if 'model' in spec else 1)
   assert local_bytes < optax.tree.size(whole) * 4  # something is sharded
-  init, args, _ = task.initializer(model, config, (28, 28, 1), workers.layout,
-                                   functools.partial(sharded.param_shardings,
-                                                     layout=workers.layout))
+  init, args, _ = task.initializer(model, config, (28, 28, 1), layout)
   out_bytes = init.lower(*args).compile().memory_analysis().output_size_in_bytes
   # XLA counts the output tuple's pointers too (8 bytes a leaf).
   assert local_bytes <= out_bytes <= local_bytes + 8 * len(specs)

@@ -19,11 +19,11 @@ import textwrap
 import numpy as np
 import pytest
 
-from defjax import figures
-from defjax import gap
-from defjax import report
-from defjax import results
-from defjax import sweep
+from defjax.experiments import figures
+from defjax.experiments import gap
+from defjax.experiments import report
+from defjax.experiments import results
+from defjax.experiments import sweep
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'

@@ -12,14 +12,14 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import default, fashion_mnist
-from defjax import checkpoint as ckpt
 from defjax import methods
-from defjax import models
-from defjax import optimizer
-from defjax import runfiles
-from defjax import trainer
-from defjax import validation
-from defjax.models import resnet_cifar
+from defjax.training import checkpoint as ckpt
+from defjax.training import config_checks
+from defjax.training import models
+from defjax.training import optimizer
+from defjax.training import runfiles
+from defjax.training import trainer
+from defjax.training.models import resnet_cifar
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FMNIST = '/usr/share/datasets/fashion-mnist'
@@ -474,7 +474,7 @@ def test_every_shipped_config_is_valid(name):
   rule (the short-run exception never applies to a shipped config)."""
   import importlib
   config = importlib.import_module(f'configs.{name}').get_config()
-  validation.validate(config)
+  config_checks.validate(config)
   train_size = {'fashion_mnist': 60000, 'cifar10': 50000, 'cifar100': 50000,
                 'imagenet2012': 1281167}[config.dataset]
   per_epoch = train_size // (config.num_workers * config.batch_size)
