@@ -218,25 +218,20 @@ def linen_step(ns):
 
 
 def library_linen_run(ns, params):
-  """The README's linen path: defjax.parallel's layout, state and step.
+  """The README's linen path: the 1-D layout's state, step and output model."""
+  from defjax.layouts import data_parallel  # pylint: disable=g-import-not-at-top
 
-  The only defjax internal this file imports (it moves into defjax.layouts
-  with the package restructure); everything else is the public API.
-  """
-  from defjax import parallel  # pylint: disable=g-import-not-at-top
-
-  layout = parallel.make_layout(num_workers=ns['K'])
+  layout = data_parallel.make_layout(num_workers=ns['K'])
   assert layout.axis_name == 'data'  # so the guide's tx is this layout's transform
-  step = parallel.make_train_step(lambda p, ms, batch: (linen_loss(p, batch), ms),
-                                  ns['tx'], layout, donate=False)
+  step = layout.train_step(lambda p, ms, batch: (linen_loss(p, batch), ms), ns['tx'],
+                           donate=False)
   params = jax.device_put(params, layout.replicated)
-  opt_state = parallel.init_worker_state(ns['tx'], params, layout)
+  opt_state = layout.init_state(ns['tx'], params)
   for t in range(STEPS):
     params, _, opt_state, loss = step(params, {}, opt_state,
                                       jax.device_put(ns['batch_at'](t), layout.per_worker))
     float(loss)
-  return jax.block_until_ready(
-      (params, opt_state, parallel.make_averaged_params()(params, opt_state)))
+  return jax.block_until_ready((params, opt_state, layout.averaged_params()(params, opt_state)))
 
 
 def test_same_numbers_as_linen(guide):
