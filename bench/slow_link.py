@@ -132,6 +132,27 @@ def ring_link_bytes(n: int, ranks: int) -> float:
   return 2 * (ranks - 1) / ranks * n if ranks > 1 else 0.0
 
 
+def crossing_all_reduces(compiled, mesh) -> list[tuple[int, int, int]]:
+  """(n bytes per rank, ranks P, ring edges from process 0 to process 1) of
+  every gloo all-reduce of a compiled step whose ring crosses the link: one
+  per operand of each HLO all-reduce (XLA:CPU runs a combined all-reduce
+  operand by operand) and per replica group spanning both processes. A group
+  of P ranks is a ring in its devices' global order."""
+  from defjax import wire
+  devices = list(mesh.devices.flat)
+  out = []
+  for line in compiled.as_text().splitlines():
+    found = wire.collectives(line)
+    if not found or found[0].op != 'all-reduce':
+      continue
+    for group in wire.replica_groups(line, len(devices)):
+      procs = [devices[i].process_index for i in sorted(group)]
+      edges = sum(a == 0 and b == 1 for a, b in zip(procs, procs[1:] + procs[:1]))
+      if edges:
+        out += [(n, len(group), edges) for n in found[0].operand_bytes]
+  return out
+
+
 def jax_worker(a) -> None:
   import jax
 
@@ -142,11 +163,14 @@ def jax_worker(a) -> None:
 
   from bench import common
   import defjax
-  from defjax import wire
+  from defjax.layouts import hosts
 
-  k = 2 * a.devices
-  setup = common.Setup(a.model, k, a.batch)
-  lay = setup.layout
+  if a.layout == 'hosts':  # 2 workers: a host of M devices each
+    lay = hosts.make_layout(2, a.devices)
+    setup = common.Setup(a.model, 2, a.batch * a.devices, layout=lay)
+  else:  # 2 M workers, one per device
+    setup = common.Setup(a.model, 2 * a.devices, a.batch)
+    lay = setup.layout
   rows = lay.worker_rows()
   n_local = rows.stop - rows.start
 
@@ -161,11 +185,11 @@ def jax_worker(a) -> None:
   rng = np.random.default_rng(a.rank)
   data = []
   for _ in range(2):
-    x = rng.normal(size=(n_local, a.batch, *setup.input_shape)).astype(np.float32)
-    y = rng.integers(0, setup.classes, size=(n_local, a.batch)).astype(np.int32)
+    x = rng.normal(size=(n_local, setup.batch, *setup.input_shape)).astype(np.float32)
+    y = rng.integers(0, setup.classes, size=(n_local, setup.batch)).astype(np.int32)
     data.append((lay.global_batch(x), lay.global_batch(y)))
 
-  runners, payload = {}, {}
+  runners, crossing = {}, {}
   for name in a.variants.split(','):
     method, _, ratio = name.partition('@')
     ratio = int(ratio or 1)
@@ -175,22 +199,29 @@ def jax_worker(a) -> None:
     ms = replicated({key: w for key, w in v.items() if key != 'params'})
     opt = lay.init_state(tx, params)
     step = setup.step(tx).lower(params, ms, opt, data[0]).compile()
-    payload[name] = [b for c in wire.collectives(step) if c.op == 'all-reduce'
-                     for b in c.operand_bytes]
+    crossing[name] = crossing_all_reduces(step, lay.mesh)
     runners[name] = common.step_runner(step, [params, ms, opt], data, 1)
     del params, ms, opt
 
+  # Gloo builds each device group's connections at its first collective and
+  # gives up after 30 s: a process still compiling (a loaded machine) would
+  # fail the other's. Meet at the coordination service first, which waits.
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  distributed.global_state.client.wait_at_barrier('slow_link_compiled', 30 * 60 * 1000)
   barrier = lambda tag: multihost_utils.sync_global_devices(tag)
   log = (lambda s: print(s, flush=True)) if a.rank == 0 else (lambda s: None)
   res = time_rounds(runners, rates=a.rates.split(','), rounds=a.rounds, steps=a.steps,
                     dev=a.dev, barrier=barrier, log=log)
-  res.update(framework='jax', model=a.model, d=setup.num_params, devices_per_host=a.devices,
-             workers=k, batch_per_worker=a.batch, allreduce_bytes=payload,
-             allreduce_operands={n: len(p) for n, p in payload.items()},
-             formula_payload_bytes={
-                 n: sum(ring_link_bytes(b, k) for b in p) for n, p in payload.items()},
-             collectives_impl=jax.config.jax_cpu_collectives_implementation,
-             jax=jax.__version__)
+  res.update(
+      framework='jax', model=a.model, d=setup.num_params, layout=a.layout,
+      devices_per_host=a.devices, workers=lay.num_workers, batch_per_worker=setup.batch,
+      crossing_all_reduces=crossing,
+      allreduce_bytes={n: [b for b, _, _ in c] for n, c in crossing.items()},
+      allreduce_operands={n: len(c) for n, c in crossing.items()},
+      crossing_messages={n: sum(e * 2 * (p - 1) for _, p, e in c) for n, c in crossing.items()},
+      formula_payload_bytes={n: sum(e * ring_link_bytes(b, p) for b, p, e in c)
+                             for n, c in crossing.items()},
+      collectives_impl=jax.config.jax_cpu_collectives_implementation, jax=jax.__version__)
   with open(f'{a.out}.{a.rank}', 'w') as f:
     json.dump(res, f)
   jax.distributed.shutdown()
@@ -254,6 +285,8 @@ def worker_parser(description: str) -> argparse.ArgumentParser:
   p.add_argument('--batch', type=int, default=None, help='per-worker batch')
   p.add_argument('--variants', default=','.join(VARIANTS))
   p.add_argument('--rates', default=f'{UNTHROTTLED},1gbit,100mbit')
+  p.add_argument('--layout', default='data_parallel', choices=('data_parallel', 'hosts'),
+                 help='K = 2M workers of one device, or 2 hosts of M devices')
   p.add_argument('--rounds', type=int, default=3)
   p.add_argument('--steps', type=int, default=2)
   for name in ('--rank', '--dev', '--coordinator', '--out'):
@@ -301,13 +334,17 @@ COLUMNS = ('setting', 'rate', 'variant', 'step_ms', 'link_added_ms', 'vs_unthrot
            'with_messages_MB', 'measured_vs_with_messages')
 
 
-# name -> (model, devices per host, rates, frameworks). M = 4 only for
-# VGG-16 at 100 Mbit/s (issue 24); 10 Mbit/s only for the small model (a
-# VGG-16 SGD step would take about 50 s there).
+# name -> (model, devices per host M, rates, frameworks, layout). M = 4 only
+# for VGG-16 at 100 Mbit/s (issue 24): K = 8 workers of one device, and 2
+# hosts of 4 devices (layouts.hosts, issue 26) with the same per-device
+# batch; 10 Mbit/s only for the small model (a VGG-16 SGD step would take
+# about 50 s there).
 SETTINGS = {
-    'vgg16 M=1': ('vgg16', 1, f'{UNTHROTTLED},1gbit,100mbit', ('jax', 'torch')),
-    'vgg16_slim M=1': ('vgg16_slim', 1, f'{UNTHROTTLED},1gbit,100mbit,10mbit', ('jax', 'torch')),
-    'vgg16 M=4': ('vgg16', 4, f'{UNTHROTTLED},100mbit', ('jax',)),
+    'vgg16 M=1': ('vgg16', 1, f'{UNTHROTTLED},1gbit,100mbit', ('jax', 'torch'), 'data_parallel'),
+    'vgg16_slim M=1': ('vgg16_slim', 1, f'{UNTHROTTLED},1gbit,100mbit,10mbit', ('jax', 'torch'),
+                       'data_parallel'),
+    'vgg16 M=4': ('vgg16', 4, f'{UNTHROTTLED},100mbit', ('jax',), 'data_parallel'),
+    'vgg16 2 hosts x 4': ('vgg16', 4, f'{UNTHROTTLED},100mbit', ('jax',), 'hosts'),
 }
 MODULES = {'jax': 'bench.slow_link', 'torch': 'bench.slow_link_torch'}
 RESULT = 'slow_link'
@@ -315,9 +352,11 @@ RESULT = 'slow_link'
 
 def measure(setting: str, framework: str, *, rounds: int, steps: int,
             rates: Optional[str] = None) -> list[dict]:
-  model, devices, default_rates, _ = SETTINGS[setting]
+  model, devices, default_rates, _, layout = SETTINGS[setting]
   args = ['--model', model, '--devices', str(devices), '--rates', rates or default_rates,
           '--rounds', str(rounds), '--steps', str(steps)]
+  if framework == 'jax':
+    args += ['--layout', layout]
   t0, load0 = time.time(), os.getloadavg()
   results = run_on_link(MODULES[framework], args, devices=devices)
   for r in results:
@@ -410,18 +449,27 @@ def fit_message_bytes(measured: dict) -> dict:
       if name == 'sgd':
         continue  # its few messages drown in its payload's acknowledgements
       sent = max(statistics.median(w['sent'][rate][name]) for w in results)
-      messages = 2 * (_ranks(results) - 1) * w0['allreduce_operands'][name]
-      xs.append(messages)
+      xs.append(_messages(results, name))
       ys.append(sent - netns.wire_bytes(w0['formula_payload_bytes'][name]))
   h = sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs)
   return {'bytes_per_message': h,
           'fitted_on': f'{setting} {framework}, compressed variants, every rate'}
 
 
+def _messages(results: list[dict], name: str) -> int:
+  """Ring messages per step crossing the link in one direction: recorded by
+  the jax worker; for a ring of the P ranks of both hosts, 2 (P - 1) per
+  all-reduce."""
+  w0 = results[0]
+  if 'crossing_messages' in w0:
+    return w0['crossing_messages'][name]
+  return 2 * (_ranks(results) - 1) * w0['allreduce_operands'][name]
+
+
 def message_model_bytes(results: list[dict], name: str, message: dict) -> float:
   w0 = results[0]
-  messages = 2 * (_ranks(results) - 1) * w0['allreduce_operands'][name]
-  return netns.wire_bytes(w0['formula_payload_bytes'][name]) + message['bytes_per_message'] * messages
+  return (netns.wire_bytes(w0['formula_payload_bytes'][name])
+          + message['bytes_per_message'] * _messages(results, name))
 
 
 def add_message_model(rows: list[dict], measured: dict, message: dict) -> None:
@@ -442,8 +490,8 @@ def projection_check(measured: dict, message: dict) -> dict:
   cases = []
   for setting, by_framework in measured.items():
     results = by_framework.get('jax')
-    if not results:
-      continue
+    if not results or results[0].get('layout', 'data_parallel') != 'data_parallel':
+      continue  # netmodel's ring of K workers is the 1-D layout
     w0 = results[0]
     base = w0['step_s'].get(UNTHROTTLED)
     if base is None:

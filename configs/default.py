@@ -26,6 +26,12 @@ def get_config() -> ml_collections.ConfigDict:
   # (defjax.layouts.data_parallel). M > 1 must divide the device count and
   # needs K * M <= devices.
   config.model_axis_size = 1
+  # M, the data-parallel devices of one worker, a host (defjax.layouts.hosts):
+  # K hosts of M devices on a ('data', 'replica') mesh; a worker's gradient is
+  # the dense mean over its host's devices, its batch_size examples split over
+  # them, and only the RBGS block crosses hosts, split M ways. 1 = the 1-D
+  # layout. Needs K * M <= devices (a process of M devices is one host).
+  config.devices_per_host = 1
   # Mini-batch per worker (the global batch is num_workers * batch_size).
   config.batch_size = 16
   config.num_epochs = 3

@@ -5,6 +5,7 @@ method's recursion (paper Algorithm 1).
 """
 
 from defjax.compress import Compressor
+from defjax.compress import SplitAxis
 from defjax.compress import dense_warmup
 from defjax.compress import identity
 from defjax.compress import randomk
@@ -28,6 +29,7 @@ __all__ = [
     'DataParallelState',
     'EF21State',
     'ErrorFeedbackState',
+    'SplitAxis',
     'averaged_params',
     'data_parallel',
     'dense_warmup',

@@ -216,7 +216,7 @@ def test_nan_in_one_worker_is_divergence_and_spares_checkpoints(tiny_folder, tmp
 
     def wrapped(params, batch_stats, batch):
       loss, stats = loss_fn(params, batch_stats, batch)
-      step, worker = batch[2][0], batch[2][1]
+      step, worker = batch[2][0]  # the (step, worker) row of the first example
       hit = (step == bad_step) & (worker == bad_worker)
       return jnp.where(hit, jnp.nan, 1.0) * loss, stats
     return wrapped

@@ -94,11 +94,15 @@ def test_dead_peer_fails_the_other_within_bound(tiny_folder, tmp_path):
 
 
 @pytest.mark.slow
-def test_sharded_workers_on_two_processes_match_one(tmp_path):
-  """DEF on a 2 x 4 ('data', 'model') mesh: 2 processes x 4 devices (one
-  worker of 4 model shards each, the block all-reduce across processes) give
-  the parameters and y of 1 x 8 to float tolerance."""
-  script = os.path.join(REPO, 'tests', 'multihost_sharded.py')
+@pytest.mark.parametrize('script, leaves', [('multihost_sharded.py', 9),
+                                            ('multihost_hosts.py', 9)])
+def test_two_processes_match_one_process_arranged_the_same(script, leaves, tmp_path):
+  """DEF on 2 x 4 meshes: 2 processes x 4 devices give the parameters and y
+  of 1 process x 8 to float tolerance. ('data', 'model'): one worker of 4
+  model shards per process, the block all-reduce across processes. Hosts
+  ('data', 'replica'): one host per process, its 4 devices averaging the
+  worker's gradient, the block's slices across processes."""
+  script = os.path.join(REPO, 'tests', script)
   port = _free_port()
   runs = [subprocess.Popen([sys.executable, script, str(tmp_path / 'one.npz')], cwd=REPO,
                            env=_env(8), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -110,6 +114,6 @@ def test_sharded_workers_on_two_processes_match_one(tmp_path):
   for p, err in zip(runs, errs):
     assert p.returncode == 0, err[-3000:]
   one, two = np.load(tmp_path / 'one.npz'), np.load(tmp_path / 'two.npz')
-  assert sorted(one) == sorted(two) and len(one) == 9  # x, y (4 leaves each), loss
+  assert sorted(one) == sorted(two) and len(one) == leaves  # x, y (4 leaves each), loss
   for key in one:
     np.testing.assert_allclose(two[key], one[key], rtol=1e-6, atol=1e-7, err_msg=key)

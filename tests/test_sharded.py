@@ -133,13 +133,23 @@ def test_one_worker_lam_one_is_momentum_sgd():
     _close(average(params, state), y_ref)
 
 
+def _replicated_blocks(layout, ratio=4):
+  """The values of the blocks of the leaves every model device holds whole."""
+  return sum(max(1, x.size // ratio) for x, s in zip(
+      jax.tree.leaves(mlp_params(sizes=SIZES)),
+      jax.tree.leaves(SPECS, is_leaf=lambda s: isinstance(s, P))) if 'model' not in s)
+
+
 def _check_wire(compiled, layout, payload):
   """What crosses the wire in a compiled step on ``layout``.
 
   Across workers ('data'): only all-reduces whose groups stay inside one model
   column, of exactly ``payload`` values per device (plus scalars: the loss).
-  Nothing is gathered, permuted or scattered; the only model-axis traffic is
-  the loss's own (activation all-reduces, smaller than any sharded leaf).
+  Nothing else is gathered, permuted or scattered: the one all-gather, over
+  'model' only, puts together the M slices of the replicated leaves' blocks
+  (each device averages one slice over the workers); the other model-axis
+  traffic is the loss's own (activation all-reduces, smaller than any
+  sharded leaf).
   """
   found = wire.transfers(compiled, layout.mesh)
   crossing = [t for t in found if t.spans('data')]
@@ -147,15 +157,18 @@ def _check_wire(compiled, layout, payload):
   for t in crossing:
     assert not t.spans('model'), f'a collective across workers spans the model axis: {t}'
     assert t.collective.op == 'all-reduce', t
-  block = sum(int(np.prod(s)) for t in crossing for _, s in t.collective.shapes
-              if int(np.prod(s)) > 1)
+  block = sum(int(np.prod(s)) for t in crossing for _, s in t.collective.shapes if s != ())
   assert block == payload, (block, payload)
-  assert {t.collective.op for t in found} <= {'all-reduce'}, f'only all-reduces: {found}'
+  m = layout.model_axis_size
+  split = [] if m == 1 else [m * -(-_replicated_blocks(layout) // m)]
+  gathers = [t.collective.elements for t in found if t.collective.op == 'all-gather']
+  others = {t.collective.op for t in found} - {'all-reduce', 'all-gather'}
+  assert gathers == split and not others, f'only all-reduces and the split blocks: {found}'
   smallest = min(x.size // layout.model_axis_size for x, s in zip(
       jax.tree.leaves(mlp_params(sizes=SIZES)),
       jax.tree.leaves(SPECS, is_leaf=lambda s: isinstance(s, P))) if 'model' in s)
   for t in found:
-    if t.spans('model'):
+    if t.spans('model') and t.collective.op == 'all-reduce':
       assert t.collective.elements < smallest, f'a large model-axis collective: {t}'
 
 
@@ -185,10 +198,14 @@ def _compiled(layout, params, state, step):
 def test_only_the_per_shard_blocks_cross_the_data_axis(mesh):
   layout, compressor, params, state, step = _setup(*mesh)
   payload = compressor.payload(params)
-  # The formula, independently: sum over leaves of max(1, floor(n_local / ratio)).
+  # The formula, independently: max(1, floor(n_local / ratio)) per sharded
+  # leaf, and the replicated leaves' blocks split over the M model devices
+  # (each sent once per worker, not by each of its M devices).
   m = layout.model_axis_size
-  assert payload == sum(max(1, (x.size // (m if 'model' in s else 1)) // 4) for x, s in zip(
-      jax.tree.leaves(params), jax.tree.leaves(SPECS, is_leaf=lambda s: isinstance(s, P))))
+  sharded_blocks = sum(max(1, (x.size // m) // 4) for x, s in zip(
+      jax.tree.leaves(params), jax.tree.leaves(SPECS, is_leaf=lambda s: isinstance(s, P)))
+      if 'model' in s)
+  assert payload == sharded_blocks + -(-_replicated_blocks(layout) // m)
   _check_wire(_compiled(layout, params, state, step), layout, payload)
 
 

@@ -248,10 +248,12 @@ def test_model_axis_size_two_trains_resumes_bitwise_and_reshards(tiny_folder, tm
   whole = trainer.train_and_evaluate(config, str(tmp_path / 'whole'), log=lambda *_: None)
   assert whole['status'] == 'completed' and np.isfinite(whole['final_train_loss'])
   assert [r['step'] for r in _records(tmp_path / 'whole')] == [2, 4]
-  # Per worker: each of its 2 devices all-reduces its per-shard blocks and the loss.
+  # Per worker: each of its 2 devices all-reduces its per-shard blocks, half
+  # of the replicated leaves' blocks, and the loss.
   d = whole['num_params']
-  assert whole['bytes_per_step'] == 2 * 4 * (sum(max(1, n // 16) for n in (
-      3072 * 1024 // 2, 1024 // 2, 1024 * 1024 // 2, 1024, 1024 * 3, 3)) + 1)
+  sharded = sum(max(1, n // 16) for n in (3072 * 1024 // 2, 1024 // 2, 1024 * 1024 // 2))
+  replicated = sum(max(1, n // 16) for n in (1024, 1024 * 3, 3))
+  assert whole['bytes_per_step'] == 2 * 4 * (sharded + -(-replicated // 2) + 1)
   assert d == 3072 * 1024 + 1024 + 1024 * 1024 + 1024 + 1024 * 3 + 3
   mngr = ckpt.manager(str(tmp_path / 'whole' / 'checkpoints'), max_to_keep=2)
   saved = mngr.restore(4, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']

@@ -31,6 +31,7 @@ from defjax.compress.core import Compressor
 from defjax.compress.core import KeyLike
 from defjax.compress.core import PyTree
 from defjax.compress.core import RandomState
+from defjax.compress.core import SplitAxis
 from defjax.compress.core import as_key
 from defjax.compress.core import as_real_scalar
 from defjax.compress.core import block_size
@@ -38,6 +39,8 @@ from defjax.compress.core import check_float_leaves
 from defjax.compress.core import check_key
 from defjax.compress.core import check_ratio
 from defjax.compress.core import num_workers
+from defjax.compress.core import split_mean
+from defjax.compress.core import worker_axes
 from defjax.compress.core import worker_mean
 from defjax.compress.dense import WarmupState
 from defjax.compress.dense import dense_warmup
@@ -55,6 +58,7 @@ __all__ = [
     'KeyLike',
     'PyTree',
     'RandomState',
+    'SplitAxis',
     'WarmupState',
     'as_key',
     'as_real_scalar',
@@ -72,6 +76,8 @@ __all__ = [
     'randomk',
     'rbgs',
     'scaled',
+    'split_mean',
     'topk',
+    'worker_axes',
     'worker_mean',
 ]

@@ -27,6 +27,7 @@ from defjax.compress.core import leaf_sizes
 from defjax.compress.core import num_workers
 from defjax.compress.core import random_init
 from defjax.compress.core import step_key
+from defjax.compress.core import worker_axes
 from defjax.compress.core import worker_mean
 
 
@@ -141,8 +142,11 @@ def topk(ratio: float) -> Compressor:
     if axis_name is None:
       total = jnp.zeros_like(flat).at[idx].set(values)
     else:
-      all_values = jax.lax.all_gather(values, axis_name, tiled=True)
-      all_idx = jax.lax.all_gather(idx, axis_name, tiled=True)
+      # Every device of a SplitAxis worker gathers all of them: Top-K's
+      # values differ per worker and cannot be split like a mean's.
+      axes = worker_axes(axis_name)
+      all_values = jax.lax.all_gather(values, axes, tiled=True)
+      all_idx = jax.lax.all_gather(idx, axes, tiled=True)
       total = jnp.zeros(flat.shape, flat.dtype).at[all_idx].add(all_values)
       total = total / num_workers(axis_name)
     return unravel(total), residual, state

@@ -5,6 +5,7 @@ three functions a compressor is).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
@@ -13,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-AxisName = Optional[Union[str, Sequence[str]]]
 PyTree = Any
 # An int seed, a typed key (jax.random.key) or a raw uint32 key (PRNGKey).
 KeyLike = Union[int, jax.Array]
@@ -80,16 +80,71 @@ def check_float_leaves(tree: PyTree) -> None:
       )
 
 
+@dataclasses.dataclass(frozen=True)
+class SplitAxis:
+  """Workers along ``workers`` that each span the devices along ``within``
+  and hold the same values on all of them (a host's data-parallel devices).
+
+  Given as a transform's ``axis_name``, it makes every mean over workers
+  (``worker_mean``) cross the workers' links once per worker instead of once
+  per device: the values are flattened into one vector and cut into M =
+  |within| slices; the device at position j along ``within`` all-reduces
+  slice j over ``workers`` (ceil(n / M) values), and the M reduced slices
+  are all-gathered along ``within`` (the fast links inside a worker). The
+  result is the plain mean's on every device, to float rounding (each slice
+  is reduced on its own). ``defjax.layouts.hosts`` builds its transforms
+  with one.
+
+  Not a tuple on purpose: passed to a ``jax.lax`` collective directly, it
+  raises instead of reducing over both axes.
+  """
+
+  workers: Union[str, tuple[str, ...]]
+  within: str
+
+
+AxisName = Optional[Union[str, Sequence[str], SplitAxis]]
+
+
+def worker_axes(axis_name: AxisName):
+  """The named axes the workers span: ``axis_name`` itself, or a
+  ``SplitAxis``'s ``workers`` (for collectives that are not means)."""
+  return axis_name.workers if isinstance(axis_name, SplitAxis) else axis_name
+
+
 def num_workers(axis_name: AxisName):
   """K, the number of workers along ``axis_name`` (1 when it is None)."""
-  return 1 if axis_name is None else jax.lax.psum(1, axis_name)
+  return 1 if axis_name is None else jax.lax.psum(1, worker_axes(axis_name))
 
 
 def worker_mean(tree: PyTree, axis_name: AxisName) -> PyTree:
-  """mean_k tree_k over ``axis_name`` (identity for a single worker)."""
+  """mean_k tree_k over ``axis_name`` (identity for a single worker); split
+  over the devices of each worker for a ``SplitAxis``."""
   if axis_name is None:
     return tree
+  if isinstance(axis_name, SplitAxis):
+    return split_mean(tree, axis_name.workers, axis_name.within)
   return jax.lax.pmean(tree, axis_name)
+
+
+def split_mean(tree: PyTree, workers, within: str) -> PyTree:
+  """mean_k tree_k over ``workers``, each device of a worker reducing one
+  slice of the flattened tree (``SplitAxis``). ``tree`` must be equal on the
+  devices along ``within``."""
+  leaves, treedef = jax.tree.flatten(tree)
+  if not leaves:
+    return tree
+  dtype = jnp.result_type(*leaves)
+  flat = jnp.concatenate([jnp.ravel(x).astype(dtype) for x in leaves])
+  m = jax.lax.axis_size(within)
+  size = -(-flat.size // m)
+  padded = jnp.pad(flat, (0, size * m - flat.size))
+  mine = jax.lax.dynamic_slice(padded, (jax.lax.axis_index(within) * size,), (size,))
+  reduced = jax.lax.pmean(mine, workers)
+  full = jax.lax.all_gather(reduced, within, tiled=True)[:flat.size]
+  parts = jnp.split(full, np.cumsum([x.size for x in leaves])[:-1])
+  return treedef.unflatten(
+      [p.reshape(jnp.shape(x)).astype(jnp.result_type(x)) for p, x in zip(parts, leaves)])
 
 
 def block_size(d: int, ratio: float) -> int:

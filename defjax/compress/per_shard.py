@@ -16,14 +16,19 @@ block, so C stays linear and shared, and the mean over workers is one
 all-reduce **over the workers' axis only** of each device's block values.
 Nothing of the parameters or the error is gathered over ``'model'``.
 
+A leaf not sharded over ``'model'`` has the same block on all M devices of
+a worker: its block values are averaged split over them (``SplitAxis``):
+device r all-reduces slice r of the concatenated replicated blocks over the
+workers and the M slices are all-gathered over ``'model'``, so each value
+crosses to the other workers once per worker, not M times.
+
 Payload: each device all-reduces, per step,
 
-  b_device = sum over leaves of max(1, floor(n_local / ratio))
+  b_device = sum over sharded leaves of max(1, floor(n / M / ratio))
+             + ceil(sum over replicated leaves of max(1, floor(n / ratio)) / M)
 
 values over its data group of K devices; a worker (M devices) sends
-M * b_device values, the mesh K * M * b_device. (A leaf not sharded over
-``'model'`` is sent by each of the M devices of a worker: keep such leaves
-small, as biases and norms are.)
+M * b_device values, the mesh K * M * b_device.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from defjax.compress.core import Compressor
 from defjax.compress.core import KeyLike
 from defjax.compress.core import PyTree
+from defjax.compress.core import SplitAxis
 from defjax.compress.core import advance
 from defjax.compress.core import check_float_leaves
 from defjax.compress.core import check_key
@@ -121,9 +127,10 @@ def per_shard_rbgs(
 
   Each device keeps, of every leaf, one circular block of
   max(1, floor(n_local / ratio)) values of its own shard, at a start shared by
-  all workers (see the module docstring for the key rule). ``aggregate``'s
-  only collective is one all-reduce over ``axis_name`` (the workers' axis) of
-  the device's block values. Use it inside a step on ``mesh`` (the sharded
+  all workers (see the module docstring for the key rule). ``aggregate``
+  all-reduces over ``axis_name`` (the workers' axis) the device's blocks of
+  sharded leaves, and its slice of the replicated leaves' blocks (then
+  all-gathered over the model axis). Use it inside a step on ``mesh`` (the sharded
   layout's ``train_step``) or under ``jax.jit`` with the mesh's shardings;
   ``payload`` is per device.
 
@@ -186,14 +193,29 @@ def per_shard_rbgs(
     def fn(leaves, raw_key, count):
       info = local_blocks(leaves, raw_key, count)
       dtype = jnp.result_type(*leaves)
-      values = jnp.concatenate([jnp.ravel(x)[i].astype(dtype) for x, (_, i, _) in zip(leaves, info)])
-      if axis_name is not None:
-        values = worker_mean(values, axis_name)  # b_device values
-      parts = jnp.split(values, np.cumsum([b for b, _, _ in info])[:-1])
+      gathered = [jnp.ravel(x)[i].astype(dtype) for x, (_, i, _) in zip(leaves, info)]
+      parts = gathered if axis_name is None else mean_over_workers(gathered, axis_name)
       kept = [place_block(x, v, b, rel) for x, v, (b, _, rel) in zip(leaves, parts, info)]
       residual = [jnp.where(rel < b, jnp.zeros_like(x), x) for x, (b, _, rel) in zip(leaves, info)]
       return kept, residual
     return fn
+
+  def mean_over_workers(gathered, axis_name):
+    """Each leaf's block values averaged over the workers: the sharded
+    leaves' blocks in one all-reduce, and the blocks of the leaves every
+    model device holds whole (equal on all of them) split over the model
+    devices (``SplitAxis``), so each crosses to the other workers once per
+    worker rather than once per device."""
+    out = list(gathered)
+    for group, axis in ((sharded, axis_name),
+                        ([not s for s in sharded], SplitAxis(axis_name, model_axis))):
+      members = [j for j, g in enumerate(group) if g]
+      if members:
+        mean = worker_mean(jnp.concatenate([gathered[j] for j in members]), axis)
+        for j, v in zip(members, jnp.split(mean, np.cumsum(
+            [gathered[j].size for j in members])[:-1])):
+          out[j] = v
+    return out
 
   def compress(tree, state):
     (kept, _), treedef = on_shards(blocks(None), tree, state)
@@ -204,6 +226,9 @@ def per_shard_rbgs(
     return treedef.unflatten(mean_c), treedef.unflatten(residual), advance(state)
 
   def payload(params):
-    return sum(local_block_sizes(params, param_specs, ratio, mesh.shape[model_axis], model_axis))
+    m = mesh.shape[model_axis]
+    sizes = local_block_sizes(params, param_specs, ratio, m, model_axis)
+    replicated = sum(b for b, s in zip(sizes, sharded) if not s)
+    return sum(b for b, s in zip(sizes, sharded) if s) + -(-replicated // m)
 
   return Compressor(init, compress, aggregate, payload)

@@ -16,16 +16,21 @@ training program asks nothing else about where its workers are.
 from __future__ import annotations
 
 from defjax.layouts import data_parallel
+from defjax.layouts import hosts
 from defjax.layouts import sharded
 from defjax.layouts.base import Layout
 from defjax.layouts.base import host_value
 from defjax.layouts.data_parallel import DataParallelLayout
+from defjax.layouts.hosts import HostLayout
 from defjax.layouts.sharded import ShardedLayout
 
 
 def layout_class(config) -> type[Layout]:
-  """The layout of a training config: ``model_axis_size`` M = 1 is the 1-D
-  layout, M > 1 workers of M devices."""
+  """The layout of a training config: ``devices_per_host`` M > 1 is hosts of
+  M data-parallel devices, ``model_axis_size`` M > 1 workers of M model
+  shards, neither the 1-D layout."""
+  if config.get('devices_per_host', 1) > 1:
+    return hosts.HostLayout
   return data_parallel.DataParallelLayout if config.model_axis_size == 1 else sharded.ShardedLayout
 
 
@@ -46,6 +51,7 @@ def devices_for(config) -> int:
 
 __all__ = [
     'DataParallelLayout',
+    'HostLayout',
     'Layout',
     'ShardedLayout',
     'check_config',
@@ -53,6 +59,7 @@ __all__ = [
     'devices_for',
     'for_config',
     'host_value',
+    'hosts',
     'layout_class',
     'sharded',
 ]

@@ -202,6 +202,8 @@ class ShardedLayout(base.Layout):
                                    hint)
     leaf_shapes = {tuple(x.shape) for x in jax.tree.leaves(params)}
     for axes, eqn, manual in found:
+      if (eqn.primitive.name == 'all_gather' and set(axes) == {model} and model in manual):
+        continue  # the per-shard compressor gathers its split replicated blocks
       if set(axes) != {data}:
         raise ValueError(
             f'the transform reduces over {axes!r}, but this layout\'s workers span'

@@ -41,6 +41,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   # A negative eval or checkpoint interval used to end in a traceback, and
   # max_to_keep=0 keeps no checkpoint at all (orbax deletes each one saved).
   for node, key, minimum in ((config, 'num_workers', 1), (config, 'model_axis_size', 1),
+                             (config, 'devices_per_host', 1),
                              (config, 'batch_size', 1), (config, 'eval_every_steps', 0),
                              (config, 'checkpoint_every_steps', 0), (config, 'max_to_keep', 1),
                              (config, 'steps_per_dispatch', 0), (o, 'dense_warmup_steps', 0)):

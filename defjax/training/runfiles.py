@@ -73,7 +73,7 @@ RECIPE = {
 }
 # Checked on resume only: the block sequence follows the seed unless pinned,
 # and no committed result mixes worker layouts.
-RESUME_ONLY = ('model_axis_size', 'optim.block_seed')
+RESUME_ONLY = ('model_axis_size', 'devices_per_host', 'optim.block_seed')
 IDENTITY = GRID + tuple(RECIPE) + RESUME_ONLY
 
 # The run names, longest method name first so that def_a is not read as def.

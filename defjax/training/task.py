@@ -59,7 +59,8 @@ def init_variables(model, config, image_shape, layout: layouts.Layout):
 def make_loss_fn(model, info: data_lib.DatasetInfo, config):
   """``loss_fn(params, batch_stats, (images, labels, ids))`` for one worker.
 
-  ``ids`` = (step, worker) keys the augmentation and dropout.
+  ``ids``: one (step, worker) row per example; the first row keys the
+  augmentation and dropout (the rows are equal).
   """
   base_key = jax.random.PRNGKey(config.seed)
   mean = jnp.asarray(info.mean, jnp.float32)
@@ -68,7 +69,8 @@ def make_loss_fn(model, info: data_lib.DatasetInfo, config):
 
   def loss_fn(params, batch_stats, batch):
     images, labels, ids = batch
-    key = jax.random.fold_in(jax.random.fold_in(base_key, ids[0]), ids[1])
+    step, worker = ids[0]
+    key = jax.random.fold_in(jax.random.fold_in(base_key, step), worker)
     if augment:
       images = data_lib.augment(images, key, pad=config.crop_padding, flip=config.flip)
     x = data_lib.standardize(images, mean, std)

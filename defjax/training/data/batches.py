@@ -17,7 +17,7 @@ class GlobalBatches:
 
   Each process reads only its workers' rows; with ``stacked`` the arrays are
   (n, K, ...) for a multi-step call, else (K, ...). The (step, worker) ids
-  that key augmentation and dropout travel with them.
+  that key augmentation and dropout travel with them, one row per example.
   """
 
   def __init__(self, train, layout, step: int, data_state, *, stacked: bool):
@@ -33,6 +33,9 @@ class GlobalBatches:
     for _ in range(n):
       images, labels = next(self.iterator)
       ids = np.stack([np.full(K, self.step), np.arange(K)], 1)[self.rows].astype(np.int32)
+      # One (step, worker) row per example: every batch leaf is (K, n, ...),
+      # which a layout may split over a worker's devices (layouts.hosts).
+      ids = np.broadcast_to(ids[:, None], (ids.shape[0], labels.shape[1], 2))
       per_step.append((images, labels, ids))
       self.step += 1
     return tuple(
