@@ -38,6 +38,7 @@ from defjax import compress  # noqa: E402
 from defjax import xla_cpu  # noqa: E402
 from defjax.layouts import data_parallel  # noqa: E402
 from defjax.training import optimizer  # noqa: E402
+from defjax.training import runfiles  # noqa: E402
 
 xla_cpu.tolerate_slow_cpu_devices()
 from defjax.training.models import get_model  # noqa: E402
@@ -332,6 +333,7 @@ def write(name: str, result: dict, table_md: str, notes: Optional[str] = None) -
       'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
       'machine': machine(),
       'command': command(),
+      'git': runfiles.git_state(RESULTS),
       'table_md': table_md,
       'notes': notes or '',
       **result,

@@ -7,7 +7,8 @@ goes through a queueing discipline that the benchmark sets and reads:
 * a token-bucket filter (``tc ... tbf rate R``) caps what that end sends at
   R, so each direction of the link carries at most R, as on a real
   full-duplex link (a throttled loopback shared by two processes counts both
-  directions against one bucket instead);
+  directions against one bucket instead), with a bucket of 16 KB so that
+  short transfers pay the rate too (``BURST_BYTES``);
 * unthrottled, a plain FIFO, which only counts.
 
 Traffic between the devices of one process stays on that namespace's own
@@ -39,11 +40,16 @@ import subprocess
 from typing import Optional, Sequence
 
 ADDRESSES = ('10.77.0.1', '10.77.0.2')
-# Loopback's 64 KiB MTU means a bucket under one packet stalls TCP until
-# gloo times out (seen with 64kb); at high rates the bucket must also cover
-# a timer tick (rate / HZ), or tbf cannot reach its rate.
-MIN_BURST_BYTES = 256 * 1024
-BURST_S = 0.01
+# The bucket: what may leave at the veth's own speed before the rate applies.
+# It refills while a step computes, so a bucket larger than a compressed
+# step's traffic lets that traffic cross for free: with 256 KB, 100 KB took
+# 0.4 ms at 10 Mbit/s (line rate: 84 ms), and DEF's block never paid the
+# link. A real link serialises every byte at its rate; 16 KB (about 11
+# full segments) is what tbf needs here to reach 1 Gbit/s (8.6 ms for 1 MB,
+# line rate 8.4) while 100 KB at 10 Mbit/s takes 71 ms. The veth's large
+# (GSO) packets are cut to segments by tbf; a bucket smaller than one packet
+# would drop them (on loopback, whose MTU is 64 KiB, TCP stalled with 64kb).
+BURST_BYTES = 16 * 1024
 # How long a packet may wait in the bucket's queue before it is dropped.
 QUEUE_LATENCY = '2000ms'
 # Bytes on the wire per TCP segment beyond its payload (Ethernet 14, IPv4 20,
@@ -91,8 +97,8 @@ def qdisc_args(rate: Optional[str]) -> list[str]:
   """The root qdisc for ``rate``: a token bucket, or a counting FIFO."""
   if rate is None:
     return ['pfifo', 'limit', '10000']
-  burst = max(MIN_BURST_BYTES, int(bits_per_s(rate) / 8 * BURST_S))
-  return ['tbf', 'rate', rate, 'burst', str(burst), 'latency', QUEUE_LATENCY]
+  bits_per_s(rate)  # a rate tc can read
+  return ['tbf', 'rate', rate, 'burst', str(BURST_BYTES), 'latency', QUEUE_LATENCY]
 
 
 def set_rate(dev: str, rate: Optional[str], netns: Optional[str] = None) -> None:

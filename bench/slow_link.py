@@ -359,9 +359,10 @@ def measure(setting: str, framework: str, *, rounds: int, steps: int,
     args += ['--layout', layout]
   t0, load0 = time.time(), os.getloadavg()
   results = run_on_link(MODULES[framework], args, devices=devices)
+  qdiscs = {rate: netns.qdisc_args(rate_arg(rate)) for rate in (rates or default_rates).split(',')}
   for r in results:
     r.update(wall_s=time.time() - t0, loadavg_before=load0, loadavg_after=os.getloadavg(),
-             date=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
+             date=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()), qdisc=qdiscs)
   return results
 
 
@@ -370,6 +371,8 @@ def main(argv=None):
   p.add_argument('--settings', default=','.join(SETTINGS),
                  help=f'comma-separated, of: {", ".join(SETTINGS)}')
   p.add_argument('--frameworks', default='jax,torch')
+  p.add_argument('--report-only', action='store_true',
+                 help='rebuild the table from the measurements already in the JSON')
   a = p.parse_args(argv)
   if a.rank is not None:
     a.rank = int(a.rank)
@@ -382,7 +385,7 @@ def main(argv=None):
   path = common.RESULTS / f'{RESULT}.json'
   doc = json.loads(path.read_text()) if path.exists() else {}
   measured = doc.get('measured', {})
-  for setting in a.settings.split(','):
+  for setting in [] if a.report_only else a.settings.split(','):
     for framework in a.frameworks.split(','):
       if framework not in SETTINGS[setting][3]:
         continue
@@ -570,8 +573,9 @@ GPU_COLUMNS = ('K', 'gbps', 'compute_ms', 'sgd_step_ms', 'def@256_step_ms', 'def
 
 NOTES = (
     'Two hosts on this machine (bench.netns): processes in their own network namespaces joined'
-    ' by a veth pair, each end sending at most the rate (token bucket); K = 2M workers, one'
-    ' per device, on the 1-D layout; per-leaf RBGS. step_ms: median over rounds (process 0);'
+    ' by a veth pair, each end sending at most the rate (token bucket of 16 KB), M devices each;'
+    ' K = 2M workers of one device on the 1-D layout, or 2 hosts of M devices (layouts.hosts);'
+    ' per-leaf RBGS. step_ms: median over rounds (process 0);'
     ' link_added_ms: step time minus the same variant\'s unthrottled step time in the same round'
     ' (median); speedup: SGD\'s (DDP\'s) step time / the variant\'s in the same round; link_MB:'
     ' bytes each direction carried per step (qdisc counters, idle traffic subtracted);'
