@@ -20,17 +20,27 @@ extensions = [
     'sphinx.ext.mathjax',
     'sphinx.ext.viewcode',
 ]
-myst_enable_extensions = ['dollarmath', 'colon_fence', 'deflist']
+myst_enable_extensions = ['dollarmath', 'amsmath', 'colon_fence', 'deflist']
 myst_heading_anchors = 3
 source_suffix = {'.md': 'markdown'}
 exclude_patterns = ['_build']
 
 # Google-style docstrings, in source order, type hints in the description.
+# Every API page names each object it documents in its own directive
+# (tests/test_docs.py checks that every public name has one), so no
+# directive pulls in members by default: that would document them twice.
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 autodoc_member_order = 'bysource'
 autodoc_typehints = 'description'
-autodoc_default_options = {'members': True, 'show-inheritance': True}
+autodoc_default_options = {'show-inheritance': True}
+# The library's annotations are strings (``from __future__ import
+# annotations``): print its aliases by name instead of expanding them.
+autodoc_type_aliases = {
+    'AxisName': 'defjax.compress.AxisName',
+    'KeyLike': 'defjax.compress.KeyLike',
+    'PyTree': 'defjax.compress.PyTree',
+}
 
 html_theme = 'furo'
 html_title = f'defjax {release}'
