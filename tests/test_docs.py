@@ -9,7 +9,9 @@ modules and scripts they name exist.
 import functools
 import importlib
 import importlib.util
+import inspect
 import pathlib
+import pkgutil
 import re
 import shlex
 import sys
@@ -164,3 +166,122 @@ def test_the_checks_can_fail(tmp_path):
   page.write_text('Text.\n\n```python\nx = 2\n```\n\n  ```python\n  y = 1 / (x - 2)\n  ```\n')
   with pytest.raises(ZeroDivisionError):
     run_blocks(page)
+
+
+# ------------------------------------------------------------ API reference
+
+API_DIR = ROOT / 'docs' / 'api'
+# An autodoc (or py:) directive in a MyST fence, or a module declared in rST.
+_DIRECTIVE = re.compile(r'^ *```\{(?P<kind>auto\w+|py:\w+)\} +(?P<target>[\w.]+)', re.M)
+_MODULE = re.compile(r'^\.\. (?:py:)?module:: +(?P<target>[\w.]+)', re.M)
+# Modules that only keep an old command name working (``python -m defjax.sweep``
+# and friends): each runs a documented module's main.
+SHIMS = ('defjax.main', 'defjax.sweep', 'defjax.report', 'defjax.gap')
+# Modules reached only through their package's documented names: the model
+# zoo is get_model(name), one module per network.
+BEHIND_PACKAGE = ('defjax.training.models.',)
+
+
+def _resolve(dotted: str):
+  """The object a dotted name names (a module, or an attribute path in one)."""
+  parts = dotted.split('.')
+  for i in range(len(parts), 0, -1):
+    try:
+      obj = importlib.import_module('.'.join(parts[:i]))
+    except ImportError:
+      continue
+    for attr in parts[i:]:
+      obj = getattr(obj, attr)
+    return obj
+  raise ImportError(dotted)
+
+
+def public_names(module) -> list[str]:
+  """A module's public names: its ``__all__``; without one, the functions and
+  classes it defines and its UPPER_CASE constants, unless they start with _."""
+  if hasattr(module, '__all__'):
+    return list(module.__all__)
+  out = []
+  for name, value in vars(module).items():
+    if name.startswith('_'):
+      continue
+    if inspect.isfunction(value) or inspect.isclass(value):
+      if value.__module__ == module.__name__:
+        out.append(name)
+    elif name.isupper() and not inspect.ismodule(value):
+      out.append(name)
+  return out
+
+
+def api_text(directory=API_DIR) -> str:
+  return '\n'.join(p.read_text() for p in sorted(pathlib.Path(directory).rglob('*.md')))
+
+
+def documented_modules(text: str) -> list[str]:
+  """The modules the API pages document (automodule or a module directive)."""
+  found = [m['target'] for m in _DIRECTIVE.finditer(text) if m['kind'] == 'automodule']
+  return sorted(set(found + [m['target'] for m in _MODULE.finditer(text)]))
+
+
+def missing_from_api(text: str) -> list[str]:
+  """Every public name of a documented module that no directive documents:
+  neither by its own dotted name nor, for a function, class or module, as
+  the same object under another name (``defjax.rbgs`` is
+  ``defjax.compress.rbgs``)."""
+  targets = {m['target'] for m in _DIRECTIVE.finditer(text)}
+  targets |= set(documented_modules(text))
+  objects = {id(_resolve(t)) for t in targets}
+  missing = []
+  for module_name in documented_modules(text):
+    module = importlib.import_module(module_name)
+    for name in public_names(module):
+      value = getattr(module, name)
+      by_identity = inspect.isfunction(value) or inspect.isclass(value) or inspect.ismodule(value)
+      if f'{module_name}.{name}' not in targets and not (by_identity and id(value) in objects):
+        missing.append(f'{module_name}.{name}')
+  return missing
+
+
+def undocumented_modules(text: str, package: str = 'defjax') -> list[str]:
+  """Modules of ``package`` the API pages neither document nor cover: a
+  module is covered by a package with ``__all__`` (its implementation), by
+  being a shim, or by ``BEHIND_PACKAGE``."""
+  documented = set(documented_modules(text))
+  root = importlib.import_module(package)
+  out = []
+  for info in pkgutil.walk_packages(root.__path__, package + '.'):
+    name = info.name
+    parent = importlib.import_module(name.rsplit('.', 1)[0])
+    if (name in documented or name in SHIMS or name.startswith(BEHIND_PACKAGE)
+        or hasattr(parent, '__all__') and parent.__name__ != package):
+      continue
+    out.append(name)
+  return out
+
+
+def test_every_public_name_is_in_the_api_reference():
+  text = api_text()
+  assert 'defjax' in documented_modules(text)
+  assert not missing_from_api(text), missing_from_api(text)
+
+
+def test_every_module_is_in_the_api_reference():
+  assert not undocumented_modules(api_text())
+
+
+def test_the_api_checks_can_fail():
+  text = api_text()
+  # A name dropped from the pages is reported under its module's name...
+  without = re.sub(r'^```\{autofunction\} defjax\.rbgs\n```\n', '', text, flags=re.M)
+  assert without != text
+  assert missing_from_api(without) == ['defjax.rbgs', 'defjax.compress.rbgs']
+  # ... also when documented under another module's name only.
+  assert 'defjax.feedback.check_lam' in missing_from_api(
+      text.replace('{autofunction} defjax.feedback.check_lam', '{autofunction} os.path.join'))
+  # A constant counts only under its own name.
+  assert 'defjax.xla_cpu.CPU_COLLECTIVE_FLAGS' in missing_from_api(
+      text.replace('{autodata} defjax.xla_cpu.CPU_COLLECTIVE_FLAGS', '{autodata} os.sep'))
+  # A module without a page is reported, with every public name of it.
+  no_wire = text.replace('{automodule} defjax.wire', '{automodule} os')
+  assert 'defjax.wire' in undocumented_modules(no_wire)
+  assert 'os.sep' in missing_from_api(no_wire)
