@@ -1,6 +1,6 @@
 """defjax: RBGS with detached error feedback (DEF, DEF-A) as optax transformations.
 
-The public API. See README.md for a tour; ``defjax.feedback`` states each
+The public API. The documentation (docs/) has a tour; ``defjax.feedback`` states each
 method's recursion (paper Algorithm 1).
 """
 

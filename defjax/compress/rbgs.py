@@ -47,7 +47,7 @@ def rbgs(
       random start; all leaf blocks still travel in one all-reduce. Use it
       for batch-normalised models: one global block moves all their small
       leaves (BN scales, biases) together about once every ``ratio`` steps,
-      and trains far worse in the same steps (README, Block layout).
+      and trains far worse in the same steps (docs/guides/algorithm.md, RBGS).
 
   Returns:
     A ``Compressor``.

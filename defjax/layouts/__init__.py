@@ -8,6 +8,9 @@ the batch live; ``init_state``, ``train_step``, the output model
   x replicated.
 * ``sharded``: a ('data', 'model') mesh, M devices per worker, x sharded over
   'model' by the model's PartitionSpecs, per-shard RBGS.
+* ``hosts``: a ('data', 'replica') mesh, a worker is a host of M
+  data-parallel devices, x replicated; only the block crosses hosts, split M
+  ways.
 
 ``for_config(config)`` is the layout a training config asks for; the
 training program asks nothing else about where its workers are.

@@ -23,8 +23,10 @@ Methods that place x take ``param_specs``, the params' PartitionSpecs (a
 Flax model's ``nn.with_partitioning`` annotations, ``P()`` for the others);
 None means replicated, and a layout that replicates x ignores them.
 
-One module per layout: ``data_parallel`` (a 1-D mesh, x replicated) and
-``sharded`` (a ('data', 'model') mesh, a worker is M devices).
+One module per layout: ``data_parallel`` (a 1-D mesh, x replicated),
+``sharded`` (a ('data', 'model') mesh, a worker is M model-sharded devices)
+and ``hosts`` (a ('data', 'replica') mesh, a worker is a host of M
+data-parallel devices).
 """
 
 from __future__ import annotations

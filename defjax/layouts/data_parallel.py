@@ -123,7 +123,7 @@ class DataParallelLayout(base.Layout):
 
     Also with one worker per device: XLA:CPU then compiles the optimizer's
     elementwise passes over the (1, ...) state with fewer re-reads and copies
-    than over squeezed shapes (README, Performance: ``bench/opt_bytes.py``,
+    than over squeezed shapes (``bench/opt_bytes.py``,
     ``bench/ab_squeezed_optimizer.py``). The results agree with the squeezed
     program's to float rounding.
     """
