@@ -2,7 +2,7 @@
 
 EF, DEF, DEF-A and SAEF are one algorithm (paper Algorithm 1) with one
 coefficient lam: the worker takes its gradient at the detached point
-z = x - lam * e_k, then (line numbers of Algorithm 1)
+z = x - lam * e_k, then (line numbers of Algorithm 1)::
 
   7:  p_k = eta * m_k + e_k                (inner optimizer's step + error)
   8:  e_k <- p_k - C(p_k)

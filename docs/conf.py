@@ -42,6 +42,23 @@ autodoc_type_aliases = {
     'PyTree': 'defjax.compress.PyTree',
 }
 
+# Literal blocks in docstrings (``::``) hold recursions, formulas and
+# commands, not Python: no highlighting. Fenced blocks name their language.
+highlight_language = 'text'
+
 html_theme = 'furo'
 html_title = f'defjax {release}'
 html_static_path = []
+
+
+def _drop_type_docstrings(app, what, name, obj, options, lines):
+  """A constant without a doc comment would show its type's docstring (a
+  dict's or a tuple's): leave it to the value and the page's own text."""
+  if what in ('data', 'attribute') and lines and not callable(obj):
+    type_doc = type(obj).__doc__ or ''
+    if '\n'.join(lines).strip() and '\n'.join(lines).split()[:4] == type_doc.split()[:4]:
+      lines.clear()
+
+
+def setup(app):
+  app.connect('autodoc-process-docstring', _drop_type_docstrings)

@@ -171,9 +171,10 @@ def test_the_checks_can_fail(tmp_path):
 # ------------------------------------------------------------ API reference
 
 API_DIR = ROOT / 'docs' / 'api'
-# An autodoc (or py:) directive in a MyST fence, or a module declared in rST.
-_DIRECTIVE = re.compile(r'^ *```\{(?P<kind>auto\w+|py:\w+)\} +(?P<target>[\w.]+)', re.M)
-_MODULE = re.compile(r'^\.\. (?:py:)?module:: +(?P<target>[\w.]+)', re.M)
+# An autodoc (or py:) directive, in an {eval-rst} block of an API page (MyST
+# would read the rST that autodoc generates as Markdown), or a module declared.
+_DIRECTIVE = re.compile(r'^ *\.\. (?P<kind>auto\w+|py:\w+):: +(?P<target>[\w.]+)', re.M)
+_MODULE = re.compile(r'^ *\.\. (?:py:)?module:: +(?P<target>[\w.]+)', re.M)
 # Modules that only keep an old command name working (``python -m defjax.sweep``
 # and friends): each runs a documented module's main.
 SHIMS = ('defjax.main', 'defjax.sweep', 'defjax.report', 'defjax.gap')
@@ -272,16 +273,16 @@ def test_every_module_is_in_the_api_reference():
 def test_the_api_checks_can_fail():
   text = api_text()
   # A name dropped from the pages is reported under its module's name...
-  without = re.sub(r'^```\{autofunction\} defjax\.rbgs\n```\n', '', text, flags=re.M)
+  without = re.sub(r'^\.\. autofunction:: defjax\.rbgs\n', '', text, flags=re.M)
   assert without != text
   assert missing_from_api(without) == ['defjax.rbgs', 'defjax.compress.rbgs']
   # ... also when documented under another module's name only.
   assert 'defjax.feedback.check_lam' in missing_from_api(
-      text.replace('{autofunction} defjax.feedback.check_lam', '{autofunction} os.path.join'))
+      text.replace('autofunction:: defjax.feedback.check_lam', 'autofunction:: os.path.join'))
   # A constant counts only under its own name.
   assert 'defjax.xla_cpu.CPU_COLLECTIVE_FLAGS' in missing_from_api(
-      text.replace('{autodata} defjax.xla_cpu.CPU_COLLECTIVE_FLAGS', '{autodata} os.sep'))
+      text.replace('autodata:: defjax.xla_cpu.CPU_COLLECTIVE_FLAGS', 'autodata:: os.sep'))
   # A module without a page is reported, with every public name of it.
-  no_wire = text.replace('{automodule} defjax.wire', '{automodule} os')
+  no_wire = text.replace('automodule:: defjax.wire', 'automodule:: os')
   assert 'defjax.wire' in undocumented_modules(no_wire)
   assert 'os.sep' in missing_from_api(no_wire)

@@ -110,7 +110,7 @@ def randomk(ratio: float, *, key: KeyLike = 0) -> Compressor:
 
 
 def topk(ratio: float) -> Compressor:
-  """Top-K: each worker keeps its own b = ceil(d / ratio) largest |values|.
+  """Top-K: each worker keeps its own b = ceil(d / ratio) largest magnitudes.
 
   Not all-reduce compatible: each worker's values and int32 indices are
   all-gathered and scatter-added. Each worker's residual is its own

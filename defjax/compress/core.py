@@ -88,7 +88,7 @@ class SplitAxis:
   Given as a transform's ``axis_name``, it makes every mean over workers
   (``worker_mean``) cross the workers' links once per worker instead of once
   per device: the values are flattened into one vector and cut into M =
-  |within| slices; the device at position j along ``within`` all-reduces
+  the size of ``within`` slices; the device at position j along ``within`` all-reduces
   slice j over ``workers`` (ceil(n / M) values), and the M reduced slices
   are all-gathered along ``within`` (the fast links inside a worker). The
   result is the plain mean's on every device, to float rounding (each slice

@@ -5,7 +5,7 @@ Each device compresses only what it holds: for every leaf it reads its local
 shard of n_local = n / M values (n for a leaf not sharded over ``'model'``)
 and keeps one circular block of b_leaf = max(1, floor(n_local / ratio))
 values, the per-leaf rule of ``defjax.rbgs(per_leaf=True)`` applied to each
-shard. The start of model row r's block in leaf j is
+shard. The start of model row r's block in leaf j is::
 
   randint(fold_in(fold_in(key, count), r), (L,), 0, n_local)[j]
 
@@ -22,7 +22,7 @@ device r all-reduces slice r of the concatenated replicated blocks over the
 workers and the M slices are all-gathered over ``'model'``, so each value
 crosses to the other workers once per worker, not M times.
 
-Payload: each device all-reduces, per step,
+Payload: each device all-reduces, per step::
 
   b_device = sum over sharded leaves of max(1, floor(n / M / ratio))
              + ceil(sum over replicated leaves of max(1, floor(n / ratio)) / M)

@@ -13,7 +13,7 @@ among themselves, on a ('data', 'replica') mesh of shape (K, M):
   M devices, ``P('data', 'replica')`` (n must divide by M).
 
 One step, on every device of host k (the worker's gradient is the dense mean
-over its devices, and error feedback runs per worker):
+over its devices, and error feedback runs per worker)::
 
   g_k = mean over the host's M devices of their gradients at x - lam e_k
         (an all-reduce over 'replica' of d values: the fast links)

@@ -1,13 +1,14 @@
 r"""The training program. Exit codes (``runfiles``): 0 completed,
 2 bad config or data, 3 diverged (a result: summary.json says where),
 4 interrupted by SIGTERM/SIGINT after saving a checkpoint (rerun the same
-command to resume).
+command to resume)::
 
   python -m defjax.main --config configs/fashion_mnist.py --workdir runs/fm-def256 \
       --config.optim.method=def --config.optim.ratio=256 --config.seed=1
 
 (``python train.py ...`` in a checkout is the same program.) Several hosts:
-the same command on each, plus
+the same command on each, plus::
+
   --coordinator_address=HOST0:PORT --num_processes=N --process_id=I
 
 On Linux the program restarts itself once with tcmalloc preloaded when the
