@@ -33,6 +33,9 @@ napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 autodoc_member_order = 'bysource'
 autodoc_typehints = 'description'
+# Types only where the docstring documents the parameter (a NamedTuple's
+# fields are its Attributes; listing them again as parameters is noise).
+autodoc_typehints_description_target = 'documented_params'
 autodoc_default_options = {'show-inheritance': True}
 # The library's annotations are strings (``from __future__ import
 # annotations``): print its aliases by name instead of expanding them.
