@@ -116,7 +116,7 @@ def test_update_pages_rewrites_only_between_the_markers(tmp_path):
          'machine': machine, 'table_md': '| a |\n|---|\n| 7 |'}
   (results / 'overhead.json').write_text(json.dumps(doc))
   rows = [{'setting': s, 'rate': rate, 'variant': v, 'step_ms': ms, 'link_added_ms': ms - 100,
-           'link_MB_0to1': mb}
+           'link_MB_0to1': mb, 'measured_vs_formula': 1.25, 'speedup': 900 / ms}
           for s, v, ms, mb in (('vgg16 M=1 jax', 'sgd', 900, 64.0),
                                ('vgg16 M=1 jax', 'def@256', 300, 0.33))
           for rate in ('none', '100mbit')]
@@ -136,7 +136,7 @@ def test_update_pages_rewrites_only_between_the_markers(tmp_path):
   text = readme.read_text()
   assert text.startswith('top\n') and text.endswith('\nend\n') and 'stale 98' not in text
   assert '64.0 MB per SGD step' in text and '3.0x faster than SGD' in text
-  assert '| unthrottled | 900 | 300 |' in text
+  assert '| unthrottled | 900 | 300 | 3 |' in text and '1.25x the formula' in text
   no_markers = tmp_path / 'OTHER.md'
   no_markers.write_text('nothing here\n')
   assert run_all.update_pages(no_markers, no_markers, results) == []
