@@ -18,8 +18,15 @@ from defjax.training import runfiles
 # What the training program imports beyond the library's dependencies: the
 # modules of pyproject's `train` extra (tests/test_install.py checks both
 # directions against the extra and the program's imports).
-TRAIN_MODULES = ('absl', 'ml_collections', 'orbax.checkpoint', 'grain', 'PIL',
-                 'tqdm', 'tensorflow_datasets')
+TRAIN_MODULES = (
+    'absl',
+    'ml_collections',
+    'orbax.checkpoint',
+    'grain',
+    'PIL',
+    'tqdm',
+    'tensorflow_datasets',
+)
 
 
 def missing_train_modules() -> list[str]:
@@ -39,8 +46,11 @@ def run():
   """The console entry point (``defjax-train``)."""
   missing = missing_train_modules()
   if missing:
-    print("error: the training program needs pip install 'defjax[train]'"
-          f" (not installed: {', '.join(missing)})", file=sys.stderr)
+    print(
+        "error: the training program needs pip install 'defjax[train]'"
+        f" (not installed: {', '.join(missing)})",
+        file=sys.stderr,
+    )
     sys.exit(runfiles.EXIT_BAD_CONFIG)
   from defjax.training import main  # pylint: disable=g-import-not-at-top
 

@@ -39,11 +39,18 @@ import zipfile
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The library's promise (pyproject's [project] dependencies).
 CORE = ('jax', 'flax', 'optax', 'numpy')
-MARKER = '<!-- install-check: the next python block runs in make install-check -->'
+MARKER = (
+    '<!-- install-check: the next python block runs in make install-check -->'
+)
 # The program half and the shims that import it at the top; the models are
 # imported on their own (the library's examples use them).
-PROGRAM = ('defjax.training', 'defjax.experiments', 'defjax.sweep',
-           'defjax.report', 'defjax.gap')
+PROGRAM = (
+    'defjax.training',
+    'defjax.experiments',
+    'defjax.sweep',
+    'defjax.report',
+    'defjax.gap',
+)
 MODELS = 'defjax.training.models'
 ENTRY_LINE = "error: the training program needs pip install 'defjax[train]'"
 
@@ -60,11 +67,13 @@ def readme_block(text: str) -> str:
     raise CheckFailed(f'README.md has {len(at)} lines {MARKER!r}, not one')
   start = at[0] + 1
   if start == len(lines) or lines[start].rstrip() != '```python':
-    raise CheckFailed('the line after the install-check marker in README.md'
-                      ' does not open a ```python block')
+    raise CheckFailed(
+        'the line after the install-check marker in README.md'
+        ' does not open a ```python block'
+    )
   for end in range(start + 1, len(lines)):
     if lines[end].rstrip() == '```':
-      return ''.join(lines[start + 1:end])
+      return ''.join(lines[start + 1 : end])
   raise CheckFailed('the install-check block in README.md is not closed')
 
 
@@ -96,15 +105,22 @@ def closure(requires: dict[str, list[str]], root: str) -> set[str]:
     for line in requires[name]:
       req = Requirement(line)
       if req.marker is None or any(
-          req.marker.evaluate({'extra': e}) for e in extras | {''}):
+          req.marker.evaluate({'extra': e}) for e in extras | {''}
+      ):
         todo.append((canonicalize_name(req.name), frozenset(req.extras), name))
   return needed
 
 
-def _run(cmd, *, cwd, env, what, expect=0, stdin=None):
-  proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, input=stdin,
-                        capture_output=True, text=True, timeout=900)
-  if expect is not None and proc.returncode != expect:
+def _run(cmd, *, cwd, env, what, expect=0):
+  proc = subprocess.run(
+      [str(c) for c in cmd],
+      cwd=cwd,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=900,
+  )
+  if proc.returncode != expect:
     tail = (proc.stdout + proc.stderr)[-3000:]
     raise CheckFailed(f'{what}: exit {proc.returncode}, not {expect}\n{tail}')
   return proc
@@ -114,29 +130,34 @@ def _static_version() -> str:
   """defjax.__version__ as the checkout writes it (no import)."""
   tree = ast.parse((ROOT / 'defjax' / '__init__.py').read_text())
   for node in tree.body:
-    if (isinstance(node, ast.Assign)
-        and [getattr(t, 'id', None) for t in node.targets] == ['__version__']):
+    targets = [getattr(t, 'id', None) for t in getattr(node, 'targets', ())]
+    if isinstance(node, ast.Assign) and targets == ['__version__']:
       return ast.literal_eval(node.value)
   raise CheckFailed('defjax/__init__.py assigns no __version__')
 
 
 def _copy_checkout(dest: pathlib.Path) -> None:
   """The files git would commit (tracked or new, not ignored), as they are."""
-  names = subprocess.run(
-      ['git', 'ls-files', '-z', '--cached', '--others', '--exclude-standard'],
-      cwd=ROOT, capture_output=True, check=True).stdout.decode().split('\0')
-  for name in filter(None, names):
-    if (ROOT / name).is_file():  # a tracked file deleted in the work tree is not
+  git = ['git', 'ls-files', '-z', '--cached', '--others', '--exclude-standard']
+  out = subprocess.run(git, cwd=ROOT, capture_output=True, check=True).stdout
+  for name in filter(None, out.decode().split('\0')):
+    # A tracked file deleted from the work tree is listed, but not there.
+    if (ROOT / name).is_file():
       (dest / name).parent.mkdir(parents=True, exist_ok=True)
       shutil.copy2(ROOT / name, dest / name)
 
 
 def build(tmp: pathlib.Path, version: str) -> pathlib.Path:
   """Builds the sdist and, from it, the wheel; checks what each carries."""
+  start = time.monotonic()
   src, dist = tmp / 'src', tmp / 'dist'
   _copy_checkout(src)
-  _run([sys.executable, '-m', 'build', '--outdir', dist, src], cwd=tmp,
-       env=os.environ, what='python -m build')
+  _run(
+      [sys.executable, '-m', 'build', '--outdir', dist, src],
+      cwd=tmp,
+      env=os.environ,
+      what='python -m build',
+  )
   sdist = dist / f'defjax-{version}.tar.gz'
   wheel = dist / f'defjax-{version}-py3-none-any.whl'
   built = sorted(p.name for p in dist.iterdir())
@@ -145,8 +166,13 @@ def build(tmp: pathlib.Path, version: str) -> pathlib.Path:
 
   with tarfile.open(sdist) as tar:
     in_sdist = {n.split('/', 1)[1] for n in tar.getnames() if '/' in n}
-  program = {'train.py', 'CHANGELOG.md', 'README.md', 'pyproject.toml',
-             *(str(p.relative_to(src)) for p in (src / 'configs').glob('*.py'))}
+  program = {
+      'train.py',
+      'CHANGELOG.md',
+      'README.md',
+      'pyproject.toml',
+      *(str(p.relative_to(src)) for p in (src / 'configs').glob('*.py')),
+  }
   if program - in_sdist:
     raise CheckFailed(f'the sdist lacks {sorted(program - in_sdist)}')
   if any(n.startswith('tests/') for n in in_sdist):
@@ -159,31 +185,36 @@ def build(tmp: pathlib.Path, version: str) -> pathlib.Path:
     raise CheckFailed(f'the wheel holds {sorted(tops)}, not only defjax')
   modules = {str(p.relative_to(src)) for p in (src / 'defjax').rglob('*.py')}
   if modules - in_wheel:
-    raise CheckFailed('the wheel built from the sdist lacks'
-                      f' {sorted(modules - in_wheel)}')
-  print(f'install-check: built {sdist.name} ({len(in_sdist)} files; configs/,'
-        f' train.py and CHANGELOG.md in, tests/ out) and from it {wheel.name}'
-        f' ({len(in_wheel)} files: the defjax package only, all'
-        f' {len(modules)} modules of the checkout)')
+    missing = sorted(modules - in_wheel)
+    raise CheckFailed(f'the wheel built from the sdist lacks {missing}')
+  print(
+      f'install-check: built {sdist.name} ({len(in_sdist)} files; configs/,'
+      f' train.py and CHANGELOG.md in, tests/ out) and from it {wheel.name}'
+      f' ({len(in_wheel)} files: the defjax package only, all'
+      f' {len(modules)} modules of the checkout) in'
+      f' {time.monotonic() - start:.0f} s'
+  )
   return wheel
 
 
 def _user_env() -> dict[str, str]:
   """This environment without what would point Python or JAX elsewhere: a new
   user's shell."""
-  return {k: v for k, v in os.environ.items()
-          if not k.startswith(('PYTHON', 'JAX_', 'XLA_'))
-          and k not in ('VIRTUAL_ENV', 'LD_PRELOAD')}
+  return {
+      k: v
+      for k, v in os.environ.items()
+      if not k.startswith(('PYTHON', 'JAX_', 'XLA_')) and k != 'VIRTUAL_ENV'
+  }
 
 
-_INSTALLED = '''
+_INSTALLED = """
 import importlib.metadata as m, json
 print(json.dumps({d.metadata['Name']: [d.version, d.requires or []]
                   for d in m.distributions()}))
-'''
+"""
 
-_LIBRARY = f'''
-import importlib, pkgutil, sys
+_LIBRARY = f"""
+import importlib, pkgutil
 import defjax
 program = {PROGRAM!r}
 imported = []
@@ -198,7 +229,7 @@ def walk(package):
 walk(defjax)
 walk(importlib.import_module({MODELS!r}))
 print(defjax.__file__, defjax.__version__, ' '.join(['defjax', {MODELS!r}] + imported))
-'''
+"""
 
 
 def install(tmp: pathlib.Path, wheel: pathlib.Path, version: str):
@@ -206,51 +237,83 @@ def install(tmp: pathlib.Path, wheel: pathlib.Path, version: str):
   from packaging.requirements import Requirement  # pylint: disable=g-import-not-at-top
   from packaging.utils import canonicalize_name  # pylint: disable=g-import-not-at-top
 
+  start = time.monotonic()
   venv = tmp / 'venv'
   # No pip or setuptools of its own: whatever is there, the wheel brought.
-  _run([sys.executable, '-m', 'venv', '--without-pip', venv], cwd=tmp,
-       env=_user_env(), what='python -m venv')
+  _run(
+      [sys.executable, '-m', 'venv', '--without-pip', venv],
+      cwd=tmp,
+      env=_user_env(),
+      what='python -m venv',
+  )
   python = venv / 'bin' / 'python'
-  _run([sys.executable, '-m', 'pip', '--python', python, 'install', '-q',
-        '--no-input', wheel], cwd=tmp, env=os.environ, what='pip install')
+  pip = [sys.executable, '-m', 'pip', '--python', python]
+  _run(
+      [*pip, 'install', '-q', '--no-input', wheel],
+      cwd=tmp,
+      env=os.environ,
+      what='pip install',
+  )
 
-  out = _run([python, '-I', '-c', _INSTALLED], cwd=tmp, env=_user_env(),
-             what='reading the installed metadata').stdout
-  installed = {canonicalize_name(name): (name, v, req)
-               for name, (v, req) in json.loads(out).items()}
+  out = _run(
+      [python, '-I', '-c', _INSTALLED],
+      cwd=tmp,
+      env=_user_env(),
+      what='reading the installed metadata',
+  ).stdout
+  installed = {
+      canonicalize_name(name): (name, v, req)
+      for name, (v, req) in json.loads(out).items()
+  }
   requires = {n: req for n, (_, _, req) in installed.items()}
-  direct = {canonicalize_name(r.name) for r in map(Requirement, requires['defjax'])
-            if r.marker is None or r.marker.evaluate({'extra': ''})}
+  direct = {
+      canonicalize_name(r.name)
+      for r in map(Requirement, requires['defjax'])
+      if r.marker is None or r.marker.evaluate({'extra': ''})
+  }
   if direct != set(CORE):
     raise CheckFailed(f'defjax requires {sorted(direct)}, not {list(CORE)}')
   needed = closure(requires, 'defjax')
   if set(installed) != needed:
     raise CheckFailed(
         f'installed beyond the closure: {sorted(set(installed) - needed)};'
-        f' missing from it: {sorted(needed - set(installed))}')
+        f' missing from it: {sorted(needed - set(installed))}'
+    )
   if installed['defjax'][1] != version:
-    raise CheckFailed(f'installed defjax {installed["defjax"][1]}, not {version}')
-  shown = lambda names: ', '.join(f'{installed[n][0]} {installed[n][1]}'
-                                  for n in sorted(names))
-  print(f'install-check: pip install {wheel.name} (no extras) into a fresh venv:'
-        f' {len(installed)} distributions, exactly defjax {version}, its'
-        f' requirements {shown(direct)} and their closure from the installed'
-        f' metadata: {shown(needed - direct - {"defjax"})}')
+    raise CheckFailed(
+        f'installed defjax {installed["defjax"][1]}, not {version}'
+    )
+  shown = lambda names: ', '.join(
+      f'{installed[n][0]} {installed[n][1]}' for n in sorted(names)
+  )
+  print(
+      f'install-check: pip install {wheel.name} (no extras) into a fresh venv:'
+      f' {len(installed)} distributions, exactly defjax {version}, its'
+      f' requirements {shown(direct)} and their closure from the installed'
+      f' metadata: {shown(needed - direct - {"defjax"})}; in'
+      f' {time.monotonic() - start:.0f} s'
+  )
   return python
 
 
 def check_library(python: pathlib.Path, run_dir: pathlib.Path, version: str):
-  out = _run([python, '-I', '-c', _LIBRARY], cwd=run_dir, env=_user_env(),
-             what='importing the library').stdout.split()
+  out = _run(
+      [python, '-I', '-c', _LIBRARY],
+      cwd=run_dir,
+      env=_user_env(),
+      what='importing the library',
+  ).stdout.split()
   where, got, modules = out[0], out[1], out[2:]
   site = python.parent.parent
   if not pathlib.Path(where).resolve().is_relative_to(site.resolve()):
     raise CheckFailed(f'defjax came from {where}, not from the venv {site}')
   if got != version:
     raise CheckFailed(f'defjax.__version__ is {got}, the wheel {version}')
-  print(f'install-check: the library imports with the core dependencies only:'
-        f' {len(modules)} modules ({", ".join(modules)}); defjax.__version__'
-        f' {got} from the venv')
+  print(
+      f'install-check: the library imports with the core dependencies only:'
+      f' {len(modules)} modules ({", ".join(modules)}); defjax.__version__'
+      f' {got} from the venv'
+  )
 
 
 def check_readme(python: pathlib.Path, run_dir: pathlib.Path):
@@ -258,11 +321,17 @@ def check_readme(python: pathlib.Path, run_dir: pathlib.Path):
   script = run_dir / 'readme_library.py'
   script.write_text(block)
   start = time.monotonic()
-  _run([python, '-I', script], cwd=run_dir, env=_user_env(),
-       what="README.md's library example")
-  print(f"install-check: README.md's library example ({len(block.splitlines())}"
-        f' lines, the python block after the install-check marker) ran in'
-        f' {time.monotonic() - start:.0f} s')
+  _run(
+      [python, '-I', script],
+      cwd=run_dir,
+      env=_user_env(),
+      what="README.md's library example",
+  )
+  print(
+      f"install-check: README.md's library example ({len(block.splitlines())}"
+      f' lines, the python block after the install-check marker) ran in'
+      f' {time.monotonic() - start:.0f} s'
+  )
 
 
 def check_entry_points(python: pathlib.Path, tmp: pathlib.Path):
@@ -276,11 +345,15 @@ def check_entry_points(python: pathlib.Path, tmp: pathlib.Path):
     proc = _run(cmd, cwd=cwd, env=_user_env(), what=name, expect=2)
     err = proc.stderr.splitlines()
     if proc.stdout or len(err) != 1 or not err[0].startswith(ENTRY_LINE):
-      raise CheckFailed(f'{name}: stdout {proc.stdout!r}, stderr {proc.stderr!r};'
-                        f' expected one line starting {ENTRY_LINE!r}')
+      raise CheckFailed(
+          f'{name}: stdout {proc.stdout!r}, stderr {proc.stderr!r};'
+          f' expected one line starting {ENTRY_LINE!r}'
+      )
     lines.add(err[0])
-  print(f'install-check: {", ".join(runs)}: exit 2, stdout empty, one line on'
-        f' stderr: {" | ".join(sorted(lines))}')
+  print(
+      f'install-check: {", ".join(runs)}: exit 2, stdout empty, one line on'
+      f' stderr: {" | ".join(sorted(lines))}'
+  )
 
 
 def main() -> int:
@@ -290,10 +363,7 @@ def main() -> int:
     tmp = pathlib.Path(name)
     try:
       wheel = build(tmp, version)
-      step = time.monotonic()
-      print(f'install-check:   (build {step - start:.0f} s)')
       python = install(tmp, wheel, version)
-      print(f'install-check:   (install {time.monotonic() - step:.0f} s)')
       (tmp / 'run').mkdir()
       check_library(python, tmp / 'run', version)
       check_readme(python, tmp / 'run')
@@ -301,8 +371,10 @@ def main() -> int:
     except CheckFailed as e:
       print(f'install-check: FAILED: {e}', file=sys.stderr)
       return 1
-  print(f'install-check: passed in {time.monotonic() - start:.0f} s'
-        f' (temporary folder {name} removed)')
+  print(
+      f'install-check: passed in {time.monotonic() - start:.0f} s'
+      f' (temporary folder {name} removed)'
+  )
   return 0
 
 

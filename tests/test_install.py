@@ -22,25 +22,34 @@ from defjax import main
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / 'pyproject.toml').read_text())
-# What only `pip install 'defjax[train]'` brings (the core install has absl,
-# through optax, and orbax, through flax: the guard finds those).
-TRAIN_ONLY = ('ml_collections', 'orbax', 'grain', 'PIL', 'tqdm',
-              'tensorflow_datasets')
+# What only `pip install 'defjax[train]'` brings: absl (with optax) and
+# orbax-checkpoint (with flax) come with the core install too, so they stay.
+TRAIN_ONLY = (
+    'ml_collections',
+    'orbax',
+    'grain',
+    'PIL',
+    'tqdm',
+    'tensorflow_datasets',
+)
 # Each entry point as its launcher runs it: the console script calls the
 # pyproject target and exits with what it returns.
 LAUNCH = {
     'defjax-train': (
-        "import importlib, tomllib;"
+        'import importlib, tomllib;'
         " target = tomllib.load(open('pyproject.toml', 'rb'))"
         "['project']['scripts']['defjax-train'];"
         " module, fn = target.split(':'); sys.argv = ['defjax-train'];"
-        " sys.exit(getattr(importlib.import_module(module), fn)())"),
+        ' sys.exit(getattr(importlib.import_module(module), fn)())'
+    ),
     'python -m defjax.main': (
         "import runpy; sys.argv = ['defjax.main'];"
-        " runpy.run_module('defjax.main', run_name='__main__', alter_sys=True)"),
+        " runpy.run_module('defjax.main', run_name='__main__', alter_sys=True)"
+    ),
     'train.py': (
         "import runpy; sys.argv = ['train.py'];"
-        " runpy.run_path('train.py', run_name='__main__')"),
+        " runpy.run_path('train.py', run_name='__main__')"
+    ),
 }
 
 
@@ -48,17 +57,25 @@ def _without(modules, entry):
   """Runs ``entry`` in a fresh interpreter in which ``modules`` (and what is
   under them) cannot be imported, as if not installed."""
   hide = f'import sys; sys.modules.update(dict.fromkeys({modules!r}));'
-  return subprocess.run([sys.executable, '-c', hide + LAUNCH[entry]], cwd=REPO,
-                        capture_output=True, text=True, timeout=300)
+  return subprocess.run(
+      [sys.executable, '-c', hide + LAUNCH[entry]],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
 
 
 @pytest.mark.parametrize('entry', sorted(LAUNCH))
 def test_entry_points_without_the_train_extra_answer_one_line(entry):
   proc = _without(TRAIN_ONLY, entry)
   assert (proc.returncode, proc.stdout, proc.stderr) == (
-      2, '', "error: the training program needs pip install 'defjax[train]'"
+      2,
+      '',
+      "error: the training program needs pip install 'defjax[train]'"
       ' (not installed: ml_collections, orbax.checkpoint, grain, PIL, tqdm,'
-      ' tensorflow_datasets)\n')
+      ' tensorflow_datasets)\n',
+  )
 
 
 def test_the_line_names_only_what_is_missing():
@@ -81,15 +98,23 @@ def _imported_roots(paths) -> set[str]:
 def test_train_modules_are_the_programs_imports_from_the_train_extra():
   """The guard checks every module the program (and a config) imports beyond
   the library's dependencies, and each comes with the train extra."""
-  program = [*(REPO / 'defjax' / 'training').rglob('*.py'),
-             *(REPO / 'configs').glob('*.py'), REPO / 'train.py']
-  imported = (_imported_roots(program) - set(sys.stdlib_module_names)
-              - {'defjax', 'configs', *install_check.CORE})
+  program = [
+      *(REPO / 'defjax' / 'training').rglob('*.py'),
+      *(REPO / 'configs').glob('*.py'),
+      REPO / 'train.py',
+  ]
+  imported = (
+      _imported_roots(program)
+      - set(sys.stdlib_module_names)
+      - {'defjax', 'configs', *install_check.CORE}
+  )
   guarded = {name.split('.')[0] for name in main.TRAIN_MODULES}
   assert imported <= guarded, f'not in TRAIN_MODULES: {imported - guarded}'
 
-  extra = {re.match(r'[\w.-]+', r).group().lower().replace('_', '-')
-           for r in PYPROJECT['project']['optional-dependencies']['train']}
+  extra = {
+      re.match(r'[\w.-]+', r).group().lower().replace('_', '-')
+      for r in PYPROJECT['project']['optional-dependencies']['train']
+  }
   provided = importlib.metadata.packages_distributions()
   for root in guarded:
     dists = {d.lower().replace('_', '-') for d in provided.get(root, ())}
@@ -103,13 +128,15 @@ def test_version_has_one_source():
   project = PYPROJECT['project']
   assert 'version' not in project and 'version' in project['dynamic']
   assert PYPROJECT['tool']['setuptools']['dynamic']['version'] == {
-      'attr': 'defjax.__version__'}
+      'attr': 'defjax.__version__'
+  }
   version = install_check._static_version()  # pylint: disable=protected-access
   import defjax  # pylint: disable=g-import-not-at-top
 
   assert version == defjax.__version__
-  released = re.findall(r'^## \[(\d[^\]]*)\]', (REPO / 'CHANGELOG.md').read_text(),
-                        re.M)
+  released = re.findall(
+      r'^## \[(\d[^\]]*)\]', (REPO / 'CHANGELOG.md').read_text(), re.M
+  )
   assert released and released[0] == version
 
 
@@ -118,25 +145,46 @@ def test_readme_block_is_the_one_after_the_marker():
   assert 'import defjax' in block
   compile(block, 'README.md', 'exec')
   marker = install_check.MARKER
-  assert install_check.readme_block(
-      f'x\n{marker}\n```python\nA = 1\n```\n```python\nB\n```\n') == 'A = 1\n'
-  for text in ('```python\nA\n```\n',  # no marker
-               f'{marker}\n\n```python\nA\n```\n',  # not directly before
-               f'{marker}\n```python\nA\n```\n{marker}\n```python\nB\n```\n',
-               f'{marker}\n```python\nA\n'):  # not closed
+  assert (
+      install_check.readme_block(
+          f'x\n{marker}\n```python\nA = 1\n```\n```python\nB\n```\n'
+      )
+      == 'A = 1\n'
+  )
+  for text in (
+      '```python\nA\n```\n',  # no marker
+      f'{marker}\n\n```python\nA\n```\n',  # not directly before
+      f'{marker}\n```python\nA\n```\n{marker}\n```python\nB\n```\n',
+      f'{marker}\n```python\nA\n',
+  ):  # not closed
     with pytest.raises(install_check.CheckFailed):
       install_check.readme_block(text)
 
 
 def test_closure_follows_markers_and_extras():
   requires = {
-      'root': ['a>=1', 'b; extra == "x"', 'c; python_version < "3"',
-               'Typing_Extensions', 'd[fast]'],
-      'a': [], 'b': [], 'c': [], 'typing-extensions': [],
-      'd': ['e; extra == "fast"', 'f; extra == "slow"'], 'e': [], 'f': [],
+      'root': [
+          'a>=1',
+          'b; extra == "x"',
+          'c; python_version < "3"',
+          'Typing_Extensions',
+          'd[fast]',
+      ],
+      'a': [],
+      'b': [],
+      'c': [],
+      'typing-extensions': [],
+      'd': ['e; extra == "fast"', 'f; extra == "slow"'],
+      'e': [],
+      'f': [],
   }
   assert install_check.closure(requires, 'root') == {
-      'root', 'a', 'typing-extensions', 'd', 'e'}
+      'root',
+      'a',
+      'typing-extensions',
+      'd',
+      'e',
+  }
   del requires['e']
   with pytest.raises(install_check.CheckFailed, match='d requires e'):
     install_check.closure(requires, 'root')
