@@ -131,9 +131,13 @@ def _static_version() -> str:
   tree = ast.parse((ROOT / 'defjax' / '__init__.py').read_text())
   for node in tree.body:
     targets = [getattr(t, 'id', None) for t in getattr(node, 'targets', ())]
+    # setuptools reads a literal without importing defjax, whose import needs
+    # jax, which the build environment lacks; a version is a string.
     if isinstance(node, ast.Assign) and targets == ['__version__']:
-      return ast.literal_eval(node.value)
-  raise CheckFailed('defjax/__init__.py assigns no __version__')
+      value = node.value
+      if isinstance(value, ast.Constant) and isinstance(value.value, str):
+        return value.value
+  raise CheckFailed('defjax/__init__.py assigns __version__ no string literal')
 
 
 def _copy_checkout(dest: pathlib.Path) -> None:
@@ -358,10 +362,10 @@ def check_entry_points(python: pathlib.Path, tmp: pathlib.Path):
 
 def main() -> int:
   start = time.monotonic()
-  version = _static_version()
   with tempfile.TemporaryDirectory(prefix='defjax-install-check-') as name:
     tmp = pathlib.Path(name)
     try:
+      version = _static_version()
       wheel = build(tmp, version)
       python = install(tmp, wheel, version)
       (tmp / 'run').mkdir()
