@@ -17,7 +17,7 @@ def test_readme_example_runs():
   """The example is self-contained: it runs as written on the 8 test devices."""
   with open(README) as f:
     text = f.read()
-  block = re.search(r'## The library\n\n(?:<!--.*?-->\n)?```python\n(.*?)```', text,
+  block = re.search(r'## The library\n\n(?:<!--[^\n]*-->\n)?```python\n(.*?)```', text,
                     re.S).group(1)
   namespace = {}
   exec(block, namespace)
