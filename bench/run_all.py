@@ -5,6 +5,10 @@ starts, and the collectives benchmark starts processes of its own), writes
 ``bench/results/<name>.json`` and prints its table; the summary collects one
 section per benchmark: the table, the date, the machine and the exact command.
 
+Every table also goes to docs/benchmarks.md and the slow-link headline to the
+README's Performance section (between their markers; --summary-only rebuilds
+all three from the JSON files without running anything).
+
 Run: python -m bench.run_all [--only wire_bytes,overhead] [--skip peer_torch] [--summary-only]
 """
 
@@ -22,10 +26,16 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / 'bench' / 'results'
 README = ROOT / 'README.md'
-# The README's Performance tables live between these markers; run_all rewrites
-# them from bench/results/*.json (tests/test_bench.py checks they agree).
+# Every recorded table lives on the docs page between these markers, and the
+# README's Performance section opens with the headline between the second pair;
+# run_all rewrites both from bench/results/*.json (tests/test_bench.py checks
+# they agree), so no number in either is typed by hand.
+PAGE = ROOT / 'docs' / 'benchmarks.md'
 BEGIN = '<!-- bench:begin: written by python -m bench.run_all from bench/results; do not edit -->'
 END = '<!-- bench:end -->'
+HEADLINE_BEGIN = ('<!-- bench:headline:begin: written by python -m bench.run_all from'
+                  ' bench/results; do not edit -->')
+HEADLINE_END = '<!-- bench:headline:end -->'
 # In order: cluster_projection reads overhead.json.
 BENCHMARKS = ('wire_bytes', 'overhead', 'opt_bytes', 'dispatch', 'local_workers', 'compressor_cost',
               'collectives', 'cluster_projection', 'peer_torch', 'allocator',
@@ -88,9 +98,14 @@ def section(name: str, run: dict | None) -> str:
 def _provenance(doc: dict) -> str:
   m = doc['machine']
   load = f', load average {m["loadavg"][0]:g} at the end' if m.get('loadavg') else ''
-  return (f'{doc["date"][:16].replace("T", " ")} UTC; {m["cpu_count"]}-CPU {m["backend"]}'
+  # A table rebuilt from earlier measurements names the command that measured,
+  # its time and the highest load it saw.
+  by = doc.get('measured_by') or doc
+  if 'loadavg' in by:
+    load = f', load average at most {by["loadavg"]:.2f}'
+  return (f'{by["date"][:16].replace("T", " ")} UTC; {m["cpu_count"]}-CPU {m["backend"]}'
           f' machine ({m["device_kind"]} x {m["num_devices"]}), jax {m["jax"]}{load};'
-          f' `{doc["command"]}`')
+          f' `{by["command"]}`')
 
 
 def _wire_pivot(doc: dict) -> str:
@@ -121,8 +136,8 @@ def _projection_subset(doc: dict) -> str:
   return common.table(rows, cols) + '\n\nK = 16 rows only; all K and the plot: bench/results/.'
 
 
-def readme_section(results: pathlib.Path = RESULTS) -> str:
-  """The README's Performance tables, from the benchmark JSON files only."""
+def tables_section(results: pathlib.Path = RESULTS) -> str:
+  """Every recorded table, for the benchmarks page, from the JSON files only."""
   parts = [BEGIN, '']
   for name in LINK_BENCHMARKS + BENCHMARKS + ACCELERATOR_BENCHMARKS:
     path = results / f'{name}.json'
@@ -140,15 +155,89 @@ def readme_section(results: pathlib.Path = RESULTS) -> str:
   return '\n'.join(parts)
 
 
-def update_readme(readme: pathlib.Path = README, results: pathlib.Path = RESULTS) -> bool:
-  """Replaces the text between the markers; False if the README has none."""
-  text = readme.read_text()
-  if BEGIN not in text or END not in text:
+def _row(rows, setting, rate, variant):
+  for r in rows:
+    if (r['setting'], r['rate'], r['variant']) == (setting, rate, variant):
+      return r
+  return None
+
+
+def headline(results: pathlib.Path = RESULTS) -> str:
+  """The README's headline: VGG-16 over the slow link against the peers, and
+  time to accuracy, from slow_link.json and slow_link_train.json."""
+  from bench import common
+  parts = [HEADLINE_BEGIN, '']
+  path = results / 'slow_link.json'
+  if path.exists():
+    doc = json.loads(path.read_text())
+    rows = []
+    for rate in ('none', '1gbit', '100mbit'):
+      row = {'link': 'unthrottled' if rate == 'none' else rate.replace('bit', 'bit/s')}
+      for label, setting, variant in (
+          ('SGD', 'vgg16 M=1 jax', 'sgd'), ('DEF@256', 'vgg16 M=1 jax', 'def@256'),
+          ('DDP', 'vgg16 M=1 torch', 'ddp'), ('PowerSGD r4', 'vgg16 M=1 torch', 'powersgd@4')):
+        r = _row(doc['rows'], setting, rate, variant)
+        if r:
+          row[f'{label} ms'] = r['step_ms']
+          if rate != 'none':
+            row[f'{label} link adds ms'] = r['link_added_ms']
+          if label == 'DEF@256' and r.get('speedup'):
+            row['DEF@256 speedup'] = r['speedup']
+      rows.append(row)
+    cols = ['link', 'SGD ms', 'DEF@256 ms', 'DEF@256 speedup', 'DDP ms', 'PowerSGD r4 ms',
+            'SGD link adds ms', 'DEF@256 link adds ms', 'DDP link adds ms',
+            'PowerSGD r4 link adds ms']
+    sgd = _row(doc['rows'], 'vgg16 M=1 jax', '100mbit', 'sgd')
+    dfx = _row(doc['rows'], 'vgg16 M=1 jax', '100mbit', 'def@256')
+    parts += [
+        'Whole train steps of VGG-16 (d = 15.25M, batch 4 per worker) as two processes of one'
+        ' CPU device in network namespaces joined by a throttled veth pair (defjax in JAX;'
+        ' DDP and its PowerSGD hook in PyTorch, whose CPU step is faster, so compare the time the'
+        ' link adds, not the step times across frameworks). Medians over alternating rounds; '
+        + _provenance(doc) + '.', '',
+        common.table(rows, [c for c in cols if any(c in r for r in rows)]), '',
+    ]
+    if sgd and dfx:
+      parts += [
+          f'At 100 Mbit/s the link carries {sgd["link_MB_0to1"]:.1f} MB per SGD step each way and'
+          f' {dfx["link_MB_0to1"]:.2f} MB per DEF@256 step (kernel counters;'
+          f' {sgd["measured_vs_formula"]:.2f}x and {dfx["measured_vs_formula"]:.2f}x the formula'
+          f' written before measuring); DEF@256 steps {dfx["speedup"]:.1f}x faster than SGD'
+          ' there (median of the rounds\' ratios).', '']
+  path = results / 'slow_link_train.json'
+  if path.exists():
+    doc = json.loads(path.read_text())
+    parts += [
+        'Time to accuracy over the same kind of link (train.py as 2 hosts x 4 CPU devices, K = 8,'
+        ' 100 Mbit/s, CIFAR-10, slim VGG-16; ' + _provenance(doc) + '):', '',
+        doc['table_md'], '',
+        f'![test accuracy against training time over the slow link](bench/results/{doc["plot"]})',
+        '']
+  parts.append(HEADLINE_END)
+  return '\n'.join(parts)
+
+
+def _replace(path: pathlib.Path, begin: str, end: str, body: str) -> bool:
+  """Replaces the text between the markers; False if the file has none."""
+  text = path.read_text()
+  if begin not in text or end not in text:
     return False
-  head, rest = text.split(BEGIN, 1)
-  _, tail = rest.split(END, 1)
-  readme.write_text(head + readme_section(results) + tail)
+  head, rest = text.split(begin, 1)
+  _, tail = rest.split(end, 1)
+  path.write_text(head + body + tail)
   return True
+
+
+def update_pages(page: pathlib.Path = PAGE, readme: pathlib.Path = README,
+                 results: pathlib.Path = RESULTS) -> list[pathlib.Path]:
+  """Rewrites the benchmarks page's tables and the README's headline; returns
+  the files that had their markers."""
+  done = []
+  if page.exists() and _replace(page, BEGIN, END, tables_section(results)):
+    done.append(page)
+  if readme.exists() and _replace(readme, HEADLINE_BEGIN, HEADLINE_END, headline(results)):
+    done.append(readme)
+  return done
 
 
 def main(argv=None):
@@ -183,8 +272,8 @@ def main(argv=None):
       parts.append(section(n, runs.get(n)))
   (RESULTS / 'summary.md').write_text('\n'.join(parts))
   print(f'wrote {RESULTS / "summary.md"}')
-  if update_readme():
-    print(f'updated the Performance tables in {README}')
+  for path in update_pages():
+    print(f'updated the recorded figures in {path.relative_to(ROOT)}')
   failed = [n for n, r in runs.items() if r['rc'] != 0]
   if failed:
     print('failed: ' + ', '.join(failed))

@@ -396,7 +396,10 @@ def main(argv=None):
       print(f'=== {setting}, {framework}', flush=True)
       measured.setdefault(setting, {})[framework] = measure(
           setting, framework, rounds=a.rounds, steps=a.steps)
-  report(measured)
+      runs = [r for by_fw in measured.values() for rs in by_fw.values() for r in rs]
+      doc['measured_by'] = {'command': common.command(), 'date': max(r['date'] for r in runs),
+                            'loadavg': max(r['loadavg_after'][0] for r in runs)}
+  report(measured, doc.get('measured_by'))
 
 
 def _torch_available() -> bool:
@@ -407,8 +410,12 @@ def _torch_available() -> bool:
     return False
 
 
-def report(measured: dict) -> None:
-  """Rows, the per-message byte model, the projection check and the table."""
+def report(measured: dict, measured_by: Optional[dict] = None) -> None:
+  """Rows, the per-message byte model, the projection check and the table.
+
+  ``measured_by``: the command and time of the last measurement, which a
+  ``--report-only`` rebuild keeps (its own command is not the one that
+  measured)."""
   from bench import common
   rows = []
   for setting, by_framework in measured.items():
@@ -422,7 +429,8 @@ def report(measured: dict) -> None:
               + '\n\n16 GPU-class workers (corrected model):\n\n'
               + common.table(check['gpu_class'], GPU_COLUMNS))
   common.write(RESULT, {'measured': measured, 'rows': rows, 'message_model': message,
-                        'projection': check}, table_md, NOTES + ' ' + check['notes'])
+                        'projection': check, 'measured_by': measured_by},
+               table_md, NOTES + ' ' + check['notes'])
 
 
 # The per-message model is fitted on this setting and framework only and

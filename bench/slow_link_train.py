@@ -52,6 +52,7 @@ def command(name: str, host: int, workdir: pathlib.Path, a) -> list[str]:
   data = (['--config.dataset=image_folder', f'--config.data_dir={a.image_folder}']
           if a.image_folder else [])
   data += [f'--config.num_train_steps={a.steps}'] if a.steps else []
+  data += [f'--config.eval_every_steps={a.eval_every}'] if a.eval_every else []
   return [sys.executable, str(ROOT / 'train.py'), '--config', CONFIG, '--workdir', str(workdir),
           f'--config.num_epochs={a.epochs}', f'--config.optim.method={method}',
           f'--config.optim.ratio={ratio}', *data,
@@ -154,6 +155,10 @@ def main(argv=None):
   p.add_argument('--epochs', type=int, default=4)
   p.add_argument('--runs', default=','.join(RUNS))
   p.add_argument('--steps', type=int, default=0, help='num_train_steps (0: whole epochs)')
+  # Three evaluations per epoch of CIFAR-10 at K x B = 128 (390 steps), so
+  # that a curve shows when it crosses an accuracy, not only which epoch;
+  # evaluation is left out of train_time.
+  p.add_argument('--eval-every', type=int, default=130, help='eval_every_steps (0: per epoch)')
   p.add_argument('--out', type=pathlib.Path, default=OUT, help='where the runs go')
   p.add_argument('--image-folder', default='',
                  help="CIFAR-10 as an image_folder .tar (default: TFDS's cifar10)")
@@ -188,7 +193,8 @@ def main(argv=None):
   notes = (
       f'{title}. train.py as two hosts (bench.netns), {CONFIG} with num_epochs={a.epochs};'
       ' min_to_X%: training minutes (train_time: steps only, summed over resumes) at the first'
-      ' evaluation (one per epoch) at or above X% test accuracy; step_ms: train_time / steps;'
+      f' evaluation ({f"every {a.eval_every} steps" if a.eval_every else "one per epoch"}) at or'
+      ' above X% test accuracy; step_ms: train_time / steps;'
       ' predicted_step_speedup: bench/netmodel.py for a ring of 8 at this rate with the run\'s'
       ' own step as the compute time. Plot: ' + png.name + '.')
   common.write('slow_link_train', {'summaries': summaries, 'curves': data, 'projection': proj,

@@ -22,7 +22,7 @@ from defjax.feedback import error_feedback
 from defjax.feedback import eval_point
 from defjax.feedback import psync
 
-__version__ = '0.1.0'
+__version__ = '0.1.0'  # the package's one version: pyproject reads it
 
 __all__ = [
     'Compressor',

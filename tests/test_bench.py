@@ -92,35 +92,54 @@ def test_write_and_summary_section(tmp_path, monkeypatch):
   assert '| a | b |' in text and 'a note' in text and 'command:' in text
 
 
-def test_readme_performance_tables_come_from_the_results():
-  """The README's recorded figures are exactly what run_all writes from the
-  committed JSON files: no hand-edited number survives."""
-  readme = (run_all.ROOT / 'README.md').read_text()
-  assert run_all.BEGIN in readme and run_all.END in readme
-  start = readme.index(run_all.BEGIN)
-  end = readme.index(run_all.END) + len(run_all.END)
-  assert readme[start:end] == run_all.readme_section()
+def _between(text, begin, end):
+  assert begin in text and end in text
+  return text[text.index(begin):text.index(end) + len(end)]
 
 
-def test_update_readme_rewrites_only_between_the_markers(tmp_path):
+def test_recorded_figures_come_from_the_results():
+  """The benchmarks page's tables and the README's headline are exactly what
+  run_all writes from the committed JSON files: no hand-edited number survives."""
+  page = run_all.PAGE.read_text()
+  assert _between(page, run_all.BEGIN, run_all.END) == run_all.tables_section()
+  readme = run_all.README.read_text()
+  assert (_between(readme, run_all.HEADLINE_BEGIN, run_all.HEADLINE_END)
+          == run_all.headline())
+
+
+def test_update_pages_rewrites_only_between_the_markers(tmp_path):
   results = tmp_path / 'results'
   results.mkdir()
+  machine = {'cpu_count': 2, 'backend': 'cpu', 'device_kind': 'cpu', 'num_devices': 8,
+             'jax': '0.10.2', 'loadavg': [1.5, 1, 1]}
   doc = {'date': '2026-01-02T03:04:05+00:00', 'command': 'python -m bench.overhead',
-         'machine': {'cpu_count': 2, 'backend': 'cpu', 'device_kind': 'cpu', 'num_devices': 8,
-                     'jax': '0.10.2', 'loadavg': [1.5, 1, 1]},
-         'table_md': '| a |\n|---|\n| 7 |'}
+         'machine': machine, 'table_md': '| a |\n|---|\n| 7 |'}
   (results / 'overhead.json').write_text(json.dumps(doc))
+  rows = [{'setting': s, 'rate': rate, 'variant': v, 'step_ms': ms, 'link_added_ms': ms - 100,
+           'link_MB_0to1': mb, 'measured_vs_formula': 1.25, 'speedup': 900 / ms}
+          for s, v, ms, mb in (('vgg16 M=1 jax', 'sgd', 900, 64.0),
+                               ('vgg16 M=1 jax', 'def@256', 300, 0.33))
+          for rate in ('none', '100mbit')]
+  (results / 'slow_link.json').write_text(json.dumps(
+      {'date': '2026-01-02T03:04:05+00:00', 'command': 'python -m bench.slow_link',
+       'machine': machine, 'rows': rows, 'table_md': ''}))
+  page = tmp_path / 'benchmarks.md'
+  page.write_text(f'before\n{run_all.BEGIN}\nstale 99\n{run_all.END}\nafter\n')
   readme = tmp_path / 'README.md'
-  readme.write_text(f'before\n{run_all.BEGIN}\nstale 99\n{run_all.END}\nafter\n')
-  assert run_all.update_readme(readme, results)
-  text = readme.read_text()
+  readme.write_text(f'top\n{run_all.HEADLINE_BEGIN}\nstale 98\n{run_all.HEADLINE_END}\nend\n')
+  assert run_all.update_pages(page, readme, results) == [page, readme]
+  text = page.read_text()
   assert text.startswith('before\n') and text.endswith('\nafter\n')
   assert 'stale 99' not in text and '| 7 |' in text
   assert '2026-01-02 03:04 UTC' in text and '`python -m bench.overhead`' in text
   assert 'load average 1.5' in text
+  text = readme.read_text()
+  assert text.startswith('top\n') and text.endswith('\nend\n') and 'stale 98' not in text
+  assert '64.0 MB per SGD step' in text and '3.0x faster than SGD' in text
+  assert '| unthrottled | 900 | 300 | 3 |' in text and '1.25x the formula' in text
   no_markers = tmp_path / 'OTHER.md'
   no_markers.write_text('nothing here\n')
-  assert not run_all.update_readme(no_markers, results)
+  assert run_all.update_pages(no_markers, no_markers, results) == []
   assert no_markers.read_text() == 'nothing here\n'
 
 

@@ -262,7 +262,7 @@ def test_same_numbers_as_linen(guide):
   assert not trees_equal(other[0], nnx_run[0])
   assert not trees_equal(other[1].error, nnx_run[1].error)
 
-  # The README's linen path (defjax.parallel.make_train_step) gives the same
+  # The README's linen path (defjax.layouts.data_parallel's train_step) gives the same
   # numbers too. Asserted to float tolerance only: its step runs the
   # transform under a vmap over each device's workers, another program,
   # which the library documents as agreeing to float rounding (on this MLP

@@ -1,4 +1,5 @@
-"""The README's library example runs as written, and does what it says."""
+"""The README's library example and the layouts guide's sharded example run as
+written, and do what they say."""
 
 import os
 import re
@@ -7,14 +8,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'README.md')
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(ROOT, 'README.md')
+LAYOUTS_GUIDE = os.path.join(ROOT, 'docs', 'guides', 'layouts.md')
 
 
 def test_readme_example_runs():
   """The example is self-contained: it runs as written on the 8 test devices."""
   with open(README) as f:
     text = f.read()
-  block = re.search(r'## The library\n\n```python\n(.*?)```', text, re.S).group(1)
+  block = re.search(r'## The library\n\n(?:<!--[^\n]*-->\n)?```python\n(.*?)```', text,
+                    re.S).group(1)
   namespace = {}
   exec(block, namespace)
   assert np.isfinite(float(namespace['loss']))
@@ -28,12 +32,13 @@ def test_readme_example_runs():
   assert 0 < moved <= -(-d // 256)
 
 
-def test_readme_sharded_example_runs():
-  """The sharded workers' example runs as written: a 4 x 2 mesh, one step."""
-  with open(README) as f:
+def test_layouts_guide_sharded_example_runs():
+  """The layouts guide's sharded workers' example runs as written: a 4 x 2
+  mesh, one step."""
+  with open(LAYOUTS_GUIDE) as f:
     text = f.read()
-  block = re.search(r'### Sharded workers \(2-D mesh\)\n.*?```python\n(.*?)```', text,
-                    re.S).group(1)
+  block = next(b for b in re.findall(r'```python\n(.*?)```', text, re.S)
+               if 'sharded.make_layout' in b)
   namespace = {}
   exec(block, namespace)
   assert np.isfinite(float(namespace['loss']))

@@ -560,32 +560,34 @@ def test_real_sweep_and_report(tmp_path):
   assert (tmp_path / 'report' / 'fig1_4.png').exists()
 
 
-def test_readme_results_tables_are_the_generated_ones():
-  """Every table row in the README's Results section is a row of a table that
-  defjax.report wrote into the results folder that part of the README is
-  about, or a report below it (no hand-typed accuracy, none pasted under the
-  wrong dataset)."""
+@pytest.mark.parametrize('page', ['README.md', 'docs/results.md'])
+def test_results_tables_are_the_generated_ones(page):
+  """Every table row in the README's Results section and on the results page
+  is a row of a table that defjax.report (or defjax.gap) wrote into the
+  results folder named last above it, as a link or a code span, or a report
+  below it (no hand-typed accuracy, none pasted under the wrong dataset)."""
   import pathlib
   import re
   root = pathlib.Path(__file__).resolve().parent.parent
-  readme = (root / 'README.md').read_text()
-  section = readme.split('\n## Results\n', 1)[1].split('\n## ', 1)[0]
+  text = (root / page).read_text()
+  if page == 'README.md':
+    text = text.split('\n## Results\n', 1)[1].split('\n## ', 1)[0]
   folder, checked, missing = None, 0, []
-  for line in section.splitlines():
-    link = re.search(r'\]\((results/[^/)]+)/', line)
-    if link:
-      folder = root / link.group(1)
+  for line in text.splitlines():
+    named = re.findall(r'(?:\]\(|`)(?:\.\./)?(results/[^/)`]+)/', line)
+    if named:
+      folder = root / named[-1]
     row = line.strip()
     if not (row.startswith('|') and any(c.isdigit() for c in row)
             and not set(row) <= set('|-: ')):
       continue
-    assert folder is not None, f'a table before any results/ link: {row}'
+    assert folder is not None, f'a table before any results/ folder is named: {row}'
     generated = {l.strip() for path in folder.rglob('table*.md')
                  for l in path.read_text().splitlines()}
     checked += 1
     if row not in generated:
       missing.append((folder.name, row))
-  assert checked, 'no result tables in the README'
+  assert checked, f'no result tables in {page}'
   assert not missing, missing
 
 

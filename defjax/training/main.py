@@ -123,7 +123,8 @@ def restart_with_tcmalloc() -> None:
 
 
 def run():
-  """The console entry point (``defjax-train``)."""
+  """Runs the program (``defjax.main.run``, the console entry point
+  ``defjax-train``, calls it once the train extra is found)."""
   restart_with_tcmalloc()
   app.run(main)
 
