@@ -177,7 +177,7 @@ _DIRECTIVE = re.compile(r'^ *\.\. (?P<kind>auto\w+|py:\w+):: +(?P<target>[\w.]+)
 _MODULE = re.compile(r'^ *\.\. (?:py:)?module:: +(?P<target>[\w.]+)', re.M)
 # Modules that only keep an old command name working (``python -m defjax.sweep``
 # and friends): each runs a documented module's main.
-SHIMS = ('defjax.main', 'defjax.sweep', 'defjax.report', 'defjax.gap')
+SHIMS = ('defjax.sweep', 'defjax.report', 'defjax.gap')
 # Modules reached only through their package's documented names: the model
 # zoo is get_model(name), one module per network.
 BEHIND_PACKAGE = ('defjax.training.models.',)
