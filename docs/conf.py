@@ -55,7 +55,8 @@ highlight_language = 'text'
 
 html_theme = 'furo'
 html_title = f'defjax {release}'
-html_static_path = []
+html_static_path = ['_static']
+html_css_files = ['custom.css']
 
 
 def _drop_type_docstrings(app, what, name, obj, options, lines):
