@@ -135,7 +135,7 @@ def main(argv=None):
            ' step on a real cluster (one device compiles no collective).')
   common.write('gpu', {'results': results, 'rows': rows}, common.table(rows, COLUMNS), notes)
   from bench import run_all
-  run_all.main(['--summary-only'])  # summary.md and the README's tables
+  run_all.main(['--summary-only'])  # summary.md, the docs page's tables, the README's headline
 
 
 if __name__ == '__main__':

@@ -150,7 +150,7 @@ def tables_section(results: pathlib.Path = RESULTS) -> str:
       body = _projection_subset(doc)
     else:
       body = doc['table_md']
-    parts += [f'#### {name}', '', _provenance(doc), '', body, '']
+    parts += [f'### {name}', '', _provenance(doc), '', body, '']
   parts.append(END)
   return '\n'.join(parts)
 

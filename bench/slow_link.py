@@ -31,7 +31,8 @@ sleep. They are compared with a formula written before measuring:
 ``bench.slow_link_torch`` runs PyTorch DDP and its compression hooks on the
 same link with the same rounds (``time_rounds``).
 
-Run: python -m bench.slow_link [--quick] (or make bench-link; root, Linux)
+Run: python -m bench.slow_link [--settings ...] [--frameworks jax,torch] [--report-only]
+     (or make bench-link; root, Linux)
 """
 
 from __future__ import annotations

@@ -86,7 +86,8 @@ def get_config() -> ml_collections.ConfigDict:
   # One block per leaf (the authors' code) instead of one over all values.
   # One global block moves all batch-norm and bias leaves together about once
   # every `ratio` steps, which batch-normalised models train far worse with
-  # (README, Block layout). Older results ran with False (their summary.json).
+  # (docs/results.md, Block layout). Older results ran with False (their
+  # summary.json).
   optim.per_leaf = True
   # Seed of the shared RBGS block sequence (the same on every worker); unset
   # = config.seed. Set it to vary the initialisation and data over seeds with

@@ -5,7 +5,8 @@ and 90, momentum 0.9, weight decay 1e-4, random-resized crop + flip +
 standardisation. The paper tunes the base lr in {0.1, 0.05, 0.01}; 0.1 is
 the usual value for batch 256. Needs prepared TFDS data (pip install
 'defjax[tfds]', the ImageNet archives in TFDS's manual download folder, then
-tfds build imagenet2012 --file_format=array_record; see the README).
+tfds build imagenet2012 --file_format=array_record; see
+docs/guides/training-program.md).
 
   python train.py --config configs/imagenet_resnet50.py --workdir runs/in-def256
 """

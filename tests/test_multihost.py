@@ -56,10 +56,6 @@ def _launch_two(tiny_folder, workdir, steps, *extra, logs=None):
   ]
 
 
-def _run_two(tiny_folder, workdir, steps, timeout=300):
-  return _finish(_launch_two(tiny_folder, workdir, steps), workdir, timeout)
-
-
 def _finish(procs, workdir, timeout=300):
   """Waits for a run's processes; returns its summary.json."""
   errs = [p.communicate(timeout=timeout)[1] for p in procs]

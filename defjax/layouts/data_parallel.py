@@ -36,8 +36,8 @@ LOCAL_GRADIENTS = ('vmap', 'unroll')
 
 # How a device computes the gradients of its several workers when
 # config.local_gradients is 'auto', by platform: unrolled on CPU, where
-# bench/local_workers.py measured it far faster than vmap (README,
-# Performance); vmap elsewhere (not measured yet; bench/gpu.py times both),
+# bench/local_workers.py measured it far faster than vmap (docs/benchmarks.md,
+# local_workers); vmap elsewhere (not measured yet; bench/gpu.py times both),
 # the smaller program.
 AUTO_LOCAL_GRADIENTS = {'cpu': 'unroll'}
 

@@ -41,7 +41,7 @@ from defjax.training.hooks import SignalFlag
 
 # Steps per dispatch when config.steps_per_dispatch is 0, by platform. On CPU
 # the quick start's step is compute-bound and a rolled loop of it runs
-# several times slower per step (bench/dispatch.py; README, Performance), so
+# several times slower per step (bench/dispatch.py; docs/benchmarks.md), so
 # 1; no other platform has been measured yet, so 1 there too.
 AUTO_STEPS_PER_DISPATCH = {'cpu': 1}
 
