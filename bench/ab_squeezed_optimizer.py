@@ -28,8 +28,13 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def old_parallel(commit: str):
-  source = subprocess.run(['git', 'show', f'{commit}:defjax/parallel.py'], cwd=ROOT,
-                          check=True, capture_output=True, text=True).stdout
+  source = subprocess.run(
+      ['git', 'show', f'{commit}:defjax/parallel.py'],
+      cwd=ROOT,
+      check=True,
+      capture_output=True,
+      text=True,
+  ).stdout
   path = pathlib.Path(tempfile.mkdtemp()) / 'parallel_before.py'
   path.write_text(source)
   spec = importlib.util.spec_from_file_location('parallel_before', path)
@@ -40,8 +45,9 @@ def old_parallel(commit: str):
 
 
 def main(argv=None):
-  a = common.arguments(__doc__, argv, before='455571b', model='cnn', batch=16, rounds=8,
-                       steps=10)
+  a = common.arguments(
+      __doc__, argv, before='455571b', model='cnn', batch=16, rounds=8, steps=10
+  )
   setup = common.Setup(a.model, 8, a.batch)
   data = setup.batches(2)
   runners = {}
@@ -52,19 +58,33 @@ def main(argv=None):
     new = lambda loss_fn, tx, layout, **kw: layout.train_step(loss_fn, tx, **kw)
     for name, make_train_step in (('old', old), ('new', new)):
       compressor = None if method == 'sgd' else defjax.rbgs(256, per_leaf=True)
-      tx = common.make_tx(method, 256, setup.layout.axis_name, compressor=compressor)
+      tx = common.make_tx(
+          method, 256, setup.layout.axis_name, compressor=compressor
+      )
       params, model_state = setup.variables()
       opt_state = setup.layout.init_state(tx, params)
-      step = make_train_step(setup.loss_fn, tx, setup.layout, sync_model_state=True)
-      runners[f'{method}_{name}'] = common.step_runner(step, [params, model_state, opt_state],
-                                                       data, a.steps)
+      step = make_train_step(
+          setup.loss_fn, tx, setup.layout, sync_model_state=True
+      )
+      runners[f'{method}_{name}'] = common.step_runner(
+          step, [params, model_state, opt_state], data, a.steps
+      )
   res = common.alternate(runners, rounds=a.rounds, baseline='sgd_old', warmup=1)
   for name, t in res['times_s'].items():
     print(f'{name}: {1e3 * t["median"] / a.steps:.1f} ms/step (median)')
   for method in ('sgd', 'def'):
-    ratio = common.summarize([n / o for n, o in zip(res['raw_s'][f'{method}_new'],
-                                                     res['raw_s'][f'{method}_old'])])
-    print(f'{method} new / old per round:', json.dumps({k: round(v, 3) for k, v in ratio.items()}))
+    ratio = common.summarize(
+        [
+            n / o
+            for n, o in zip(
+                res['raw_s'][f'{method}_new'], res['raw_s'][f'{method}_old']
+            )
+        ]
+    )
+    print(
+        f'{method} new / old per round:',
+        json.dumps({k: round(v, 3) for k, v in ratio.items()}),
+    )
 
 
 if __name__ == '__main__':

@@ -49,7 +49,10 @@ RATIO = 256
 def allocators() -> dict[str, dict]:
   """Environment of each allocator's processes (no preload: the C library's)."""
   lib = main.tcmalloc_library()
-  return {'glibc': {'LD_PRELOAD': ''}, **({'tcmalloc': {'LD_PRELOAD': lib}} if lib else {})}
+  return {
+      'glibc': {'LD_PRELOAD': ''},
+      **({'tcmalloc': {'LD_PRELOAD': lib}} if lib else {}),
+  }
 
 
 def train_child(out_path: str) -> None:
@@ -69,22 +72,36 @@ def train_child(out_path: str) -> None:
     data = setup.batches(2)
     runners, digest = {}, {}
     for method in ('sgd', 'def'):
-      compressor = None if method == 'sgd' else defjax.rbgs(RATIO, per_leaf=True)
-      tx = common.make_tx(method, RATIO, setup.layout.axis_name, compressor=compressor)
+      compressor = (
+          None if method == 'sgd' else defjax.rbgs(RATIO, per_leaf=True)
+      )
+      tx = common.make_tx(
+          method, RATIO, setup.layout.axis_name, compressor=compressor
+      )
       params, model_state = setup.variables()
       opt_state = setup.layout.init_state(tx, params)
       state = [params, model_state, opt_state]
       step = setup.step(tx).lower(*state, data[0]).compile()
       runners[method] = common.step_runner(step, state, data, steps)
-      runners[method]()  # 'steps' steps from the same start under each allocator
-      digest[method] = hashlib.sha256(b''.join(
-          np.asarray(layouts.host_value(x)).tobytes() for x in jax.tree.leaves(state[0])
-      )).hexdigest()
+      runners[
+          method
+      ]()  # 'steps' steps from the same start under each allocator
+      digest[method] = hashlib.sha256(
+          b''.join(
+              np.asarray(layouts.host_value(x)).tobytes()
+              for x in jax.tree.leaves(state[0])
+          )
+      ).hexdigest()
     runners, faults = common.count_faults(runners)
     res = common.alternate(runners, rounds=3, baseline='sgd', warmup=1)
-    out[model] = {m: {'step_s': res['times_s'][m]['median'] / steps,
-                      'minflt': common.summarize(faults[m][1:])['median'] / steps,
-                      'params_sha256': digest[m]} for m in runners}
+    out[model] = {
+        m: {
+            'step_s': res['times_s'][m]['median'] / steps,
+            'minflt': common.summarize(faults[m][1:])['median'] / steps,
+            'params_sha256': digest[m],
+        }
+        for m in runners
+    }
   with open(out_path, 'w') as f:
     json.dump(out, f)
 
@@ -93,8 +110,13 @@ def run_train_child(env: dict) -> dict:
   fd, path = tempfile.mkstemp(suffix='.json')
   os.close(fd)
   try:
-    subprocess.run([sys.executable, '-m', 'bench.allocator', '--child', path], check=True,
-                   cwd=procs.ROOT, env=dict(os.environ, **env), timeout=900)
+    subprocess.run(
+        [sys.executable, '-m', 'bench.allocator', '--child', path],
+        check=True,
+        cwd=procs.ROOT,
+        env=dict(os.environ, **env),
+        timeout=900,
+    )
     with open(path) as f:
       return json.load(f)
   finally:
@@ -106,13 +128,21 @@ def procs_round(env: dict) -> dict:
   from bench import collectives, peer_torch
 
   jx = collectives.launch('mlp', [RATIO], env=env)
-  out = {'defjax': {n: {'step_s': s['median'], 'minflt': jx['opt_minflt'][n]['median']}
-                    for n, s in jx['opt_step_s'].items()}}
+  out = {
+      'defjax': {
+          n: {'step_s': s['median'], 'minflt': jx['opt_minflt'][n]['median']}
+          for n, s in jx['opt_step_s'].items()
+      }
+  }
   if peer_torch.torch_available():
     pt = peer_torch.launch([RATIO], env=env)['times']
-    out['torch'] = {n: {'step_s': common.summarize(s['opt'])['median'],
-                        'minflt': common.summarize(s['opt_minflt'])['median']}
-                    for n, s in pt.items()}
+    out['torch'] = {
+        n: {
+            'step_s': common.summarize(s['opt'])['median'],
+            'minflt': common.summarize(s['opt_minflt'])['median'],
+        }
+        for n, s in pt.items()
+    }
   return out
 
 
@@ -127,40 +157,77 @@ def rows_of(rounds: list[dict]) -> list[dict]:
   keys = []
   first = rounds[0]['glibc']
   for model, variants in first.get('train', {}).items():
-    keys += [('train step', f'{model} (8 devices)', v,
-              lambda x, m=model, v=v: x['train'][m][v]) for v in variants]
+    keys += [
+        (
+            'train step',
+            f'{model} (8 devices)',
+            v,
+            lambda x, m=model, v=v: x['train'][m][v],
+        )
+        for v in variants
+    ]
   for prog, variants in first.get('procs', {}).items():
-    keys += [('2 processes', f'{prog} mlp', v,
-              lambda x, p=prog, v=v: x['procs'][p][v]) for v in variants]
+    keys += [
+        (
+            '2 processes',
+            f'{prog} mlp',
+            v,
+            lambda x, p=prog, v=v: x['procs'][p][v],
+        )
+        for v in variants
+    ]
   rows = []
   for part, program, variant, get in keys:
     c = cells(get)
     for alloc, vals in c.items():
       if not vals:
         continue
-      row = {'part': part, 'program': program, 'variant': variant, 'allocator': alloc,
-             'ms': 1e3 * statistics.median(v['step_s'] for v in vals),
-             'x_glibc': statistics.median(v['step_s'] / g['step_s']
-                                          for v, g in zip(vals, c['glibc'])),
-             'minflt': statistics.median(v['minflt'] for v in vals)}
-      if program == 'defjax mlp' and all('torch' in r[alloc]['procs'] for r in rounds):
+      row = {
+          'part': part,
+          'program': program,
+          'variant': variant,
+          'allocator': alloc,
+          'ms': 1e3 * statistics.median(v['step_s'] for v in vals),
+          'x_glibc': statistics.median(
+              v['step_s'] / g['step_s'] for v, g in zip(vals, c['glibc'])
+          ),
+          'minflt': statistics.median(v['minflt'] for v in vals),
+      }
+      if program == 'defjax mlp' and all(
+          'torch' in r[alloc]['procs'] for r in rounds
+      ):
         row['defjax_vs_torch'] = statistics.median(
             r[alloc]['procs']['defjax'][variant]['step_s']
-            / r[alloc]['procs']['torch'][variant]['step_s'] for r in rounds)
+            / r[alloc]['procs']['torch'][variant]['step_s']
+            for r in rounds
+        )
       if 'params_sha256' in vals[0] and alloc != 'glibc':
-        row['same_bits'] = all(v['params_sha256'] == g['params_sha256']
-                               for v, g in zip(vals, c['glibc']))
+        row['same_bits'] = all(
+            v['params_sha256'] == g['params_sha256']
+            for v, g in zip(vals, c['glibc'])
+        )
       rows.append(row)
   return rows
 
 
-COLUMNS = ('part', 'program', 'variant', 'allocator', 'ms', 'x_glibc', 'minflt',
-           'defjax_vs_torch', 'same_bits')
-NOTES = ('{rounds} rounds; each part runs in fresh processes under each allocator in turn;'
-         ' tcmalloc = LD_PRELOAD={lib}. ms: median over rounds (per step or call); x_glibc: over'
-         ' glibc in the same round; minflt: minor page faults per step or call; defjax_vs_torch:'
-         ' defjax / PyTorch optimizer + communication under the same allocator in the same round;'
-         ' same_bits: the train step\'s params equal glibc\'s bit for bit.')
+COLUMNS = (
+    'part',
+    'program',
+    'variant',
+    'allocator',
+    'ms',
+    'x_glibc',
+    'minflt',
+    'defjax_vs_torch',
+    'same_bits',
+)
+NOTES = (
+    '{rounds} rounds; each part runs in fresh processes under each allocator in turn;'
+    ' tcmalloc = LD_PRELOAD={lib}. ms: median over rounds (per step or call); x_glibc: over'
+    ' glibc in the same round; minflt: minor page faults per step or call; defjax_vs_torch:'
+    ' defjax / PyTorch optimizer + communication under the same allocator in the same round;'
+    " same_bits: the train step's params equal glibc's bit for bit."
+)
 
 
 def main(argv=None):
@@ -172,7 +239,9 @@ def main(argv=None):
   a = common.arguments(__doc__, argv, rounds=3, parts='train,procs')
   allocs = allocators()
   if len(allocs) < 2:
-    print('allocator: tcmalloc is not installed (apt install libtcmalloc-minimal4); skipped.')
+    print(
+        'allocator: tcmalloc is not installed (apt install libtcmalloc-minimal4); skipped.'
+    )
     return None
   parts = a.parts.split(',')
   rounds = []
@@ -188,7 +257,12 @@ def main(argv=None):
     rounds.append(result)
   rows = rows_of(rounds)
   notes = NOTES.format(rounds=a.rounds, lib=allocs['tcmalloc']['LD_PRELOAD'])
-  common.write('allocator', {'rounds': rounds, 'rows': rows}, common.table(rows, COLUMNS), notes)
+  common.write(
+      'allocator',
+      {'rounds': rounds, 'rows': rows},
+      common.table(rows, COLUMNS),
+      notes,
+  )
   return rows
 
 

@@ -41,7 +41,9 @@ def settings() -> dict[str, dict]:
       'pinned': {},
       'unpinned': {'BENCH_PIN': '0'},
       'unpinned-eigen-1-thread': {
-          'BENCH_PIN': '0', 'XLA_FLAGS': '--xla_cpu_multi_thread_eigen=false'},
+          'BENCH_PIN': '0',
+          'XLA_FLAGS': '--xla_cpu_multi_thread_eigen=false',
+      },
       'pinned-sync-dispatch': {'JAX_CPU_ENABLE_ASYNC_DISPATCH': 'false'},
   }
 
@@ -51,11 +53,18 @@ def mpi_collectives() -> str:
   process: MPItrampoline exits the process when it finds no MPI)."""
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
-  code = ('from jax._src.lib import _jax\n'
-          'c = _jax.make_mpi_collectives(); c.Init(); c.Finalize(); print("available")')
+
+  code = (
+      'from jax._src.lib import _jax\n'
+      'c = _jax.make_mpi_collectives(); c.Init(); c.Finalize(); print("available")'
+  )
   try:
-    done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, '-c', code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
   except subprocess.TimeoutExpired:
     return 'not available: MPI initialisation did not finish in 120 s'
   if done.returncode == 0 and 'available' in done.stdout:
@@ -73,11 +82,16 @@ def one_round(names) -> dict:
       continue
     res = collectives.launch('mlp', [RATIO], env=env, opt_only=True)
     out[name] = {n: s['median'] for n, s in res['opt_step_s'].items()}
-    print(f'  {name}: ' + ', '.join(f'{n} {1e3 * t:.1f} ms' for n, t in out[name].items()),
-          flush=True)
+    print(
+        f'  {name}: '
+        + ', '.join(f'{n} {1e3 * t:.1f} ms' for n, t in out[name].items()),
+        flush=True,
+    )
   if peer_torch.torch_available():
     times = peer_torch.launch([RATIO])['times']
-    out['torch'] = {n: common.summarize(s['opt'])['median'] for n, s in times.items()}
+    out['torch'] = {
+        n: common.summarize(s['opt'])['median'] for n, s in times.items()
+    }
   return out
 
 
@@ -87,14 +101,24 @@ def rows_of(rounds: list[dict]) -> list[dict]:
     program = 'PyTorch' if name == 'torch' else 'defjax'
     for variant in rounds[0][name]:
       vals = [r[name][variant] for r in rounds]
-      row = {'program': program, 'setting': 'pinned, 1 thread' if name == 'torch' else name,
-             'variant': variant, 'ms': 1e3 * statistics.median(vals)}
+      row = {
+          'program': program,
+          'setting': 'pinned, 1 thread' if name == 'torch' else name,
+          'variant': variant,
+          'ms': 1e3 * statistics.median(vals),
+      }
       if name != 'torch' and 'pinned' in rounds[0]:
-        row['x_pinned'] = statistics.median(r[name][variant] / r['pinned'][variant]
-                                            for r in rounds)
-      if name != 'torch' and 'torch' in rounds[0] and variant in rounds[0]['torch']:
-        row['vs_torch'] = statistics.median(r[name][variant] / r['torch'][variant]
-                                            for r in rounds)
+        row['x_pinned'] = statistics.median(
+            r[name][variant] / r['pinned'][variant] for r in rounds
+        )
+      if (
+          name != 'torch'
+          and 'torch' in rounds[0]
+          and variant in rounds[0]['torch']
+      ):
+        row['vs_torch'] = statistics.median(
+            r[name][variant] / r['torch'][variant] for r in rounds
+        )
       rows.append(row)
   return rows
 
@@ -110,12 +134,18 @@ def main(argv=None):
     print(f'round {r + 1}/{a.rounds}', flush=True)
     rounds.append(one_round(names))
   rows = rows_of(rounds)
-  notes = (f'{a.rounds} rounds; 15M-parameter MLP, K = 2 processes x 1 CPU device, gloo over'
-           ' loopback; optimizer + communication only (bench.collectives --opt-only), DEF at'
-           f' ratio {RATIO} with one global block; PyTorch: bench.peer_torch. MPI collectives:'
-           f' {mpi_collectives()}.')
-  common.write('collective_settings', {'rounds': rounds, 'rows': rows},
-               common.table(rows, COLUMNS), notes)
+  notes = (
+      f'{a.rounds} rounds; 15M-parameter MLP, K = 2 processes x 1 CPU device, gloo over'
+      ' loopback; optimizer + communication only (bench.collectives --opt-only), DEF at'
+      f' ratio {RATIO} with one global block; PyTorch: bench.peer_torch. MPI collectives:'
+      f' {mpi_collectives()}.'
+  )
+  common.write(
+      'collective_settings',
+      {'rounds': rounds, 'rows': rows},
+      common.table(rows, COLUMNS),
+      notes,
+  )
   return rows
 
 

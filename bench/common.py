@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import os
 
-if 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', ''):
+if 'xla_force_host_platform_device_count' not in os.environ.get(
+    'XLA_FLAGS', ''
+):
   os.environ['XLA_FLAGS'] = (
-      os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+      os.environ.get('XLA_FLAGS', '')
+      + ' --xla_force_host_platform_device_count=8'
   ).strip()
 
 import argparse  # noqa: E402
@@ -81,7 +84,9 @@ def make_tx(method: str, ratio: float, axis_name, *, compressor=None):
   replaces RBGS."""
   optim = optim_config(method, ratio)
   rbgs = compress.rbgs if compressor is None else lambda ratio, **_: compressor
-  tx, _ = optimizer.build(optim, schedule=optim.lr, axis_name=axis_name, rbgs=rbgs)
+  tx, _ = optimizer.build(
+      optim, schedule=optim.lr, axis_name=axis_name, rbgs=rbgs
+  )
   return tx
 
 
@@ -97,10 +102,14 @@ def make_loss(model):
     variables = {'params': params, **model_state}
     rngs = {'dropout': jax.random.PRNGKey(0)}  # the VGGs' classifier
     if model_state:
-      logits, new_state = model.apply(variables, x, train=True, mutable=['batch_stats'],
-                                      rngs=rngs)
+      logits, new_state = model.apply(
+          variables, x, train=True, mutable=['batch_stats'], rngs=rngs
+      )
     else:
-      logits, new_state = model.apply(variables, x, train=True, rngs=rngs), model_state
+      logits, new_state = (
+          model.apply(variables, x, train=True, rngs=rngs),
+          model_state,
+      )
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     return loss, new_state
 
@@ -119,8 +128,18 @@ def abstract_size(tree) -> int:
 class Setup:
   """A model, its loss, abstract/concrete variables and per-worker batches."""
 
-  def __init__(self, model_name: str, num_workers: int, batch: int, seed: int = 0, *,
-               model=None, input_shape=None, classes=None, layout=None):
+  def __init__(
+      self,
+      model_name: str,
+      num_workers: int,
+      batch: int,
+      seed: int = 0,
+      *,
+      model=None,
+      input_shape=None,
+      classes=None,
+      layout=None,
+  ):
     if model is None:
       shape, classes = MODEL_INPUTS[model_name]
       model = get_model(model_name, num_classes=classes)
@@ -128,7 +147,9 @@ class Setup:
       shape = input_shape
     self.name = model_name
     self.model = model
-    self.layout = data_parallel.make_layout(num_workers) if layout is None else layout
+    self.layout = (
+        data_parallel.make_layout(num_workers) if layout is None else layout
+    )
     self.batch = batch
     self.input_shape = shape
     self.classes = classes
@@ -156,7 +177,10 @@ class Setup:
     return abstract_size(self.abstract_model_state)
 
   def _sds(self, tree, sharding):
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
+    return jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+        tree,
+    )
 
   def abstract_args(self, tx):
     """ShapeDtypeStructs of (params, model_state, opt_state, batch) with shardings."""
@@ -164,21 +188,32 @@ class Setup:
     params = self._sds(self.abstract_params, lay.replicated)
     model_state = self._sds(self.abstract_model_state, lay.replicated)
     opt = jax.eval_shape(
-        jax.vmap(tx.init, in_axes=None, axis_size=lay.num_workers), self.abstract_params
+        jax.vmap(tx.init, in_axes=None, axis_size=lay.num_workers),
+        self.abstract_params,
     )
     opt = self._sds(opt, lay.per_worker)
     k = lay.num_workers
     batch = (
-        jax.ShapeDtypeStruct((k, self.batch, *self.input_shape), jnp.float32, sharding=lay.per_worker),
-        jax.ShapeDtypeStruct((k, self.batch), jnp.int32, sharding=lay.per_worker),
+        jax.ShapeDtypeStruct(
+            (k, self.batch, *self.input_shape),
+            jnp.float32,
+            sharding=lay.per_worker,
+        ),
+        jax.ShapeDtypeStruct(
+            (k, self.batch), jnp.int32, sharding=lay.per_worker
+        ),
     )
     return params, model_state, opt, batch
 
   def variables(self):
     x = jnp.zeros((1, *self.input_shape), jnp.float32)
-    v = jax.jit(lambda: self.model.init(jax.random.PRNGKey(self.seed), x, train=False))()
+    v = jax.jit(
+        lambda: self.model.init(jax.random.PRNGKey(self.seed), x, train=False)
+    )()
     params = jax.device_put(v['params'], self.layout.replicated)
-    ms = jax.device_put({k: w for k, w in v.items() if k != 'params'}, self.layout.replicated)
+    ms = jax.device_put(
+        {k: w for k, w in v.items() if k != 'params'}, self.layout.replicated
+    )
     return params, ms
 
   def batches(self, n: int, seed: int = 0):
@@ -193,8 +228,13 @@ class Setup:
     return out
 
   def step(self, tx, donate: bool = True, check_collectives: bool = True):
-    return self.layout.train_step(self.loss_fn, tx, sync_model_state=True, donate=donate,
-                                  check_collectives=check_collectives)
+    return self.layout.train_step(
+        self.loss_fn,
+        tx,
+        sync_model_state=True,
+        donate=donate,
+        check_collectives=check_collectives,
+    )
 
 
 # ------------------------------------------------------------------- timing
@@ -202,11 +242,20 @@ class Setup:
 
 def summarize(values: Sequence[float]) -> dict:
   v = sorted(float(x) for x in values)
-  return {'min': v[0], 'median': statistics.median(v), 'max': v[-1], 'n': len(v)}
+  return {
+      'min': v[0],
+      'median': statistics.median(v),
+      'max': v[-1],
+      'n': len(v),
+  }
 
 
-def alternate(runners: dict[str, Callable[[], Any]], rounds: int, baseline: str,
-              warmup: int = 1) -> dict:
+def alternate(
+    runners: dict[str, Callable[[], Any]],
+    rounds: int,
+    baseline: str,
+    warmup: int = 1,
+) -> dict:
   """Times each runner once per round, in turn (A B C A B C ...).
 
   Each runner must block until its work is done. Returns per-variant time
@@ -221,7 +270,7 @@ def alternate(runners: dict[str, Callable[[], Any]], rounds: int, baseline: str,
   times = {n: [] for n in names}
   for r in range(rounds):
     # Rotate the order so no variant always runs right after the same one.
-    order = names[r % len(names):] + names[: r % len(names)]
+    order = names[r % len(names) :] + names[: r % len(names)]
     for n in order:
       t0 = time.perf_counter()
       runners[n]()
@@ -229,7 +278,8 @@ def alternate(runners: dict[str, Callable[[], Any]], rounds: int, baseline: str,
   out = {'times_s': {n: summarize(t) for n, t in times.items()}, 'raw_s': times}
   out['ratio_to_' + baseline] = {
       n: summarize([a / b for a, b in zip(times[n], times[baseline])])
-      for n in names if n != baseline
+      for n in names
+      if n != baseline
   }
   return out
 
@@ -247,13 +297,18 @@ def count_faults(runners: dict[str, Callable[[], Any]]) -> tuple[dict, dict]:
     def counted():
       before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       run()
-      faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+      faults[name].append(
+          resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+      )
+
     return counted
 
   return {n: wrap(n, r) for n, r in runners.items()}, faults
 
 
-def ratio_cells(ratio: Optional[dict], median: str, low: str, high: str) -> dict:
+def ratio_cells(
+    ratio: Optional[dict], median: str, low: str, high: str
+) -> dict:
   """A table row's cells for one variant's per-round ratio summary (from
   ``alternate``): {median: ..., low: min, high: max}; the baseline has no
   ratio of its own and gets 1.0 in each."""
@@ -290,22 +345,34 @@ def machine() -> dict:
       # tcmalloc here changes XLA:CPU's page faults (bench/allocator.py).
       'ld_preload': os.environ.get('LD_PRELOAD', ''),
       # A load above the core count means other work shared the machine.
-      'loadavg': [round(x, 2) for x in os.getloadavg()] if hasattr(os, 'getloadavg') else None,
+      'loadavg': (
+          [round(x, 2) for x in os.getloadavg()]
+          if hasattr(os, 'getloadavg')
+          else None
+      ),
   }
 
 
-def arguments(doc: str, argv: Optional[Sequence[str]] = None, **defaults) -> argparse.Namespace:
+def arguments(
+    doc: str, argv: Optional[Sequence[str]] = None, **defaults
+) -> argparse.Namespace:
   """Parses one ``--name`` option per keyword (``_`` written as ``-``), of its default's type."""
   p = argparse.ArgumentParser(description=doc.split('\n')[0])
   for name, default in defaults.items():
-    p.add_argument('--' + name.replace('_', '-'), type=type(default), default=default)
+    p.add_argument(
+        '--' + name.replace('_', '-'), type=type(default), default=default
+    )
   return p.parse_args(argv)
 
 
 def command() -> str:
   if sys.argv and sys.argv[0].endswith('.py'):
     mod = pathlib.Path(sys.argv[0]).stem
-    return 'python -m bench.' + mod + ''.join(' ' + shlex.quote(a) for a in sys.argv[1:])
+    return (
+        'python -m bench.'
+        + mod
+        + ''.join(' ' + shlex.quote(a) for a in sys.argv[1:])
+    )
   return ' '.join(shlex.quote(a) for a in sys.argv)
 
 
@@ -325,12 +392,18 @@ def table(rows: Sequence[dict], columns: Sequence[str]) -> str:
   return '\n'.join(lines)
 
 
-def write(name: str, result: dict, table_md: str, notes: Optional[str] = None) -> pathlib.Path:
+def write(
+    name: str, result: dict, table_md: str, notes: Optional[str] = None
+) -> pathlib.Path:
   """Prints the table and writes ``bench/results/<name>.json``."""
   RESULTS.mkdir(parents=True, exist_ok=True)
   doc = {
       'name': name,
-      'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+      'date': (
+          datetime.datetime.now(datetime.timezone.utc).isoformat(
+              timespec='seconds'
+          )
+      ),
       'machine': machine(),
       'command': command(),
       'git': runfiles.git_state(RESULTS),
@@ -371,7 +444,9 @@ def step_runner(step, state, data, steps):
   def run():
     loss = None
     for i in range(steps):
-      state[0], state[1], state[2], loss = step(state[0], state[1], state[2], data[i % 2])
+      state[0], state[1], state[2], loss = step(
+          state[0], state[1], state[2], data[i % 2]
+      )
     jax.block_until_ready((state, loss))
 
   return run

@@ -25,7 +25,7 @@ import argparse
 import subprocess
 import sys
 
-CHILD = r'''
+CHILD = r"""
 import os, sys
 os.environ['XLA_FLAGS'] = ('--xla_force_host_platform_device_count=8'
                            ' --xla_cpu_collective_call_terminate_timeout_seconds=3600')
@@ -37,7 +37,7 @@ mean_all = jax.jit(lambda xs: [x.mean(0) for x in xs])
 for _ in range(20):
   out = [x.mean(0) for x in leaves] if sys.argv[1] == 'eager' else mean_all(leaves)
   jax.block_until_ready(out)
-'''
+"""
 
 
 def main(argv=None) -> int:
@@ -49,12 +49,19 @@ def main(argv=None) -> int:
   deadlocked = 0
   for i in range(args.tries):
     try:
-      subprocess.run([sys.executable, '-c', CHILD, args.mode], check=True,
-                     timeout=args.timeout, capture_output=True)
+      subprocess.run(
+          [sys.executable, '-c', CHILD, args.mode],
+          check=True,
+          timeout=args.timeout,
+          capture_output=True,
+      )
       print(f'try {i + 1}: completed', flush=True)
     except subprocess.TimeoutExpired:
       deadlocked += 1
-      print(f'try {i + 1}: no progress in {args.timeout:g} s (deadlocked)', flush=True)
+      print(
+          f'try {i + 1}: no progress in {args.timeout:g} s (deadlocked)',
+          flush=True,
+      )
   print(f'{args.mode}: {deadlocked} of {args.tries} tries deadlocked')
   return 0
 

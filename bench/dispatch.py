@@ -28,14 +28,21 @@ import numpy as np  # noqa: E402
 import defjax  # noqa: E402
 
 # (name, steps per dispatch (0: the plain one-step program), lax.scan unroll)
-VARIANTS = (('single', 0, 1), ('n=1', 1, 1), ('n=16', 16, 1), ('n=16 unrolled', 16, True))
+VARIANTS = (
+    ('single', 0, 1),
+    ('n=1', 1, 1),
+    ('n=16', 16, 1),
+    ('n=16 unrolled', 16, True),
+)
 
 
 def runner(setup, tx, n, steps, rng, unroll=1):
   """``steps`` training steps, n per dispatch (n = 0: the plain step)."""
   params, ms = setup.variables()
   state = [params, ms, setup.layout.init_state(tx, params)]
-  step = setup.layout.train_step(setup.loss_fn, tx, multi_step=n > 0, unroll=unroll)
+  step = setup.layout.train_step(
+      setup.loss_fn, tx, multi_step=n > 0, unroll=unroll
+  )
   k, b = setup.layout.num_workers, setup.batch
   per = max(n, 1)
   x = rng.normal(size=(per, k, b, *setup.input_shape)).astype(np.float32)
@@ -46,9 +53,15 @@ def runner(setup, tx, n, steps, rng, unroll=1):
 
   def run():
     for _ in range(steps // per):
-      batch = jax.device_put((x, y), sharding)  # host -> devices, as the trainer
-      state[0], state[1], state[2], loss = step(state[0], state[1], state[2], batch)
-      np.asarray(loss)  # the trainer reads the losses after every dispatch on CPU
+      batch = jax.device_put(
+          (x, y), sharding
+      )  # host -> devices, as the trainer
+      state[0], state[1], state[2], loss = step(
+          state[0], state[1], state[2], batch
+      )
+      np.asarray(
+          loss
+      )  # the trainer reads the losses after every dispatch on CPU
 
   return run
 
@@ -60,28 +73,46 @@ def main():
   rounds, steps = (2, 32) if args.quick else (3, 64)
   setup = common.Setup('cnn', 8, 16)
   rng = np.random.default_rng(0)
-  rows, result = [], {'settings': {'model': 'cnn', 'num_workers': 8, 'batch': 16,
-                                   'steps_per_sample': steps, 'rounds': rounds}}
+  rows, result = [], {
+      'settings': {
+          'model': 'cnn',
+          'num_workers': 8,
+          'batch': 16,
+          'steps_per_sample': steps,
+          'rounds': rounds,
+      }
+  }
   for method in ('def',):
     compressor = defjax.rbgs(256, per_leaf=True) if method == 'def' else None
-    tx = common.make_tx(method, 256, setup.layout.axis_name, compressor=compressor)
-    runners = {name: runner(setup, tx, n, steps, rng, unroll)
-               for name, n, unroll in VARIANTS}
+    tx = common.make_tx(
+        method, 256, setup.layout.axis_name, compressor=compressor
+    )
+    runners = {
+        name: runner(setup, tx, n, steps, rng, unroll)
+        for name, n, unroll in VARIANTS
+    }
     timed = common.alternate(runners, rounds, baseline='single')
     result[method] = timed
     for name in runners:
       t = timed['times_s'][name]
       ratio = timed['ratio_to_single'].get(name)
-      rows.append({
-          'method': method, 'variant': name,
-          'ms/step (median)': round(1000 * t['median'] / steps, 2),
-          'min': round(1000 * t['min'] / steps, 2), 'max': round(1000 * t['max'] / steps, 2),
-          'x single (median)': round(ratio['median'], 3) if ratio else 1.0})
+      rows.append(
+          {
+              'method': method,
+              'variant': name,
+              'ms/step (median)': round(1000 * t['median'] / steps, 2),
+              'min': round(1000 * t['min'] / steps, 2),
+              'max': round(1000 * t['max'] / steps, 2),
+              'x single (median)': round(ratio['median'], 3) if ratio else 1.0,
+          }
+      )
   table = common.table(rows, list(rows[0]))
-  notes = ('single: the one-step program, one dispatch and one host sync per step'
-           ' (the trainer with steps_per_dispatch=1). n=N: N steps in one lax.scan call,'
-           ' one sync per call (the trainer with steps_per_dispatch=N); unrolled: the'
-           ' same with the loop unrolled at compile time.')
+  notes = (
+      'single: the one-step program, one dispatch and one host sync per step'
+      ' (the trainer with steps_per_dispatch=1). n=N: N steps in one lax.scan call,'
+      ' one sync per call (the trainer with steps_per_dispatch=N); unrolled: the'
+      ' same with the loop unrolled at compile time.'
+  )
   common.write('dispatch', result, table, notes)
   print(table)
 

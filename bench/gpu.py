@@ -49,7 +49,7 @@ UNROLLED = (('def', 256, 'unroll'),)
 # (model, per-worker batch, variants): the paper's CIFAR batch (8 x 16) for
 # VGG-16, the usual 8 x 32 for ResNet-50 on ImageNet-sized inputs.
 SETTINGS = (('vgg16', 16, VARIANTS + UNROLLED), ('resnet50', 32, VARIANTS))
-GIB = 2.0 ** 30
+GIB = 2.0**30
 
 
 def variant_name(method: str, ratio: int, local_gradients: str = 'vmap') -> str:
@@ -62,11 +62,21 @@ def _peak_bytes():
   return None if not stats else stats.get('peak_bytes_in_use')
 
 
-def measure(model: str, batch: int, *, variants=VARIANTS, num_workers: int = 8,
-            rounds: int = 5, steps: int = 10, devices=None) -> dict:
+def measure(
+    model: str,
+    batch: int,
+    *,
+    variants=VARIANTS,
+    num_workers: int = 8,
+    rounds: int = 5,
+    steps: int = 10,
+    devices=None,
+) -> dict:
   """Compiles and times every variant of one model on ``devices`` (default:
   the first device only); returns one row per variant."""
-  layout = data_parallel.make_layout(num_workers, devices=devices or jax.devices()[:1])
+  layout = data_parallel.make_layout(
+      num_workers, devices=devices or jax.devices()[:1]
+  )
   setup = common.Setup(model, num_workers, batch, layout=layout)
   data = setup.batches(2)
   runners, rows = {}, {}
@@ -77,23 +87,41 @@ def measure(model: str, batch: int, *, variants=VARIANTS, num_workers: int = 8,
     params, model_state = setup.variables()
     opt_state = layout.init_state(tx, params)
     t0 = time.perf_counter()
-    step = dataclasses.replace(layout, local_gradients=local_gradients).train_step(
-        setup.loss_fn, tx)
+    step = dataclasses.replace(
+        layout, local_gradients=local_gradients
+    ).train_step(setup.loss_fn, tx)
     compiled = step.lower(params, model_state, opt_state, data[0]).compile()
     compile_s = time.perf_counter() - t0
     memory = compiled.memory_analysis()
-    program = None if memory is None else (
-        memory.argument_size_in_bytes + memory.output_size_in_bytes
-        + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
-    payload = setup.num_params if compressor is None else compressor.payload(setup.abstract_params)
+    program = (
+        None
+        if memory is None
+        else (
+            memory.argument_size_in_bytes
+            + memory.output_size_in_bytes
+            + memory.temp_size_in_bytes
+            - memory.alias_size_in_bytes
+        )
+    )
+    payload = (
+        setup.num_params
+        if compressor is None
+        else compressor.payload(setup.abstract_params)
+    )
     rows[name] = {
-        'model': model, 'workers': num_workers, 'batch_per_worker': batch,
-        'devices': layout.num_devices, 'variant': name, 'd': setup.num_params,
+        'model': model,
+        'workers': num_workers,
+        'batch_per_worker': batch,
+        'devices': layout.num_devices,
+        'variant': name,
+        'd': setup.num_params,
         'compile_s': compile_s,
         'program_gib': None if program is None else program / GIB,
         'wire_bytes': wire.bytes_per_step(payload, setup.model_state_elements),
     }
-    runners[name] = common.step_runner(compiled, [params, model_state, opt_state], data, steps)
+    runners[name] = common.step_runner(
+        compiled, [params, model_state, opt_state], data, steps
+    )
     runners[name]()  # warm up, and let the allocator reach this variant's peak
     peak = _peak_bytes()
     rows[name]['peak_gib'] = None if peak is None else peak / GIB
@@ -102,40 +130,82 @@ def measure(model: str, batch: int, *, variants=VARIANTS, num_workers: int = 8,
   for name, row in rows.items():
     row['step_ms'] = 1e3 * res['times_s'][name]['median'] / steps
     row['steps_per_s'] = steps / res['times_s'][name]['median']
-    row.update(common.ratio_cells(res['ratio_to_sgd'].get(name),
-                                  'x_sgd_median', 'x_sgd_min', 'x_sgd_max'))
-  return {'model': model, 'rounds': rounds, 'steps_per_sample': steps,
-          'rows': list(rows.values()), 'raw_sample_s': res['raw_s']}
+    row.update(
+        common.ratio_cells(
+            res['ratio_to_sgd'].get(name),
+            'x_sgd_median',
+            'x_sgd_min',
+            'x_sgd_max',
+        )
+    )
+  return {
+      'model': model,
+      'rounds': rounds,
+      'steps_per_sample': steps,
+      'rows': list(rows.values()),
+      'raw_sample_s': res['raw_s'],
+  }
 
 
-COLUMNS = ('model', 'variant', 'workers', 'batch_per_worker', 'devices', 'steps_per_s',
-           'step_ms', 'x_sgd_median', 'x_sgd_min', 'x_sgd_max', 'compile_s', 'peak_gib',
-           'program_gib', 'wire_bytes')
+COLUMNS = (
+    'model',
+    'variant',
+    'workers',
+    'batch_per_worker',
+    'devices',
+    'steps_per_s',
+    'step_ms',
+    'x_sgd_median',
+    'x_sgd_min',
+    'x_sgd_max',
+    'compile_s',
+    'peak_gib',
+    'program_gib',
+    'wire_bytes',
+)
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--quick', action='store_true', help='the small CNN only')
-  parser.add_argument('--models', default=None,
-                      help='comma-separated models (default: vgg16,resnet50)')
+  parser.add_argument(
+      '--models',
+      default=None,
+      help='comma-separated models (default: vgg16,resnet50)',
+  )
   parser.add_argument('--rounds', type=int, default=5)
   parser.add_argument('--steps', type=int, default=10)
   a = parser.parse_args(argv)
   settings = (('cnn', 16, VARIANTS + UNROLLED),) if a.quick else SETTINGS
   if a.models:
     known = {m: (b, v) for m, b, v in SETTINGS}
-    settings = tuple((m, *known.get(m, (16, VARIANTS))) for m in a.models.split(','))
+    settings = tuple(
+        (m, *known.get(m, (16, VARIANTS))) for m in a.models.split(',')
+    )
   t0 = time.perf_counter()
-  results = [measure(m, b, variants=v, rounds=a.rounds, steps=a.steps) for m, b, v in settings]
+  results = [
+      measure(m, b, variants=v, rounds=a.rounds, steps=a.steps)
+      for m, b, v in settings
+  ]
   rows = [r for res in results for r in res['rows']]
   device = jax.devices()[0]
-  notes = (f'One {device.device_kind} ({jax.default_backend()}), K = 8 workers vmapped on it;'
-           f' per-leaf RBGS; whole benchmark {time.perf_counter() - t0:.0f} s.'
-           ' x_sgd: step time over SGD\'s in the same round. wire_bytes: per worker and'
-           ' step on a real cluster (one device compiles no collective).')
-  common.write('gpu', {'results': results, 'rows': rows}, common.table(rows, COLUMNS), notes)
+  notes = (
+      f'One {device.device_kind} ({jax.default_backend()}), K = 8 workers vmapped on it;'
+      f' per-leaf RBGS; whole benchmark {time.perf_counter() - t0:.0f} s.'
+      " x_sgd: step time over SGD's in the same round. wire_bytes: per worker and"
+      ' step on a real cluster (one device compiles no collective).'
+  )
+  common.write(
+      'gpu',
+      {'results': results, 'rows': rows},
+      common.table(rows, COLUMNS),
+      notes,
+  )
   from bench import run_all
-  run_all.main(['--summary-only'])  # summary.md, the docs page's tables, the README's headline
+
+  run_all.main(
+      ['--summary-only']
+  )  # summary.md, the docs page's tables, the README's headline
 
 
 if __name__ == '__main__':

@@ -34,7 +34,9 @@ class Network:
 
   def __post_init__(self):
     if not self.bandwidth_gbps > 0:
-      raise ValueError(f'bandwidth_gbps must be > 0, got {self.bandwidth_gbps!r}')
+      raise ValueError(
+          f'bandwidth_gbps must be > 0, got {self.bandwidth_gbps!r}'
+      )
     if self.latency_s < 0:
       raise ValueError(f'latency_s must be >= 0, got {self.latency_s!r}')
 
@@ -50,11 +52,19 @@ def ring_allreduce_s(nbytes: float, num_workers: int, net: Network) -> float:
     raise ValueError(f'num_workers must be >= 1, got {k!r}')
   if k == 1 or nbytes <= 0:
     return 0.0
-  return 2 * (k - 1) * net.latency_s + 2 * (k - 1) / k * nbytes / net.bytes_per_s
+  return (
+      2 * (k - 1) * net.latency_s + 2 * (k - 1) / k * nbytes / net.bytes_per_s
+  )
 
 
-def payload_bytes(d: int, ratio: float = 1, *, model_state: int = 0,
-                  dense: bool = False, bytes_per_value: int = 4) -> int:
+def payload_bytes(
+    d: int,
+    ratio: float = 1,
+    *,
+    model_state: int = 0,
+    dense: bool = False,
+    bytes_per_value: int = 4,
+) -> int:
   """Bytes one worker all-reduces per step.
 
   Args:
@@ -68,15 +78,28 @@ def payload_bytes(d: int, ratio: float = 1, *, model_state: int = 0,
   return wire.bytes_per_step(sent, model_state, bytes_per_value=bytes_per_value)
 
 
-def step_s(compute_s: float, nbytes: float, num_workers: int, net: Network,
-           overhead_s: float = 0.0) -> float:
+def step_s(
+    compute_s: float,
+    nbytes: float,
+    num_workers: int,
+    net: Network,
+    overhead_s: float = 0.0,
+) -> float:
   """One step: compute, the method's extra local work, then the all-reduce."""
   return compute_s + overhead_s + ring_allreduce_s(nbytes, num_workers, net)
 
 
-def speedup(compute_s: float, d: int, ratio: float, num_workers: int, net: Network, *,
-            model_state: int = 0, overhead_s: float = 0.0,
-            steps_ratio: float = 1.0) -> float:
+def speedup(
+    compute_s: float,
+    d: int,
+    ratio: float,
+    num_workers: int,
+    net: Network,
+    *,
+    model_state: int = 0,
+    overhead_s: float = 0.0,
+    steps_ratio: float = 1.0,
+) -> float:
   """Time-to-accuracy speedup of RBGS at ``ratio`` over dense SGD.
 
   Args:
@@ -89,14 +112,32 @@ def speedup(compute_s: float, d: int, ratio: float, num_workers: int, net: Netwo
     overhead_s: the compressed method's extra local seconds per step.
     steps_ratio: steps the method needs / steps SGD needs for the accuracy.
   """
-  sgd = step_s(compute_s, payload_bytes(d, model_state=model_state, dense=True), num_workers, net)
-  comp = step_s(compute_s, payload_bytes(d, ratio, model_state=model_state), num_workers, net,
-                overhead_s)
+  sgd = step_s(
+      compute_s,
+      payload_bytes(d, model_state=model_state, dense=True),
+      num_workers,
+      net,
+  )
+  comp = step_s(
+      compute_s,
+      payload_bytes(d, ratio, model_state=model_state),
+      num_workers,
+      net,
+      overhead_s,
+  )
   return sgd / (comp * steps_ratio)
 
 
-def compute_for_speedup(target: float, d: int, ratio: float, num_workers: int, net: Network, *,
-                        model_state: int = 0, overhead_s: float = 0.0) -> float:
+def compute_for_speedup(
+    target: float,
+    d: int,
+    ratio: float,
+    num_workers: int,
+    net: Network,
+    *,
+    model_state: int = 0,
+    overhead_s: float = 0.0,
+) -> float:
   """The compute seconds per step at which ``speedup`` equals ``target``.
 
   Solves (c + T_sgd) / (c + o + T_ratio) = S for c. Returns NaN when no
@@ -104,7 +145,11 @@ def compute_for_speedup(target: float, d: int, ratio: float, num_workers: int, n
   """
   if target <= 1:
     raise ValueError(f'target speedup must be > 1, got {target!r}')
-  t_sgd = ring_allreduce_s(payload_bytes(d, model_state=model_state, dense=True), num_workers, net)
-  t_c = ring_allreduce_s(payload_bytes(d, ratio, model_state=model_state), num_workers, net)
+  t_sgd = ring_allreduce_s(
+      payload_bytes(d, model_state=model_state, dense=True), num_workers, net
+  )
+  t_c = ring_allreduce_s(
+      payload_bytes(d, ratio, model_state=model_state), num_workers, net
+  )
   c = (t_sgd - target * (overhead_s + t_c)) / (target - 1)
   return c if c >= 0 else float('nan')

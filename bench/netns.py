@@ -71,10 +71,38 @@ def unavailable() -> Optional[str]:
   except RuntimeError as e:
     return f'cannot create a network namespace: {e}'
   try:
-    _run('ip', 'link', 'add', f'dj{os.getpid()}p', 'netns', name, 'type', 'veth',
-         'peer', 'name', 'peer0', 'netns', name)
-    _run('tc', '-n', name, 'qdisc', 'add', 'dev', f'dj{os.getpid()}p', 'root', 'tbf',
-         'rate', '1mbit', 'burst', '256kb', 'latency', QUEUE_LATENCY)
+    _run(
+        'ip',
+        'link',
+        'add',
+        f'dj{os.getpid()}p',
+        'netns',
+        name,
+        'type',
+        'veth',
+        'peer',
+        'name',
+        'peer0',
+        'netns',
+        name,
+    )
+    _run(
+        'tc',
+        '-n',
+        name,
+        'qdisc',
+        'add',
+        'dev',
+        f'dj{os.getpid()}p',
+        'root',
+        'tbf',
+        'rate',
+        '1mbit',
+        'burst',
+        '256kb',
+        'latency',
+        QUEUE_LATENCY,
+    )
   except RuntimeError as e:
     return f'cannot make a throttled veth pair: {e}'
   finally:
@@ -89,7 +117,7 @@ def bits_per_s(rate: Optional[str]) -> Optional[float]:
   units = {'gbit': 1e9, 'mbit': 1e6, 'kbit': 1e3, 'bit': 1.0}
   for suffix, scale in units.items():
     if rate.endswith(suffix):
-      return float(rate[:-len(suffix)]) * scale
+      return float(rate[: -len(suffix)]) * scale
   raise ValueError(f'rate {rate!r}: expected a number with gbit, mbit or kbit')
 
 
@@ -98,10 +126,20 @@ def qdisc_args(rate: Optional[str]) -> list[str]:
   if rate is None:
     return ['pfifo', 'limit', '10000']
   bits_per_s(rate)  # a rate tc can read
-  return ['tbf', 'rate', rate, 'burst', str(BURST_BYTES), 'latency', QUEUE_LATENCY]
+  return [
+      'tbf',
+      'rate',
+      rate,
+      'burst',
+      str(BURST_BYTES),
+      'latency',
+      QUEUE_LATENCY,
+  ]
 
 
-def set_rate(dev: str, rate: Optional[str], netns: Optional[str] = None) -> None:
+def set_rate(
+    dev: str, rate: Optional[str], netns: Optional[str] = None
+) -> None:
   """Caps ``dev``'s egress at ``rate`` (None: unthrottled). ``netns``: the
   namespace holding ``dev``, when called from outside it."""
   where = ['-n', netns] if netns else []
@@ -157,8 +195,21 @@ class Link:
         os.makedirs(hosts, exist_ok=True)
         with open(f'{hosts}/hosts', 'w') as f:
           f.write(f'127.0.0.1 localhost\n{addr} {self.hostname}\n')
-      _run('ip', 'link', 'add', self.devices[0], 'netns', self.namespaces[0], 'type', 'veth',
-           'peer', 'name', self.devices[1], 'netns', self.namespaces[1])
+      _run(
+          'ip',
+          'link',
+          'add',
+          self.devices[0],
+          'netns',
+          self.namespaces[0],
+          'type',
+          'veth',
+          'peer',
+          'name',
+          self.devices[1],
+          'netns',
+          self.namespaces[1],
+      )
       for ns, dev, addr in zip(self.namespaces, self.devices, ADDRESSES):
         _run('ip', '-n', ns, 'addr', 'add', f'{addr}/24', 'dev', dev)
         _run('ip', '-n', ns, 'link', 'set', dev, 'up')
@@ -187,11 +238,15 @@ class Link:
 
   def sent_bytes(self) -> tuple[int, int]:
     """Bytes each end has sent since its rate was last set."""
-    return tuple(sent_bytes(dev, ns) for ns, dev in zip(self.namespaces, self.devices))
+    return tuple(
+        sent_bytes(dev, ns) for ns, dev in zip(self.namespaces, self.devices)
+    )
 
 
 def _run(*argv: str, check: bool = True) -> str:
   proc = subprocess.run(argv, capture_output=True, text=True)
   if check and proc.returncode != 0:
-    raise RuntimeError(f'{" ".join(argv)}: {(proc.stderr or proc.stdout).strip()}')
+    raise RuntimeError(
+        f'{" ".join(argv)}: {(proc.stderr or proc.stdout).strip()}'
+    )
   return proc.stdout

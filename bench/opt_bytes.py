@@ -39,16 +39,25 @@ import defjax  # noqa: E402
 from defjax import feedback  # noqa: E402
 
 # variant -> (method, per-leaf blocks); 'def' is the library's default block.
-VARIANTS = {'sgd': ('sgd', False), 'def': ('def', False), 'def_per_leaf': ('def', True)}
+VARIANTS = {
+    'sgd': ('sgd', False),
+    'def': ('def', False),
+    'def_per_leaf': ('def', True),
+}
 FLOOR = {'sgd': 5, 'def': 7}
 
 
 def abstract_params(model: str):
   if model == 'mlp':
     from bench import collectives
+
     x0 = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
-    return jax.eval_shape(lambda x: collectives.mlp_model().init(
-        jax.random.PRNGKey(0), x, train=False), x0)['params']
+    return jax.eval_shape(
+        lambda x: collectives.mlp_model().init(
+            jax.random.PRNGKey(0), x, train=False
+        ),
+        x0,
+    )['params']
   return common.Setup(model, 1, 1).abstract_params
 
 
@@ -67,7 +76,9 @@ def optimizer_step(tx):
 
 def make_tx(variant: str, ratio: float, axis_name):
   method, per_leaf = VARIANTS[variant]
-  compressor = defjax.rbgs(ratio, per_leaf=per_leaf) if method != 'sgd' else None
+  compressor = (
+      defjax.rbgs(ratio, per_leaf=per_leaf) if method != 'sgd' else None
+  )
   return method, common.make_tx(method, ratio, axis_name, compressor=compressor)
 
 
@@ -75,9 +86,15 @@ def traffic(compiled, d: int) -> tuple[float, int]:
   """Bytes accessed / 4d, and the full-size copies (>= 1% of d values)."""
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
-  sizes = [int(np.prod([int(n) for n in dims.split(',') if n] or [1]))
-           for dims in re.findall(r'= f32\[([0-9,]*)\]\{[0-9,]*\} copy\(', compiled.as_text())]
-  return float(cost['bytes accessed']) / (4 * d), sum(s >= 0.01 * d for s in sizes)
+  sizes = [
+      int(np.prod([int(n) for n in dims.split(',') if n] or [1]))
+      for dims in re.findall(
+          r'= f32\[([0-9,]*)\]\{[0-9,]*\} copy\(', compiled.as_text()
+      )
+  ]
+  return float(cost['bytes accessed']) / (4 * d), sum(
+      s >= 0.01 * d for s in sizes
+  )
 
 
 def optimizer_only(model: str, variant: str, ratio: float) -> dict:
@@ -85,32 +102,73 @@ def optimizer_only(model: str, variant: str, ratio: float) -> dict:
   d = common.abstract_size(params)
   method, tx = make_tx(variant, ratio, None)
   state = jax.eval_shape(tx.init, params)
-  bytes_d, copies = traffic(optimizer_step(tx).lower(params, state, params).compile(), d)
-  return {'part': 'optimizer', 'model': model, 'd': d, 'variant': variant, 'bytes_d': bytes_d,
-          'floor_d': FLOOR[method], 'copies': copies}
+  bytes_d, copies = traffic(
+      optimizer_step(tx).lower(params, state, params).compile(), d
+  )
+  return {
+      'part': 'optimizer',
+      'model': model,
+      'd': d,
+      'variant': variant,
+      'bytes_d': bytes_d,
+      'floor_d': FLOOR[method],
+      'copies': copies,
+  }
 
 
-def train_step(model: str, batch: int, variant: str, ratio: float, workers: int = 8) -> dict:
+def train_step(
+    model: str, batch: int, variant: str, ratio: float, workers: int = 8
+) -> dict:
   """The whole train step (``DataParallelLayout.train_step``, K workers on K CPU
   devices): its bytes include the model's; what DEF adds is the difference."""
   setup = common.Setup(model, workers, batch)
   _, tx = make_tx(variant, ratio, setup.layout.axis_name)
-  bytes_d, copies = traffic(setup.step(tx).lower(*setup.abstract_args(tx)).compile(),
-                            setup.num_params)
-  return {'part': f'train step, batch {batch}', 'model': model, 'd': setup.num_params,
-          'variant': variant, 'bytes_d': bytes_d, 'copies': copies}
+  bytes_d, copies = traffic(
+      setup.step(tx).lower(*setup.abstract_args(tx)).compile(), setup.num_params
+  )
+  return {
+      'part': f'train step, batch {batch}',
+      'model': model,
+      'd': setup.num_params,
+      'variant': variant,
+      'bytes_d': bytes_d,
+      'copies': copies,
+  }
 
 
-COLUMNS = ('part', 'model', 'd', 'variant', 'bytes_d', 'floor_d', 'x_sgd', 'floor_x_sgd',
-           'plus_sgd', 'copies')
+COLUMNS = (
+    'part',
+    'model',
+    'd',
+    'variant',
+    'bytes_d',
+    'floor_d',
+    'x_sgd',
+    'floor_x_sgd',
+    'plus_sgd',
+    'copies',
+)
 
 
 def main(argv=None):
-  a = common.arguments(__doc__, argv, models='vgg16,mlp', step_models='vgg16,cnn', batch=16,
-                       ratio=256.0)
-  groups = [[optimizer_only(m, v, a.ratio) for v in VARIANTS] for m in a.models.split(',') if m]
-  groups += [[train_step(m, a.batch, v, a.ratio) for v in VARIANTS]
-             for m in a.step_models.split(',') if m]
+  a = common.arguments(
+      __doc__,
+      argv,
+      models='vgg16,mlp',
+      step_models='vgg16,cnn',
+      batch=16,
+      ratio=256.0,
+  )
+  groups = [
+      [optimizer_only(m, v, a.ratio) for v in VARIANTS]
+      for m in a.models.split(',')
+      if m
+  ]
+  groups += [
+      [train_step(m, a.batch, v, a.ratio) for v in VARIANTS]
+      for m in a.step_models.split(',')
+      if m
+  ]
   rows = []
   for group in groups:
     sgd = group[0]
@@ -124,11 +182,12 @@ def main(argv=None):
       f'RBGS ratio {a.ratio:g}, lam 0.3, momentum SGD with weight decay. bytes_d: bytes XLA'
       ' accesses in the compiled program (cost_analysis) / 4d, i.e. in passes over one'
       ' d-float vector; floor_d: what the optimizer must read and write (SGD 5, DEF 7; EF, SAEF'
-      ' and PSync compile to DEF\'s program);'
-      ' x_sgd and plus_sgd: over / minus SGD\'s bytes_d in the same part; copies: full-size'
+      " and PSync compile to DEF's program);"
+      " x_sgd and plus_sgd: over / minus SGD's bytes_d in the same part; copies: full-size"
       ' copy instructions (of at least 1% of d values). optimizer: tx.update + apply_updates +'
       ' the next gradient point on one device; train step: DataParallelLayout.train_step with K = 8'
-      ' workers on 8 CPU devices. Nothing is timed.')
+      ' workers on 8 CPU devices. Nothing is timed.'
+  )
   common.write('opt_bytes', {'rows': rows}, common.table(rows, COLUMNS), notes)
   return rows
 

@@ -56,20 +56,44 @@ def hlo_profile(compiled) -> dict:
   """Count and result megabytes of the ops that move data in the optimized HLO
   (top-level and inside fusions), to see what a method adds to the step."""
   from defjax import wire
+
   text = compiled.as_text()
-  ops = ('scatter', 'gather', 'concatenate', 'slice', 'dynamic-slice', 'dynamic-update-slice',
-         'copy', 'sort', 'all-reduce', 'all-reduce-start')
-  pat = re.compile(r'=\s*(\([^()]*\)|\S+)\s+(' + '|'.join(map(re.escape, ops)) + r')\(')
+  ops = (
+      'scatter',
+      'gather',
+      'concatenate',
+      'slice',
+      'dynamic-slice',
+      'dynamic-update-slice',
+      'copy',
+      'sort',
+      'all-reduce',
+      'all-reduce-start',
+  )
+  pat = re.compile(
+      r'=\s*(\([^()]*\)|\S+)\s+(' + '|'.join(map(re.escape, ops)) + r')\('
+  )
   count, mbytes = collections.Counter(), collections.Counter()
   for m in pat.finditer(text):
     op = m.group(2).removesuffix('-start')
     count[op] += 1
     mbytes[op] += wire.array_bytes(m.group(1)) / 1e6
-  return {op: {'count': count[op], 'MB': round(mbytes[op], 2)} for op in sorted(count)}
+  return {
+      op: {'count': count[op], 'MB': round(mbytes[op], 2)}
+      for op in sorted(count)
+  }
 
 
-def measure(model: str, batch: int, rounds: int, steps: int, ratio: float = 256,
-            variants=VARIANTS, num_workers: int = 8, profile: bool = True) -> dict:
+def measure(
+    model: str,
+    batch: int,
+    rounds: int,
+    steps: int,
+    ratio: float = 256,
+    variants=VARIANTS,
+    num_workers: int = 8,
+    profile: bool = True,
+) -> dict:
   """Times ``variants`` on one setting; returns times, ratios to SGD, HLO counts."""
   setup = common.Setup(model, num_workers, batch)
   data = setup.batches(2)
@@ -80,23 +104,38 @@ def measure(model: str, batch: int, rounds: int, steps: int, ratio: float = 256,
     opt = setup.layout.init_state(tx, params)
     # Compile once and run the compiled executable (a jit call would compile again).
     # 'local' has no gradient all-reduce on purpose: skip the step's check.
-    step = setup.step(tx, check_collectives=v != 'local').lower(params, ms, opt, data[0]).compile()
+    step = (
+        setup.step(tx, check_collectives=v != 'local')
+        .lower(params, ms, opt, data[0])
+        .compile()
+    )
     if profile:
       hlo[v] = hlo_profile(step)
     runners[v] = common.step_runner(step, [params, ms, opt], data, steps)
     print(f'  compiled {model} b={batch} {v}', flush=True)
   res = common.alternate(runners, rounds=rounds, baseline='sgd', warmup=1)
-  per_step = {v: {k: (x / steps if k != 'n' else x) for k, x in s.items()}
-              for v, s in res['times_s'].items()}
+  per_step = {
+      v: {k: x / steps if k != 'n' else x for k, x in s.items()}
+      for v, s in res['times_s'].items()
+  }
   return {
-      'model': model, 'batch_per_worker': batch, 'workers': num_workers, 'ratio': ratio,
-      'rounds': rounds, 'steps_per_sample': steps, 'd': setup.num_params,
-      'step_s': per_step, 'ratio_to_sgd': res['ratio_to_sgd'],
-      'raw_sample_s': res['raw_s'], 'hlo_ops': hlo,
+      'model': model,
+      'batch_per_worker': batch,
+      'workers': num_workers,
+      'ratio': ratio,
+      'rounds': rounds,
+      'steps_per_sample': steps,
+      'd': setup.num_params,
+      'step_s': per_step,
+      'ratio_to_sgd': res['ratio_to_sgd'],
+      'raw_sample_s': res['raw_s'],
+      'hlo_ops': hlo,
   }
 
 
-def optimizer_cost(model: str = 'vgg16', ratio: float = 256, rounds: int = 5) -> dict:
+def optimizer_cost(
+    model: str = 'vgg16', ratio: float = 256, rounds: int = 5
+) -> dict:
   """The optimizer alone on one device: ``tx.update`` + ``apply_updates`` +
   the next ``eval_point`` on given gradients (no model compute, no workers).
 
@@ -110,17 +149,24 @@ def optimizer_cost(model: str = 'vgg16', ratio: float = 256, rounds: int = 5) ->
 
   setup = common.Setup(model, 1, 1)
   rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda a: jax.numpy.asarray(rng.normal(size=a.shape).astype(np.float32)),
-                        setup.abstract_params)
+  params = jax.tree.map(
+      lambda a: jax.numpy.asarray(rng.normal(size=a.shape).astype(np.float32)),
+      setup.abstract_params,
+  )
   grads = jax.tree.map(lambda a: 1e-2 * a, params)
   txs = {
       'sgd': defjax.data_parallel(common.inner_optimizer()),
       'def': common.make_tx('def', ratio, None),
-      'def_per_leaf': common.make_tx('def', ratio, None, compressor=defjax.rbgs(ratio, per_leaf=True)),
-      'def_identity': common.make_tx('def', ratio, None, compressor=defjax.identity()),
+      'def_per_leaf': common.make_tx(
+          'def', ratio, None, compressor=defjax.rbgs(ratio, per_leaf=True)
+      ),
+      'def_identity': common.make_tx(
+          'def', ratio, None, compressor=defjax.identity()
+      ),
   }
   runners = {}
   for name, tx in txs.items():
+
     def fn(params, state, grads, tx=tx):
       updates, state = tx.update(grads, state, params)
       params = optax.apply_updates(params, updates)
@@ -135,52 +181,105 @@ def optimizer_cost(model: str = 'vgg16', ratio: float = 256, rounds: int = 5) ->
 
     runners[name] = run
   res = common.alternate(runners, rounds=rounds, baseline='sgd', warmup=1)
-  return {'model': model, 'd': setup.num_params, 'ratio': ratio, 'rounds': rounds,
-          'step_s': res['times_s'], 'ratio_to_sgd': res['ratio_to_sgd']}
+  return {
+      'model': model,
+      'd': setup.num_params,
+      'ratio': ratio,
+      'rounds': rounds,
+      'step_s': res['times_s'],
+      'ratio_to_sgd': res['ratio_to_sgd'],
+  }
 
 
 def rows_of(result: dict) -> list[dict]:
   rows = []
   for v, s in result['step_s'].items():
-    rows.append({
-        'model': result['model'], 'batch': result['batch_per_worker'], 'variant': v,
-        'step_ms_median': 1e3 * s['median'],
-        **common.ratio_cells(result['ratio_to_sgd'].get(v), 'ratio_median', 'ratio_min',
-                             'ratio_max'),
-    })
+    rows.append(
+        {
+            'model': result['model'],
+            'batch': result['batch_per_worker'],
+            'variant': v,
+            'step_ms_median': 1e3 * s['median'],
+            **common.ratio_cells(
+                result['ratio_to_sgd'].get(v),
+                'ratio_median',
+                'ratio_min',
+                'ratio_max',
+            ),
+        }
+    )
   return rows
 
 
-COLUMNS = ('model', 'batch', 'variant', 'step_ms_median', 'ratio_median', 'ratio_min', 'ratio_max')
+COLUMNS = (
+    'model',
+    'batch',
+    'variant',
+    'step_ms_median',
+    'ratio_median',
+    'ratio_min',
+    'ratio_max',
+)
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument('--ratio', type=float, default=256)
-  p.add_argument('--quick', action='store_true', help='cnn only, few rounds (smoke run)')
+  p.add_argument(
+      '--quick', action='store_true', help='cnn only, few rounds (smoke run)'
+  )
   a = p.parse_args(argv)
   settings = (('cnn', 16, 3, 2, VARIANTS),) if a.quick else SETTINGS
   results = []
   for model, batch, rounds, steps, variants in settings:
-    print(f'{model} batch {batch}/worker: {rounds} rounds x {steps} steps', flush=True)
-    results.append(measure(model, batch, rounds, steps, ratio=a.ratio, variants=variants))
+    print(
+        f'{model} batch {batch}/worker: {rounds} rounds x {steps} steps',
+        flush=True,
+    )
+    results.append(
+        measure(model, batch, rounds, steps, ratio=a.ratio, variants=variants)
+    )
   rows = [r for res in results for r in rows_of(res)]
   opt = None if a.quick else optimizer_cost('vgg16', a.ratio)
   table_md = common.table(rows, COLUMNS)
   if opt:
-    opt_rows = [{'variant': v, 'opt_ms_median': 1e3 * s['median'],
-                 'ratio_median': opt['ratio_to_sgd'][v]['median'] if v in opt['ratio_to_sgd'] else 1.0,
-                 'extra_ms_vs_sgd': 1e3 * (s['median'] - opt['step_s']['sgd']['median'])}
-                for v, s in opt['step_s'].items()]
-    table_md += ('\n\nOptimizer only (VGG-16 params, one device, no model compute):\n\n'
-                 + common.table(opt_rows, ('variant', 'opt_ms_median', 'extra_ms_vs_sgd', 'ratio_median')))
+    opt_rows = [
+        {
+            'variant': v,
+            'opt_ms_median': 1e3 * s['median'],
+            'ratio_median': (
+                opt['ratio_to_sgd'][v]['median']
+                if v in opt['ratio_to_sgd']
+                else 1.0
+            ),
+            'extra_ms_vs_sgd': (
+                1e3 * (s['median'] - opt['step_s']['sgd']['median'])
+            ),
+        }
+        for v, s in opt['step_s'].items()
+    ]
+    table_md += (
+        '\n\nOptimizer only (VGG-16 params, one device, no model compute):\n\n'
+        + common.table(
+            opt_rows,
+            ('variant', 'opt_ms_median', 'extra_ms_vs_sgd', 'ratio_median'),
+        )
+    )
   notes = (
       f'RBGS ratio {a.ratio:g}, {results[0]["workers"]} workers on {jax.device_count()}'
       f' {jax.default_backend()} devices ({common.machine()["cpu_count"]} CPU cores).'
       ' ratio = step time / SGD step time in the same round (min/median/max over rounds).'
       ' Target: <= 1.10 at the larger batches. The machine may be shared: compare ratios,'
-      ' not absolute times.')
-  common.write('overhead', {'results': results, 'rows': rows, 'optimizer_only': opt}, table_md, notes)
+      ' not absolute times.'
+  )
+  common.write(
+      'overhead',
+      {'results': results, 'rows': rows, 'optimizer_only': opt},
+      table_md,
+      notes,
+  )
   return results
 
 

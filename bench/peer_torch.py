@@ -43,6 +43,7 @@ def torch_available() -> bool:
   try:
     import torch  # noqa: F401
     import torch.distributed as dist
+
     return dist.is_available() and dist.is_gloo_available()
   except ImportError:
     return False
@@ -58,8 +59,14 @@ def worker(rank: int, port: int, ratios, out_path: str) -> None:
   dist.init_process_group('gloo', rank=rank, world_size=2)
   world = dist.get_world_size()
   torch.manual_seed(0)
-  model = nn.Sequential(nn.Flatten(), nn.Linear(3072, 3072), nn.ReLU(),
-                        nn.Linear(3072, 1792), nn.ReLU(), nn.Linear(1792, 10))
+  model = nn.Sequential(
+      nn.Flatten(),
+      nn.Linear(3072, 3072),
+      nn.ReLU(),
+      nn.Linear(3072, 1792),
+      nn.ReLU(),
+      nn.Linear(1792, 10),
+  )
   params = list(model.parameters())
   d = sum(p.numel() for p in params)
   # Parameters and gradients as views of two flat buffers.
@@ -68,13 +75,18 @@ def worker(rank: int, port: int, ratios, out_path: str) -> None:
   off = 0
   for p in params:
     n = p.numel()
-    p.data = flat[off:off + n].view_as(p)
-    p.grad = flat_grad[off:off + n].view_as(p)
+    p.data = flat[off : off + n].view_as(p)
+    p.grad = flat_grad[off : off + n].view_as(p)
     off += n
   x0 = flat.clone()  # the shared model x
   gen = torch.Generator().manual_seed(rank)
-  data = [(torch.randn(BATCH, 3, 32, 32, generator=gen), torch.randint(0, 10, (BATCH,), generator=gen))
-          for _ in range(2)]
+  data = [
+      (
+          torch.randn(BATCH, 3, 32, 32, generator=gen),
+          torch.randint(0, 10, (BATCH,), generator=gen),
+      )
+      for _ in range(2)
+  ]
   loss_fn = nn.CrossEntropyLoss()
 
   def make(method: str, ratio: int):
@@ -166,8 +178,17 @@ def worker(rank: int, port: int, ratios, out_path: str) -> None:
       times['allreduce_only']['opt_minflt'].append((faults() - f0) / STEPS)
   if rank == 0:
     with open(out_path, 'w') as f:
-      json.dump({'d': d, 'batch_per_worker': BATCH, 'rounds': ROUNDS, 'steps_per_sample': STEPS,
-                 'torch': torch.__version__, 'times': times}, f)
+      json.dump(
+          {
+              'd': d,
+              'batch_per_worker': BATCH,
+              'rounds': ROUNDS,
+              'steps_per_sample': STEPS,
+              'torch': torch.__version__,
+              'times': times,
+          },
+          f,
+      )
   dist.destroy_process_group()
 
 
@@ -176,18 +197,25 @@ def launch(ratios, timeout_s: float = 540, env=None) -> dict:
   return procs.run_pair(
       'bench.peer_torch',
       ['--ratios', ','.join(map(str, ratios))],
-      {'OMP_NUM_THREADS': '1', **(env or {})}, timeout_s)
+      {'OMP_NUM_THREADS': '1', **(env or {})},
+      timeout_s,
+  )
 
 
 def rows_of(result: dict, jax_opt: dict | None) -> list[dict]:
   from bench import common
+
   t = result['times']
   rows = []
   for name, s in t.items():
     opt = common.summarize(s['opt'])
     ratio = common.summarize([a / b for a, b in zip(s['opt'], t['sgd']['opt'])])
-    row = {'variant': name, 'torch_grad_ms': 1e3 * common.summarize(s['grad'])['median'],
-           'torch_opt_ms': 1e3 * opt['median'], 'torch_opt_vs_sgd': ratio['median']}
+    row = {
+        'variant': name,
+        'torch_grad_ms': 1e3 * common.summarize(s['grad'])['median'],
+        'torch_opt_ms': 1e3 * opt['median'],
+        'torch_opt_vs_sgd': ratio['median'],
+    }
     if jax_opt and name in jax_opt:
       row['defjax_opt_ms'] = 1e3 * jax_opt[name]['median']
       row['defjax_vs_torch'] = jax_opt[name]['median'] / opt['median']
@@ -195,8 +223,14 @@ def rows_of(result: dict, jax_opt: dict | None) -> list[dict]:
   return rows
 
 
-COLUMNS = ('variant', 'torch_grad_ms', 'torch_opt_ms', 'torch_opt_vs_sgd', 'defjax_opt_ms',
-           'defjax_vs_torch')
+COLUMNS = (
+    'variant',
+    'torch_grad_ms',
+    'torch_opt_ms',
+    'torch_opt_vs_sgd',
+    'defjax_opt_ms',
+    'defjax_vs_torch',
+)
 
 
 def main(argv=None):
@@ -207,27 +241,40 @@ def main(argv=None):
     worker(a.rank, a.port, ratios, a.out)
     return None
   if not torch_available():
-    print('peer_torch: PyTorch with gloo is not installed; skipped'
-          ' (pip install torch into the venv to run it).')
+    print(
+        'peer_torch: PyTorch with gloo is not installed; skipped'
+        ' (pip install torch into the venv to run it).'
+    )
     return None
   from bench import common
+
   result = launch(ratios)
   jax_opt, source = None, 'bench/results/collectives.json not found'
   cpath = common.RESULTS / 'collectives.json'
   if cpath.exists():
     doc = json.loads(cpath.read_text())
-    mlp = [r for r in doc['results'] if r['model'] == 'mlp' and 'opt_step_s' in r]
+    mlp = [
+        r for r in doc['results'] if r['model'] == 'mlp' and 'opt_step_s' in r
+    ]
     if mlp:
-      jax_opt, source = mlp[0]['opt_step_s'], f'collectives.json ({doc["date"]})'
+      jax_opt, source = (
+          mlp[0]['opt_step_s'],
+          f'collectives.json ({doc["date"]})',
+      )
   rows = rows_of(result, jax_opt)
   notes = (
       f'PyTorch {result["torch"]} on CPU, 2 processes x 1 thread pinned to a core, gloo;'
       f' MLP d = {result["d"]:,}, batch {result["batch_per_worker"]}/worker,'
       f' {result["rounds"]} rounds x {result["steps_per_sample"]} steps. opt = optimizer +'
-      ' communication per step (grad excluded); torch_opt_vs_sgd = per-round ratio to SGD\'s opt'
-      f' time (median). defjax_opt_ms: the same part in defjax, from {source}.')
-  common.write('peer_torch', {'result': result, 'rows': rows, 'defjax_opt_source': source},
-               common.table(rows, COLUMNS), notes)
+      " communication per step (grad excluded); torch_opt_vs_sgd = per-round ratio to SGD's opt"
+      f' time (median). defjax_opt_ms: the same part in defjax, from {source}.'
+  )
+  common.write(
+      'peer_torch',
+      {'result': result, 'rows': rows, 'defjax_opt_source': source},
+      common.table(rows, COLUMNS),
+      notes,
+  )
   return rows
 
 

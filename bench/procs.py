@@ -42,18 +42,27 @@ def parser(description: str, ratios: Sequence[int]) -> argparse.ArgumentParser:
   """The command line of a two-process benchmark: ``--ratios`` for the user,
   and the hidden ``--rank``, ``--port`` and ``--out`` that ``run_pair`` gives
   the workers it starts (``--rank`` set means: be that worker)."""
-  p = argparse.ArgumentParser(description=description,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--ratios', type=lambda s: [int(r) for r in s.split(',')],
-                 default=list(ratios))
+  p = argparse.ArgumentParser(
+      description=description,
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  p.add_argument(
+      '--ratios',
+      type=lambda s: [int(r) for r in s.split(',')],
+      default=list(ratios),
+  )
   for name in ('--rank', '--port'):
     p.add_argument(name, type=int, default=None, help=argparse.SUPPRESS)
   p.add_argument('--out', default=None, help=argparse.SUPPRESS)
   return p
 
 
-def run_pair(module: str, worker_args: Sequence[str],
-             env: Optional[dict] = None, timeout_s: float = 540) -> dict:
+def run_pair(
+    module: str,
+    worker_args: Sequence[str],
+    env: Optional[dict] = None,
+    timeout_s: float = 540,
+) -> dict:
   """Runs ``python -m module *worker_args --rank i --port PORT --out FILE`` for
   i = 0, 1 and returns the JSON that worker 0 wrote to FILE.
 
@@ -67,9 +76,25 @@ def run_pair(module: str, worker_args: Sequence[str],
   full_env = dict(os.environ, **(env or {}))
   full_env['PYTHONPATH'] = ROOT + os.pathsep + os.environ.get('PYTHONPATH', '')
   try:
-    procs = [subprocess.Popen([sys.executable, '-m', module, *worker_args, '--rank', str(i),
-                               '--port', str(port), '--out', out_path], env=full_env, cwd=ROOT)
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                '-m',
+                module,
+                *worker_args,
+                '--rank',
+                str(i),
+                '--port',
+                str(port),
+                '--out',
+                out_path,
+            ],
+            env=full_env,
+            cwd=ROOT,
+        )
+        for i in range(2)
+    ]
     deadline = time.time() + timeout_s
     try:
       for i, p in enumerate(procs):

@@ -91,8 +91,26 @@ VARIANTS = ('ddp', 'powersgd@1', 'powersgd@4', 'fp16')
 # written out because this worker must not import JAX.
 JAX_NUM_PARAMS = {'vgg16': 15_253_578, 'vgg16_slim': 957_210}
 # As defjax/models/vgg.py: channel counts, 'M' a 2x2 max-pool.
-VGG16 = (64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M',
-         512, 512, 512, 'M', 512, 512, 512, 'M')
+VGG16 = (
+    64,
+    64,
+    'M',
+    128,
+    128,
+    'M',
+    256,
+    256,
+    256,
+    'M',
+    512,
+    512,
+    512,
+    'M',
+    512,
+    512,
+    512,
+    'M',
+)
 VGG16_SLIM = tuple(c if c == 'M' else c // 4 for c in VGG16)
 # model -> (cfg, width of the classifier's two hidden Linear layers)
 MODELS = {'vgg16': (VGG16, 512), 'vgg16_slim': (VGG16_SLIM, 128)}
@@ -129,17 +147,27 @@ def build_vgg(model: str):
       nn.init.zeros_(conv.bias)
       layers += [conv, nn.BatchNorm2d(item), nn.ReLU(inplace=True)]
       channels = item
-  layers += [nn.Flatten(), nn.Dropout(0.5), nn.Linear(channels, width), nn.ReLU(inplace=True),
-             nn.Dropout(0.5), nn.Linear(width, width), nn.ReLU(inplace=True),
-             nn.Linear(width, CLASSES)]
+  layers += [
+      nn.Flatten(),
+      nn.Dropout(0.5),
+      nn.Linear(channels, width),
+      nn.ReLU(inplace=True),
+      nn.Dropout(0.5),
+      nn.Linear(width, width),
+      nn.ReLU(inplace=True),
+      nn.Linear(width, CLASSES),
+  ]
   for layer in layers:
     if isinstance(layer, nn.Linear):
-      nn.init.zeros_(layer.bias)  # weights: PyTorch's default, as defjax's dense_init
+      nn.init.zeros_(
+          layer.bias
+      )  # weights: PyTorch's default, as defjax's dense_init
   return nn.Sequential(*layers)
 
 
-def powersgd_split(shapes: Sequence[Sequence[int]], rank: int,
-                   min_compression_rate: float) -> tuple[int, int, int]:
+def powersgd_split(
+    shapes: Sequence[Sequence[int]], rank: int, min_compression_rate: float
+) -> tuple[int, int, int]:
   """(uncompressed, P, Q) values per rank for gradients of ``shapes``, by
   ``powerSGD_hook``'s own rule (its ``_should_compress``; see the docstring)."""
   uncompressed = ps = qs = 0
@@ -170,7 +198,9 @@ def plan(model, variant: str, min_compression_rate: float = 2) -> dict:
   elif method == 'fp16':
     allreduce = [FLOAT16_BYTES * d]
   elif method == 'powersgd':
-    split = powersgd_split([tuple(p.shape) for p in params], int(rank), min_compression_rate)
+    split = powersgd_split(
+        [tuple(p.shape) for p in params], int(rank), min_compression_rate
+    )
     allreduce = [FLOAT32_BYTES * k for k in split]
   else:
     raise ValueError(f'unknown variant {variant!r}; choose from {VARIANTS}')
@@ -181,8 +211,11 @@ def plan(model, variant: str, min_compression_rate: float = 2) -> dict:
     by_dtype[b.dtype] = by_dtype.get(b.dtype, 0) + b.numel() * b.element_size()
   broadcast = list(by_dtype.values())
   ring = sum(slow_link.ring_link_bytes(n, 2) for n in allreduce)
-  return {'allreduce_bytes': allreduce, 'broadcast_bytes': broadcast,
-          'payload_bytes': (ring + sum(broadcast), ring)}
+  return {
+      'allreduce_bytes': allreduce,
+      'broadcast_bytes': broadcast,
+      'payload_bytes': (ring + sum(broadcast), ring),
+  }
 
 
 def torch_worker(a) -> None:
@@ -198,10 +231,13 @@ def torch_worker(a) -> None:
   torch.set_num_threads(1)
   # Gloo binds the interface named here: the link, not loopback.
   os.environ['GLOO_SOCKET_IFNAME'] = a.dev
-  dist.init_process_group('gloo', init_method=f'tcp://{a.coordinator}', rank=a.rank,
-                          world_size=2)
+  dist.init_process_group(
+      'gloo', init_method=f'tcp://{a.coordinator}', rank=a.rank, world_size=2
+  )
 
-  torch.manual_seed(0)  # the same model on both ranks (DDP broadcasts it anyway)
+  torch.manual_seed(
+      0
+  )  # the same model on both ranks (DDP broadcasts it anyway)
   base = build_vgg(a.model)
   d = sum(p.numel() for p in base.parameters())
   assert d == JAX_NUM_PARAMS[a.model], (a.model, d, JAX_NUM_PARAMS[a.model])
@@ -209,8 +245,13 @@ def torch_worker(a) -> None:
   bucket_cap_mb = FLOAT32_BYTES * d / 2**20 + 1
 
   gen = torch.Generator().manual_seed(a.rank)
-  data = [(torch.randn(a.batch, 3, 32, 32, generator=gen),
-           torch.randint(0, CLASSES, (a.batch,), generator=gen)) for _ in range(2)]
+  data = [
+      (
+          torch.randn(a.batch, 3, 32, 32, generator=gen),
+          torch.randint(0, CLASSES, (a.batch,), generator=gen),
+      )
+      for _ in range(2)
+  ]
 
   names = a.variants.split(',')
   runners, plans, states, ddps = {}, {}, {}, {}
@@ -219,9 +260,13 @@ def torch_worker(a) -> None:
     model = copy.deepcopy(base)
     ddp = DDP(model, bucket_cap_mb=bucket_cap_mb)
     if method == 'powersgd':
-      state = psgd.PowerSGDState(process_group=None, matrix_approximation_rank=int(rank),
-                                 start_powerSGD_iter=START_POWERSGD_ITER,
-                                 use_error_feedback=True, warm_start=True)
+      state = psgd.PowerSGDState(
+          process_group=None,
+          matrix_approximation_rank=int(rank),
+          start_powerSGD_iter=START_POWERSGD_ITER,
+          use_error_feedback=True,
+          warm_start=True,
+      )
       ddp.register_comm_hook(state, psgd.powerSGD_hook)
       states[name] = state
       plans[name] = plan(model, name, state.min_compression_rate)
@@ -231,7 +276,9 @@ def torch_worker(a) -> None:
       plans[name] = plan(model, name)
     else:
       raise ValueError(f'unknown variant {name!r}; choose from {VARIANTS}')
-    opt = torch.optim.SGD(ddp.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
+    opt = torch.optim.SGD(
+        ddp.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD
+    )
     ddps[name] = ddp
     runners[name] = _step_runner(ddp, opt, data, F.cross_entropy)
 
@@ -241,34 +288,69 @@ def torch_worker(a) -> None:
     # DDP's own record (a private API, the only one that says): one bucket
     # of the whole gradient after the rebuild.
     info = ddps[name]._get_ddp_logging_data()
-    buckets = [int(s) for s in str(info['rebuilt_bucket_sizes']).split(',') if s.strip()]
+    buckets = [
+        int(s)
+        for s in str(info['rebuilt_bucket_sizes']).split(',')
+        if s.strip()
+    ]
     if not info['has_rebuilt_buckets'] or buckets != [FLOAT32_BYTES * d]:
-      raise RuntimeError(f'{name}: buckets {buckets}, expected one of {FLOAT32_BYTES * d} bytes')
+      raise RuntimeError(
+          f'{name}: buckets {buckets}, expected one of {FLOAT32_BYTES * d} bytes'
+      )
     if name in states:
       # The hook's own count of values before and after compression, over its
       # one compressed step so far, must be d and what ``plan`` says it sends.
       state = states[name]
-      counted = (state.iter, state.total_numel_before_compression,
-                 state.total_numel_after_compression)
-      expected = (WARM_STEPS, d, sum(plans[name]['allreduce_bytes']) // FLOAT32_BYTES)
+      counted = (
+          state.iter,
+          state.total_numel_before_compression,
+          state.total_numel_after_compression,
+      )
+      expected = (
+          WARM_STEPS,
+          d,
+          sum(plans[name]['allreduce_bytes']) // FLOAT32_BYTES,
+      )
       if counted != expected:
-        raise RuntimeError(f'{name}: PowerSGD state (iter, values before, after) {counted},'
-                           f' expected {expected}')
+        raise RuntimeError(
+            f'{name}: PowerSGD state (iter, values before, after) {counted},'
+            f' expected {expected}'
+        )
 
   log = (lambda s: print(s, flush=True)) if a.rank == 0 else (lambda s: None)
-  res = slow_link.time_rounds(runners, rates=a.rates.split(','), rounds=a.rounds,
-                              steps=a.steps, dev=a.dev, barrier=lambda tag: dist.barrier(),
-                              log=log)
+  res = slow_link.time_rounds(
+      runners,
+      rates=a.rates.split(','),
+      rounds=a.rounds,
+      steps=a.steps,
+      dev=a.dev,
+      barrier=lambda tag: dist.barrier(),
+      log=log,
+  )
   res.update(
-      framework='torch', model=a.model, d=d, devices_per_host=1, workers=2,
+      framework='torch',
+      model=a.model,
+      d=d,
+      devices_per_host=1,
+      workers=2,
       batch_per_worker=a.batch,
       allreduce_bytes={n: p['allreduce_bytes'] for n, p in plans.items()},
-      allreduce_operands={n: len(p['allreduce_bytes']) for n, p in plans.items()},
+      allreduce_operands={
+          n: len(p['allreduce_bytes']) for n, p in plans.items()
+      },
       broadcast_bytes={n: p['broadcast_bytes'] for n, p in plans.items()},
-      broadcast_operands={n: len(p['broadcast_bytes']) for n, p in plans.items()},
-      formula_payload_bytes={n: p['payload_bytes'][0] for n, p in plans.items()},
-      formula_payload_bytes_by_direction={n: list(p['payload_bytes']) for n, p in plans.items()},
-      collectives_impl=dist.get_backend(), torch=torch.__version__)
+      broadcast_operands={
+          n: len(p['broadcast_bytes']) for n, p in plans.items()
+      },
+      formula_payload_bytes={
+          n: p['payload_bytes'][0] for n, p in plans.items()
+      },
+      formula_payload_bytes_by_direction={
+          n: list(p['payload_bytes']) for n, p in plans.items()
+      },
+      collectives_impl=dist.get_backend(),
+      torch=torch.__version__,
+  )
   with open(f'{a.out}.{a.rank}', 'w') as f:
     json.dump(res, f)
   dist.destroy_process_group()
@@ -297,11 +379,15 @@ def main(argv=None):
   p.set_defaults(variants=','.join(VARIANTS))
   a = p.parse_args(argv)
   if a.rank is None:
-    print('bench.slow_link_torch is the PyTorch worker that bench.slow_link starts on the link;'
-          ' run python -m bench.slow_link (root, Linux) for both frameworks.')
+    print(
+        'bench.slow_link_torch is the PyTorch worker that bench.slow_link starts on the link;'
+        ' run python -m bench.slow_link (root, Linux) for both frameworks.'
+    )
     return None
   if a.devices != 1:
-    raise SystemExit('bench.slow_link_torch: one device (process) per host only')
+    raise SystemExit(
+        'bench.slow_link_torch: one device (process) per host only'
+    )
   a.rank = int(a.rank)
   a.batch = a.batch or slow_link.BATCH.get(a.model, 8)
   procs.pin_to_core(a.rank)

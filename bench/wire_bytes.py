@@ -32,7 +32,9 @@ MODELS = ('cnn', 'vgg16', 'resnet50')
 BATCH = {'cnn': 4, 'vgg16': 2, 'resnet50': 1}
 
 
-def limit_bytes(d: int, model_state_elements: int, method: str, ratio: float) -> int:
+def limit_bytes(
+    d: int, model_state_elements: int, method: str, ratio: float
+) -> int:
   sent = d if method == 'sgd' else common.ceil_div(d, ratio)
   return 4 * sent + 4 * model_state_elements + 4
 
@@ -72,10 +74,16 @@ def check(setup: common.Setup, method: str, ratio: float, cache=None) -> dict:
     # Which gradient leaves never reached the wire (XLA merged them with an
     # identical one): expected operand shapes minus the all-reduced ones.
     got = collections.Counter(s for c in ar for _, s in c.shapes)
-    want = collections.Counter(tuple(a.shape) for a in jax.tree.leaves(
-        (setup.abstract_params, setup.abstract_model_state)))
+    want = collections.Counter(
+        tuple(a.shape)
+        for a in jax.tree.leaves(
+            (setup.abstract_params, setup.abstract_model_state)
+        )
+    )
     want[()] += 1
-    missing = ' '.join(f'{list(k)}x{v}' for k, v in sorted((want - got).items()))
+    missing = ' '.join(
+        f'{list(k)}x{v}' for k, v in sorted((want - got).items())
+    )
   return {
       'model': setup.name,
       'method': method,
@@ -95,7 +103,9 @@ def check(setup: common.Setup, method: str, ratio: float, cache=None) -> dict:
   }
 
 
-def run(models=MODELS, methods=common.METHODS, ratios=RATIOS, num_workers=8) -> list[dict]:
+def run(
+    models=MODELS, methods=common.METHODS, ratios=RATIOS, num_workers=8
+) -> list[dict]:
   rows = []
   for name in models:
     setup = common.Setup(name, num_workers, BATCH.get(name, 1))
@@ -105,25 +115,45 @@ def run(models=MODELS, methods=common.METHODS, ratios=RATIOS, num_workers=8) -> 
         row = check(setup, method, ratio, cache)
         rows.append(row)
         same = row['same_program_as']
-        print(f"{name:9s} {method:6s} ratio {ratio:5d}: payload {row['all_reduce_bytes']:>11,d} B"
-              f" limit {row['limit_bytes']:>11,d} B {row['verdict']}"
-              f" ({row['compile_s']:.1f}s compile{', same program as ' + same if same else ''})",
-              flush=True)
+        print(
+            f"{name:9s} {method:6s} ratio {ratio:5d}: payload {row['all_reduce_bytes']:>11,d} B"
+            f" limit {row['limit_bytes']:>11,d} B {row['verdict']}"
+            f" ({row['compile_s']:.1f}s compile{', same program as ' + same if same else ''})",
+            flush=True,
+        )
   return rows
 
 
-COLUMNS = ('model', 'method', 'ratio', 'd', 'bn_elements', 'all_reduce_ops',
-           'all_reduce_bytes', 'limit_bytes', 'excess_bytes', 'verdict', 'same_program_as')
+COLUMNS = (
+    'model',
+    'method',
+    'ratio',
+    'd',
+    'bn_elements',
+    'all_reduce_ops',
+    'all_reduce_bytes',
+    'limit_bytes',
+    'excess_bytes',
+    'verdict',
+    'same_program_as',
+)
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument('--models', default=','.join(MODELS))
   p.add_argument('--methods', default=','.join(common.METHODS))
   p.add_argument('--ratios', default=','.join(map(str, RATIOS)))
   p.add_argument('--workers', type=int, default=8)
   a = p.parse_args(argv)
-  rows = run(a.models.split(','), a.methods.split(','), [int(r) for r in a.ratios.split(',')], a.workers)
+  rows = run(
+      a.models.split(','),
+      a.methods.split(','),
+      [int(r) for r in a.ratios.split(',')],
+      a.workers,
+  )
   n_eq = sum(r['verdict'] == 'equal' for r in rows)
   n_below = sum(r['verdict'] == 'below' for r in rows)
   notes = (
@@ -132,17 +162,26 @@ def main(argv=None):
       f' {common.jax.device_count()} {common.jax.default_backend()} devices, per-worker batch'
       f' {dict((m, BATCH.get(m, 1)) for m in a.models.split(","))}. Identical lowered programs'
       ' (EF/DEF/SAEF/PSync at one ratio: lam is state; SGD at every ratio) are compiled once;'
-      ' same_program_as names the compile used.')
+      ' same_program_as names the compile used.'
+  )
   below = [r for r in rows if r['verdict'] == 'below']
   if below:
     gone = sorted({(r['model'], r['missing_operands']) for r in below})
     notes += (
         ' "below": the dense SGD all-reduce carries fewer operands than there are leaves, because'
         ' XLA merged gradient leaves that are the same value (CSE) before the all-reduce. Missing'
-        ' operand shapes: ' + '; '.join(f'{m}: {g}' for m, g in gone) + '. In ResNet-50 these are'
-        ' the BN bias (beta) gradients of bn3 and shortcut_bn of each stage\'s first bottleneck,'
-        ' which both equal the sum of the gradient of relu(x + y) over N, H, W.')
-  common.write('wire_bytes', {'rows': rows, 'workers': a.workers}, common.table(rows, COLUMNS), notes)
+        ' operand shapes: '
+        + '; '.join(f'{m}: {g}' for m, g in gone)
+        + '. In ResNet-50 these are'
+        " the BN bias (beta) gradients of bn3 and shortcut_bn of each stage's first bottleneck,"
+        ' which both equal the sum of the gradient of relu(x + y) over N, H, W.'
+    )
+  common.write(
+      'wire_bytes',
+      {'rows': rows, 'workers': a.workers},
+      common.table(rows, COLUMNS),
+      notes,
+  )
   return rows
 
 

@@ -1,6 +1,6 @@
 r"""CIFAR-100 with Wide ResNet 28-10 (TFDS cifar100), the paper's recipe.
 
-  python train.py --config configs/cifar100_wrn28_10.py --workdir runs/c100-wrn
+python train.py --config configs/cifar100_wrn28_10.py --workdir runs/c100-wrn
 """
 
 from configs import cifar100_vgg16

@@ -1,6 +1,6 @@
 r"""A fast CIFAR-10 setting for small machines: ResNet-20, K = 8 x 16.
 
-  python train.py --config configs/cifar10_resnet20.py --workdir runs/r20-def256
+python train.py --config configs/cifar10_resnet20.py --workdir runs/r20-def256
 """
 
 from configs import cifar10_vgg16

@@ -18,6 +18,8 @@ def get_config():
   config = default.get_config()
   # Batch 256 in all: the default K = 8 workers, of 32 images each.
   config.update(dataset='imagenet2012', model='resnet50', batch_size=32)
-  config.update(num_epochs=100, eval_batch_size=500, checkpoint_every_steps=5000)
+  config.update(
+      num_epochs=100, eval_batch_size=500, checkpoint_every_steps=5000
+  )
   config.optim.update(lr=0.1, weight_decay=1e-4, decay_at=(0.3, 0.6, 0.9))
   return config

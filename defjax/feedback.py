@@ -71,7 +71,9 @@ def _check_compressor(compressor):
 def _detach(params, state: ErrorFeedbackState):
   """z = x - lam * e_k, the detached gradient point (Algorithm 1, line 6)."""
   lam = state.lam.astype(jnp.result_type(*jax.tree.leaves(params)))
-  return jax.tree.map(lambda x, e: x - (lam * e).astype(x.dtype), params, state.error)
+  return jax.tree.map(
+      lambda x, e: x - (lam * e).astype(x.dtype), params, state.error
+  )
 
 
 def error_feedback(
@@ -135,7 +137,9 @@ def error_feedback(
         updates, state.inner_state, point, **extra_args
     )
     # p_k = eta m_k + e_k; optax updates are already negated steps (-eta m_k).
-    p = jax.tree.map(lambda e, u: e - u.astype(e.dtype), state.error, inner_updates)
+    p = jax.tree.map(
+        lambda e, u: e - u.astype(e.dtype), state.error, inner_updates
+    )
     mean_c, error, compressor_state = compressor.aggregate(
         p, state.compressor_state, axis_name
     )
@@ -193,10 +197,13 @@ class EF21State(NamedTuple):
 
 def check_momentum(momentum) -> float:
   """Returns momentum as a float, or raises ValueError unless 0 <= it < 1."""
-  momentum = compress_lib.as_real_scalar(momentum, 'momentum', 'a number in [0, 1)')
+  momentum = compress_lib.as_real_scalar(
+      momentum, 'momentum', 'a number in [0, 1)'
+  )
   if not 0.0 <= momentum < 1.0:
     raise ValueError(
-        f'momentum must be in [0, 1) (0: plain EF21), got {momentum!r}')
+        f'momentum must be in [0, 1) (0: plain EF21), got {momentum!r}'
+    )
   return float(momentum)
 
 
@@ -263,7 +270,9 @@ def ef21(
   """
   _check_compressor(compressor)
   mu = check_momentum(momentum)
-  wd = compress_lib.as_real_scalar(weight_decay, 'weight_decay', 'a number >= 0')
+  wd = compress_lib.as_real_scalar(
+      weight_decay, 'weight_decay', 'a number >= 0'
+  )
   if not wd >= 0:
     raise ValueError(f'weight_decay must be >= 0, got {weight_decay!r}')
 
@@ -288,21 +297,30 @@ def ef21(
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args  # accepted, as in optax.chain, and unused
     if wd and params is None:
-      raise ValueError('ef21 with weight_decay needs params (x): call'
-                       ' update(grads, state, params)')
+      raise ValueError(
+          'ef21 with weight_decay needs params (x): call'
+          ' update(grads, state, params)'
+      )
     # In optax's order (add_decayed_weights, then trace), so that with C =
     # identity the momentum is computed as optax.sgd's.
-    v = jax.tree.map(lambda g, x: g + wd * x, updates, params) if wd else updates
+    v = (
+        jax.tree.map(lambda g, x: g + wd * x, updates, params)
+        if wd
+        else updates
+    )
     if mu:
       v = jax.tree.map(lambda g, t: g + mu * t, v, state.momentum)
     diff = optax.tree.sub(v, state.estimate)
     mean_c, residual, compressor_state = compressor.aggregate(
-        diff, state.compressor_state, axis_name)
+        diff, state.compressor_state, axis_name
+    )
     # C(diff) = diff - (diff - C(diff)): exact for a projection (RBGS,
     # Random-K, Top-K, identity), whose residual is diff or 0 per value.
     c = optax.tree.sub(diff, residual)
     shared = optax.tree.add(state.shared_estimate, mean_c)
-    eta = learning_rate(state.count) if callable(learning_rate) else learning_rate
+    eta = (
+        learning_rate(state.count) if callable(learning_rate) else learning_rate
+    )
     new_updates = jax.tree.map(lambda h: jnp.asarray(-eta, h.dtype) * h, shared)
     return new_updates, EF21State(
         momentum=v if mu else state.momentum,
@@ -353,9 +371,7 @@ def data_parallel(
 
 def _feedback_states(opt_state) -> list[ErrorFeedbackState]:
   is_ef = lambda x: isinstance(x, ErrorFeedbackState)
-  return [
-      s for s in jax.tree.leaves(opt_state, is_leaf=is_ef) if is_ef(s)
-  ]
+  return [s for s in jax.tree.leaves(opt_state, is_leaf=is_ef) if is_ef(s)]
 
 
 def _single_state(opt_state) -> Optional[ErrorFeedbackState]:

@@ -50,15 +50,40 @@ TABLE = (
     Method('sgd', 'SGD', compresses=False, lam=None, averaged_output=False),
     Method('ef', 'EF', compresses=True, lam=0.0, averaged_output=False),
     Method('saef', 'SAEF', compresses=True, lam=1.0, averaged_output=False),
-    Method('psync', 'PSync', compresses=True, lam=1.0, averaged_output=True,
-           transform='psync'),
-    Method('def', 'DEF', compresses=True, lam=None, averaged_output=True,
-           x_label='DEF-A'),
+    Method(
+        'psync',
+        'PSync',
+        compresses=True,
+        lam=1.0,
+        averaged_output=True,
+        transform='psync',
+    ),
+    Method(
+        'def',
+        'DEF',
+        compresses=True,
+        lam=None,
+        averaged_output=True,
+        x_label='DEF-A',
+    ),
     Method('def_a', 'DEF-A', compresses=True, lam=None, averaged_output=False),
-    Method('ef21_sgdm', 'EF21-SGDM', compresses=True, lam=0.0, averaged_output=False,
-           transform='ef21'),
-    Method('ef21', 'EF21', compresses=True, lam=0.0, averaged_output=False,
-           transform='ef21', momentum=0.0),
+    Method(
+        'ef21_sgdm',
+        'EF21-SGDM',
+        compresses=True,
+        lam=0.0,
+        averaged_output=False,
+        transform='ef21',
+    ),
+    Method(
+        'ef21',
+        'EF21',
+        compresses=True,
+        lam=0.0,
+        averaged_output=False,
+        transform='ef21',
+        momentum=0.0,
+    ),
 )
 BY_NAME = {m.name: m for m in TABLE}
 NAMES = tuple(BY_NAME)
@@ -74,7 +99,8 @@ def get(name: str) -> Method:
     return BY_NAME[name]
   except KeyError:
     raise ValueError(
-        f'unknown method {name!r}; choose one of {", ".join(NAMES)}') from None
+        f'unknown method {name!r}; choose one of {", ".join(NAMES)}'
+    ) from None
 
 
 def resolved_lam(name: str, lam: float) -> float:

@@ -16,19 +16,37 @@ import re
 import numpy as np
 
 _COLLECTIVES = (
-    'all-reduce', 'all-reduce-start', 'all-gather', 'all-gather-start',
-    'reduce-scatter', 'all-to-all', 'collective-permute',
+    'all-reduce',
+    'all-reduce-start',
+    'all-gather',
+    'all-gather-start',
+    'reduce-scatter',
+    'all-to-all',
+    'collective-permute',
     'collective-permute-start',
 )
 _DTYPE_BYTES = {
-    'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2, 'bf16': 2,
-    's32': 4, 'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8,
+    'pred': 1,
+    's8': 1,
+    'u8': 1,
+    's16': 2,
+    'u16': 2,
+    'f16': 2,
+    'bf16': 2,
+    's32': 4,
+    'u32': 4,
+    'f32': 4,
+    's64': 8,
+    'u64': 8,
+    'f64': 8,
 }
 _SHAPE = re.compile(r'\b(pred|[suf]\d+|bf16)\[([\d,]*)\]')
 _OP = re.compile(
-    r'=\s*(?P<result>\(.*?\)|\S+)\s+(?P<op>' + '|'.join(
+    r'=\s*(?P<result>\(.*?\)|\S+)\s+(?P<op>'
+    + '|'.join(
         re.escape(c) for c in sorted(_COLLECTIVES, key=len, reverse=True)
-    ) + r')\('
+    )
+    + r')\('
 )
 
 
@@ -50,14 +68,17 @@ class Collective:
   @property
   def operand_bytes(self) -> tuple[int, ...]:
     """Bytes of each array, one by one: XLA:CPU runs a combined (tuple)
-    all-reduce as one gloo all-reduce per operand, each with its own messages."""
+    all-reduce as one gloo all-reduce per operand, each with its own messages.
+    """
     return tuple(math.prod(s) * _DTYPE_BYTES[t] for t, s in self.shapes)
 
 
 def shapes(hlo_type: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
   """(dtype, dims) of every array in an HLO type, e.g. ``(f32[3,4]{1,0}, s32[])``."""
-  return tuple((t, tuple(int(x) for x in dims.split(',') if x))
-               for t, dims in _SHAPE.findall(hlo_type))
+  return tuple(
+      (t, tuple(int(x) for x in dims.split(',') if x))
+      for t, dims in _SHAPE.findall(hlo_type)
+  )
 
 
 def array_bytes(hlo_type: str) -> int:
@@ -85,7 +106,11 @@ def collectives(compiled) -> list[Collective]:
     result = m.group('result')
     produced = shapes(result)
     op = m.group('op').removesuffix('-start')
-    if op.startswith('all-reduce') and result.startswith('(') and m.group('op').endswith('-start'):
+    if (
+        op.startswith('all-reduce')
+        and result.startswith('(')
+        and m.group('op').endswith('-start')
+    ):
       # all-reduce-start returns the operands then the results: count once.
       if len(produced) > 1 and len(produced) % 2 == 0:
         produced = produced[: len(produced) // 2]
@@ -95,7 +120,8 @@ def collectives(compiled) -> list[Collective]:
 
 _GROUPS_LIST = re.compile(r'replica_groups=\{((?:\{[\d,]*\},?)*)\}')
 _GROUPS_IOTA = re.compile(
-    r'replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?')
+    r'replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?'
+)
 
 
 def replica_groups(line: str, num_devices: int) -> list[list[int]]:
@@ -110,8 +136,10 @@ def replica_groups(line: str, num_devices: int) -> list[list[int]]:
     return ids.reshape(groups, size).tolist()
   m = _GROUPS_LIST.search(line)
   if m:
-    groups = [[int(i) for i in g.split(',') if i]
-              for g in re.findall(r'\{([\d,]*)\}', m.group(1))]
+    groups = [
+        [int(i) for i in g.split(',') if i]
+        for g in re.findall(r'\{([\d,]*)\}', m.group(1))
+    ]
     groups = [g for g in groups if g]
     if groups:
       return groups
@@ -160,7 +188,9 @@ def payload_bytes(compiled) -> int:
   return int(np.sum([c.bytes for c in collectives(compiled)], dtype=np.int64))
 
 
-def bytes_per_step(payload: int, model_state: int = 0, *, bytes_per_value: int = 4) -> int:
+def bytes_per_step(
+    payload: int, model_state: int = 0, *, bytes_per_value: int = 4
+) -> int:
   """Bytes one worker all-reduces per step, as the compiled step does.
 
   ``payload`` values of the update (the RBGS blocks; all d for SGD), the

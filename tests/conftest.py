@@ -7,7 +7,9 @@ import os
 
 _flags = os.environ.get('XLA_FLAGS', '')
 if 'xla_force_host_platform_device_count' not in _flags:
-  os.environ['XLA_FLAGS'] = (_flags + ' --xla_force_host_platform_device_count=8').strip()
+  os.environ['XLA_FLAGS'] = (
+      _flags + ' --xla_force_host_platform_device_count=8'
+  ).strip()
 
 # One persistent compilation cache for the whole suite (both pytest-xdist
 # workers and the train.py subprocesses the tests start): the trainer tests
@@ -15,8 +17,14 @@ if 'xla_force_host_platform_device_count' not in _flags:
 # after run, and XLA:CPU takes seconds for each (a ResNet's jitted init: ~20 s).
 # It lives in the clone, so a second `make test` starts warm; set
 # JAX_COMPILATION_CACHE_DIR to use another place.
-os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '.cache', 'jax-tests'))
+os.environ.setdefault(
+    'JAX_COMPILATION_CACHE_DIR',
+    os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        '.cache',
+        'jax-tests',
+    ),
+)
 
 import jax  # noqa: E402
 
@@ -44,6 +52,7 @@ def _contained_tempdir(tmp_path_factory):
   the basetemp that pytest cleans up.
   """
   import tempfile  # pylint: disable=g-import-not-at-top
+
   old = tempfile.tempdir
   tempfile.tempdir = str(tmp_path_factory.mktemp('tempfile'))
   yield
@@ -69,5 +78,3 @@ def tiny_folder(tmp_path_factory):
           buf.seek(0)
           tar.addfile(info, buf)
   return str(path)
-
-

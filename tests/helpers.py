@@ -39,10 +39,14 @@ def batches(steps, workers=K, batch=4, dim=12, classes=3, seed=0):
 
 
 def momentum_sgd(lr=0.1, momentum=0.9, wd=5e-4):
-  return optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr, momentum=momentum))
+  return optax.chain(
+      optax.add_decayed_weights(wd), optax.sgd(lr, momentum=momentum)
+  )
 
 
-def run_workers(tx, params, xs, ys, axis_name='w', loss=mlp_loss, with_states=False):
+def run_workers(
+    tx, params, xs, ys, axis_name='w', loss=mlp_loss, with_states=False
+):
   """Runs tx for len(xs) steps with K workers simulated by vmap.
 
   Returns the final params, the stacked per-worker states, and the params
@@ -76,8 +80,11 @@ def run_workers(tx, params, xs, ys, axis_name='w', loss=mlp_loss, with_states=Fa
 
 def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
   jax.tree.map(
-      lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol),
-      a, b,
+      lambda x, y: np.testing.assert_allclose(
+          np.asarray(x), np.asarray(y), rtol=rtol, atol=atol
+      ),
+      a,
+      b,
   )
 
 
@@ -90,7 +97,9 @@ def all_reduce_elements(compiled, *, min_elements: int = 1) -> list[int]:
   """Sizes (in elements) of a compiled program's all-reduces of at least
   ``min_elements`` values."""
   from defjax import wire
+
   return sorted(
-      c.elements for c in wire.collectives(compiled)
+      c.elements
+      for c in wire.collectives(compiled)
       if c.op == 'all-reduce' and c.elements >= min_elements
   )

@@ -33,26 +33,34 @@ def _loss(params, model_state, batch):
 def main(out, port=None, process_id=0, num_processes=1):
   xla_cpu.tolerate_slow_cpu_devices()
   if num_processes > 1:
-    jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=num_processes,
-                               process_id=process_id)
+    jax.distributed.initialize(
+        f'127.0.0.1:{port}', num_processes=num_processes, process_id=process_id
+    )
   layout = hosts.make_layout(2, 4)
-  tx = defjax.error_feedback(momentum_sgd(), defjax.rbgs(8), lam=0.3,
-                             axis_name=layout.axis_name)
-  params = jax.device_put(jax.tree.map(np.asarray, mlp_params()), layout.replicated)
+  tx = defjax.error_feedback(
+      momentum_sgd(), defjax.rbgs(8), lam=0.3, axis_name=layout.axis_name
+  )
+  params = jax.device_put(
+      jax.tree.map(np.asarray, mlp_params()), layout.replicated
+  )
   state = layout.init_state(tx, params)
   step = layout.train_step(_loss, tx)
   rng = np.random.default_rng(0)
   rows = layout.worker_rows()  # this process loads only its host's row
-  assert rows == (slice(0, 2) if num_processes == 1 else slice(process_id, process_id + 1))
+  assert rows == (
+      slice(0, 2) if num_processes == 1 else slice(process_id, process_id + 1)
+  )
   for _ in range(STEPS):
     x = rng.normal(size=(2, 8, 12)).astype(np.float32)
     y = rng.integers(0, 3, (2, 8)).astype(np.int32)
     batch = (layout.global_batch(x[rows]), layout.global_batch(y[rows]))
     params, _, state, loss = step(params, {}, state, batch)
   y = layout.averaged_params()(params, state)
-  arrays = {f'{name}{i}': layouts.host_value(leaf)
-            for name, tree in (('x', params), ('y', y))
-            for i, leaf in enumerate(jax.tree.leaves(tree))}
+  arrays = {
+      f'{name}{i}': layouts.host_value(leaf)
+      for name, tree in (('x', params), ('y', y))
+      for i, leaf in enumerate(jax.tree.leaves(tree))
+  }
   arrays['loss'] = layouts.host_value(loss)
   if jax.process_index() == 0:
     np.savez(out, **arrays)

@@ -26,8 +26,10 @@ from helpers import batches, mlp_loss, mlp_params, momentum_sgd, shard_params  #
 
 STEPS = 3
 SIZES = (12, 64, 3)  # the model of tests/test_sharded.py, Megatron-style
-SPECS = {'layer0': {'w': P(None, 'model'), 'b': P('model')},
-         'layer1': {'w': P('model', None), 'b': P()}}
+SPECS = {
+    'layer0': {'w': P(None, 'model'), 'b': P('model')},
+    'layer1': {'w': P('model', None), 'b': P()},
+}
 
 
 def _loss(params, model_state, batch):
@@ -37,24 +39,35 @@ def _loss(params, model_state, batch):
 def main(out, port=None, process_id=0, num_processes=1):
   xla_cpu.tolerate_slow_cpu_devices()
   if num_processes > 1:
-    jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=num_processes,
-                               process_id=process_id)
+    jax.distributed.initialize(
+        f'127.0.0.1:{port}', num_processes=num_processes, process_id=process_id
+    )
   layout = sharded.make_layout(2, 4)
-  tx = defjax.error_feedback(momentum_sgd(), layout.rbgs(4, SPECS, per_leaf=True), lam=0.3,
-                             axis_name=layout.axis_name)
-  params = shard_params(jax.tree.map(np.asarray, mlp_params(sizes=SIZES)), layout, SPECS)
+  tx = defjax.error_feedback(
+      momentum_sgd(),
+      layout.rbgs(4, SPECS, per_leaf=True),
+      lam=0.3,
+      axis_name=layout.axis_name,
+  )
+  params = shard_params(
+      jax.tree.map(np.asarray, mlp_params(sizes=SIZES)), layout, SPECS
+  )
   state = layout.init_state(tx, params, SPECS)
   step = layout.train_step(_loss, tx, SPECS)
   xs, ys = (np.asarray(a) for a in batches(STEPS, workers=layout.num_workers))
   rows = layout.worker_rows()  # this process loads only its workers' rows
-  assert rows == (slice(0, 2) if num_processes == 1 else slice(process_id, process_id + 1))
+  assert rows == (
+      slice(0, 2) if num_processes == 1 else slice(process_id, process_id + 1)
+  )
   for t in range(STEPS):
     batch = (layout.global_batch(xs[t][rows]), layout.global_batch(ys[t][rows]))
     params, _, state, loss = step(params, {}, state, batch)
   y = layout.averaged_params(SPECS)(params, state)
-  arrays = {f'{name}{i}': layouts.host_value(leaf)
-            for name, tree in (('x', params), ('y', y))
-            for i, leaf in enumerate(jax.tree.leaves(tree))}
+  arrays = {
+      f'{name}{i}': layouts.host_value(leaf)
+      for name, tree in (('x', params), ('y', y))
+      for i, leaf in enumerate(jax.tree.leaves(tree))
+  }
   arrays['loss'] = layouts.host_value(loss)
   if jax.process_index() == 0:
     np.savez(out, **arrays)

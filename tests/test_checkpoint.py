@@ -28,16 +28,30 @@ STEPS, EVERY = 40, 10
 
 
 def _args(tiny_folder, workdir, *extra):
-  return [sys.executable, os.path.join(REPO, 'train.py'),
-          '--config', 'configs/fashion_mnist.py', '--workdir', str(workdir),
-          '--config.dataset=image_folder', f'--config.data_dir={tiny_folder}',
-          '--config.batch_size=2', f'--config.num_train_steps={STEPS}',
-          f'--config.checkpoint_every_steps={EVERY}', '--config.eval_every_steps=20',
-          '--config.crop_padding=4', '--config.flip=True', '--config.optim.ratio=16', *extra]
+  return [
+      sys.executable,
+      os.path.join(REPO, 'train.py'),
+      '--config',
+      'configs/fashion_mnist.py',
+      '--workdir',
+      str(workdir),
+      '--config.dataset=image_folder',
+      f'--config.data_dir={tiny_folder}',
+      '--config.batch_size=2',
+      f'--config.num_train_steps={STEPS}',
+      f'--config.checkpoint_every_steps={EVERY}',
+      '--config.eval_every_steps=20',
+      '--config.crop_padding=4',
+      '--config.flip=True',
+      '--config.optim.ratio=16',
+      *extra,
+  ]
 
 
 def _run(args, timeout=300, env=None):
-  return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+  return subprocess.run(
+      args, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env
+  )
 
 
 def _system_malloc_env():
@@ -45,11 +59,17 @@ def _system_malloc_env():
   where the reference run did not use tcmalloc either (not installed, or
   the user chose), so that no test compares glibc with glibc."""
   from defjax.training import main
+
   preload = os.environ.get('LD_PRELOAD', '')
-  if (not main.tcmalloc_library() or (preload and 'tcmalloc' not in preload)
-      or os.environ.get('DEFJAX_ALLOCATOR') == 'system'):
+  if (
+      not main.tcmalloc_library()
+      or (preload and 'tcmalloc' not in preload)
+      or os.environ.get('DEFJAX_ALLOCATOR') == 'system'
+  ):
     return None
-  env = {k: v for k, v in os.environ.items() if k != 'LD_PRELOAD'}  # make test preloads it
+  env = {
+      k: v for k, v in os.environ.items() if k != 'LD_PRELOAD'
+  }  # make test preloads it
   return dict(env, DEFJAX_ALLOCATOR='system')
 
 
@@ -60,8 +80,14 @@ def _summary(workdir):
 
 def _records(workdir):
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [{k: v for k, v in json.loads(l).items() if k not in ('wall_time', 'train_time')}
-            for l in f]
+    return [
+        {
+            k: v
+            for k, v in json.loads(l).items()
+            if k not in ('wall_time', 'train_time')
+        }
+        for l in f
+    ]
 
 
 @pytest.fixture(scope='module')
@@ -74,8 +100,9 @@ def reference(tiny_folder, tmp_path_factory):
 
 
 def _start_and_wait_for_checkpoint(args, workdir, step):
-  proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
+  proc = subprocess.Popen(
+      args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
   target = os.path.join(workdir, 'checkpoints', str(step))
   deadline = time.time() + 240
   while not os.path.isdir(target):
@@ -87,13 +114,21 @@ def _start_and_wait_for_checkpoint(args, workdir, step):
 
 def _same_result(a, b):
   sa, sb = _summary(a), _summary(b)
-  for key in ('params_sha256', 'final_train_loss', 'final_test_accuracy',
-              'final_test_accuracy_x', 'steps', 'bytes_sent'):
+  for key in (
+      'params_sha256',
+      'final_train_loss',
+      'final_test_accuracy',
+      'final_test_accuracy_x',
+      'steps',
+      'bytes_sent',
+  ):
     assert sa[key] == sb[key], key
   assert _records(a) == _records(b)
 
 
-def test_sigkill_anywhere_then_resume_is_bitwise_identical(tiny_folder, reference, tmp_path):
+def test_sigkill_anywhere_then_resume_is_bitwise_identical(
+    tiny_folder, reference, tmp_path
+):
   """Also across host allocators: the reference ran under tcmalloc (train.py
   restarts itself under it, or inherits make test's preload), the resumed
   run under the C library's malloc, and the bits are the same."""
@@ -109,7 +144,9 @@ def test_sigkill_anywhere_then_resume_is_bitwise_identical(tiny_folder, referenc
   _same_result(workdir, reference)
 
 
-def test_sigterm_saves_exits_cleanly_and_resumes(tiny_folder, reference, tmp_path):
+def test_sigterm_saves_exits_cleanly_and_resumes(
+    tiny_folder, reference, tmp_path
+):
   workdir = tmp_path / 'run'
   args = _args(tiny_folder, workdir)
   proc = _start_and_wait_for_checkpoint(args, workdir, EVERY)
@@ -129,7 +166,9 @@ def test_sigterm_saves_exits_cleanly_and_resumes(tiny_folder, reference, tmp_pat
   _same_result(workdir, reference)
 
 
-def test_checkpoint_of_another_run_is_an_error(tiny_folder, reference, tmp_path):
+def test_checkpoint_of_another_run_is_an_error(
+    tiny_folder, reference, tmp_path
+):
   proc = _run(_args(tiny_folder, reference, '--config.optim.method=ef'))
   assert proc.returncode == 2
   assert "optim.method: checkpoint 'def' vs config 'ef'" in proc.stderr
@@ -142,15 +181,28 @@ def test_fingerprint_covers_what_the_trajectory_depends_on():
   the newer fields) still compare on the fields they have."""
   base = default.get_config()
   saved = ckpt.fingerprint(base)
-  for key, value in [('optim.lr', 0.5), ('optim.momentum', 0.0), ('optim.weight_decay', 0.0),
-                     ('optim.schedule', 'cosine'), ('optim.decay_at', (0.3,)),
-                     ('optim.decay_whole_epochs', False), ('optim.per_leaf', False),
-                     ('optim.warmup_epochs', 1.0), ('optim.dense_warmup_steps', 7),
-                     ('optim.block_seed', 3), ('sync_batch_stats', False),
-                     ('crop_padding', 4), ('flip', True), ('num_epochs', 99),
-                     ('num_train_steps', 99), ('model_axis_size', 2)]:
+  for key, value in [
+      ('optim.lr', 0.5),
+      ('optim.momentum', 0.0),
+      ('optim.weight_decay', 0.0),
+      ('optim.schedule', 'cosine'),
+      ('optim.decay_at', (0.3,)),
+      ('optim.decay_whole_epochs', False),
+      ('optim.per_leaf', False),
+      ('optim.warmup_epochs', 1.0),
+      ('optim.dense_warmup_steps', 7),
+      ('optim.block_seed', 3),
+      ('sync_batch_stats', False),
+      ('crop_padding', 4),
+      ('flip', True),
+      ('num_epochs', 99),
+      ('num_train_steps', 99),
+      ('model_axis_size', 2),
+  ]:
     config = override(copy.deepcopy(base), **{key: value})
-    with pytest.raises(ckpt.CheckpointMismatch, match=re.escape(key + ': checkpoint')):
+    with pytest.raises(
+        ckpt.CheckpointMismatch, match=re.escape(key + ': checkpoint')
+    ):
       ckpt.compare(saved, ckpt.fingerprint(config))
     old = {k: v for k, v in saved.items() if k != key}
     ckpt.compare(old, ckpt.fingerprint(config))  # written before key was added
@@ -184,7 +236,9 @@ def test_corrupted_checkpoint_is_a_clear_error(tmp_path):
       with open(os.path.join(root, name), 'wb') as f:
         f.write(b'not a checkpoint')
   mngr = ckpt.manager(str(tmp_path), max_to_keep=3)
-  with pytest.raises(ckpt.CheckpointError, match='unreadable.*delete that directory'):
+  with pytest.raises(
+      ckpt.CheckpointError, match='unreadable.*delete that directory'
+  ):
     step, _ = ckpt.latest_meta(mngr)
     ckpt.restore(mngr, step, jax.tree.map(jnp.zeros_like, _state()))
 
@@ -196,18 +250,24 @@ def test_unwritable_workdir_is_a_clear_error(tiny_folder, tmp_path):
     trainer.train_and_evaluate(tiny_config(tiny_folder), str(blocker / 'run'))
 
 
-def test_full_disk_during_save_is_a_clear_error(tiny_folder, tmp_path, monkeypatch):
+def test_full_disk_during_save_is_a_clear_error(
+    tiny_folder, tmp_path, monkeypatch
+):
   def full(*args, **kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
   monkeypatch.setattr(ckpt.ocp.CheckpointManager, 'save', full)
   with pytest.raises(ckpt.CheckpointError, match='No space left on device'):
-    trainer.train_and_evaluate(tiny_config(tiny_folder, checkpoint_every_steps=3),
-                               str(tmp_path), log=lambda *_: None)
+    trainer.train_and_evaluate(
+        tiny_config(tiny_folder, checkpoint_every_steps=3),
+        str(tmp_path),
+        log=lambda *_: None,
+    )
 
 
-def test_nan_in_one_worker_is_divergence_and_spares_checkpoints(tiny_folder, tmp_path,
-                                                                monkeypatch):
+def test_nan_in_one_worker_is_divergence_and_spares_checkpoints(
+    tiny_folder, tmp_path, monkeypatch
+):
   bad_step, bad_worker = 7, 3  # the 8th step, one worker of eight
   make = task.make_loss_fn
 
@@ -219,40 +279,67 @@ def test_nan_in_one_worker_is_divergence_and_spares_checkpoints(tiny_folder, tmp
       step, worker = batch[2][0]  # the (step, worker) row of the first example
       hit = (step == bad_step) & (worker == bad_worker)
       return jnp.where(hit, jnp.nan, 1.0) * loss, stats
+
     return wrapped
 
   monkeypatch.setattr(task, 'make_loss_fn', poisoned)
-  config = tiny_config(tiny_folder, num_train_steps=12, checkpoint_every_steps=4,
-                       eval_every_steps=4)
+  config = tiny_config(
+      tiny_folder,
+      num_train_steps=12,
+      checkpoint_every_steps=4,
+      eval_every_steps=4,
+  )
   with pytest.raises(trainer.Diverged) as e:
     trainer.train_and_evaluate(config, str(tmp_path), log=lambda *_: None)
   assert e.value.step == bad_step + 1
   summary = _summary(tmp_path)
-  assert summary['status'] == 'diverged' and summary['diverged_at_step'] == bad_step + 1
+  assert (
+      summary['status'] == 'diverged'
+      and summary['diverged_at_step'] == bad_step + 1
+  )
   mngr = ckpt.manager(str(tmp_path / 'checkpoints'), max_to_keep=2)
   assert mngr.all_steps() == [4]  # the good one, nothing written after the NaN
+
+
 def test_ef21_state_resumes_bitwise(tiny_folder, tmp_path):
   """EF21-SGDM's state (v_k, h_k, h, its count) is all a resume needs: from
   the step-3 checkpoint the run ends on the uninterrupted run's bits."""
-  config = tiny_config(tiny_folder, checkpoint_every_steps=3, **{'optim.method': 'ef21_sgdm'})
-  whole = trainer.train_and_evaluate(config, str(tmp_path / 'whole'), log=lambda *_: None)
-  shutil.copytree(tmp_path / 'whole' / 'checkpoints' / '3',
-                  tmp_path / 'resumed' / 'checkpoints' / '3')
+  config = tiny_config(
+      tiny_folder, checkpoint_every_steps=3, **{'optim.method': 'ef21_sgdm'}
+  )
+  whole = trainer.train_and_evaluate(
+      config, str(tmp_path / 'whole'), log=lambda *_: None
+  )
+  shutil.copytree(
+      tmp_path / 'whole' / 'checkpoints' / '3',
+      tmp_path / 'resumed' / 'checkpoints' / '3',
+  )
   logs = []
-  resumed = trainer.train_and_evaluate(config, str(tmp_path / 'resumed'), log=logs.append)
+  resumed = trainer.train_and_evaluate(
+      config, str(tmp_path / 'resumed'), log=logs.append
+  )
   assert 'resuming from the checkpoint at step 3' in logs
-  for key in ('params_sha256', 'final_train_loss', 'final_test_accuracy', 'bytes_sent'):
+  for key in (
+      'params_sha256',
+      'final_train_loss',
+      'final_test_accuracy',
+      'bytes_sent',
+  ):
     assert resumed[key] == whole[key], key
 
 
 @pytest.mark.parametrize('new', [4, 16, 3])
 def test_reshard_keeps_the_mean_error(new):
   rng = np.random.default_rng(0)
-  tree = {'error': rng.normal(size=(8, 5, 3)).astype(np.float32),
-          'count': np.arange(8, dtype=np.int32) * 0 + 7}
+  tree = {
+      'error': rng.normal(size=(8, 5, 3)).astype(np.float32),
+      'count': np.arange(8, dtype=np.int32) * 0 + 7,
+  }
   out = ckpt.reshard_workers(tree, 8, new)
   assert out['error'].shape == (new, 5, 3)
-  np.testing.assert_allclose(out['error'].mean(0), tree['error'].mean(0), rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(
+      out['error'].mean(0), tree['error'].mean(0), rtol=1e-6, atol=1e-7
+  )
   assert (out['count'] == 7).all()
   with pytest.raises(ValueError, match='leading worker axis'):
     ckpt.reshard_workers({'x': np.zeros(3)}, 8, 4)
@@ -262,18 +349,40 @@ def test_elastic_resume_preserves_def_output(tiny_folder, tmp_path):
   """K = 8 -> K' = 4 with resume_reshard: y = x - mean_k e_k is unchanged;
   without the flag the changed K is named in the error."""
   workdir = str(tmp_path)
-  config = tiny_config(tiny_folder, num_train_steps=6, eval_every_steps=6,
-                       checkpoint_every_steps=3)
+  config = tiny_config(
+      tiny_folder,
+      num_train_steps=6,
+      eval_every_steps=6,
+      checkpoint_every_steps=3,
+  )
   before = trainer.train_and_evaluate(config, workdir, log=lambda *_: None)
-  with pytest.raises(ckpt.CheckpointMismatch, match='num_workers: checkpoint 8 vs config 4'):
-    trainer.train_and_evaluate(tiny_config(tiny_folder, num_workers=4, num_train_steps=6,
-                                           eval_every_steps=6, checkpoint_every_steps=3),
-                               workdir)
+  with pytest.raises(
+      ckpt.CheckpointMismatch, match='num_workers: checkpoint 8 vs config 4'
+  ):
+    trainer.train_and_evaluate(
+        tiny_config(
+            tiny_folder,
+            num_workers=4,
+            num_train_steps=6,
+            eval_every_steps=6,
+            checkpoint_every_steps=3,
+        ),
+        workdir,
+    )
   # Same length: nothing left to train; the resharded state's y is compared
   # with the saved one on the host.
   after = trainer.train_and_evaluate(
-      tiny_config(tiny_folder, num_workers=4, num_train_steps=6, eval_every_steps=6,
-                  checkpoint_every_steps=3, resume_reshard=True), workdir, log=lambda *_: None)
+      tiny_config(
+          tiny_folder,
+          num_workers=4,
+          num_train_steps=6,
+          eval_every_steps=6,
+          checkpoint_every_steps=3,
+          resume_reshard=True,
+      ),
+      workdir,
+      log=lambda *_: None,
+  )
   assert after['resharded_from_workers'] == 8
   assert after['reshard_output_change'] <= 1e-6
   assert after['final_test_accuracy'] == before['final_test_accuracy']
@@ -284,7 +393,16 @@ def test_elastic_resume_preserves_def_output(tiny_folder, tmp_path):
   mngr.delete(6)
   mngr.close()
   more = trainer.train_and_evaluate(
-      tiny_config(tiny_folder, num_workers=4, num_train_steps=6, eval_every_steps=3,
-                  checkpoint_every_steps=3, resume_reshard=True), workdir, log=lambda *_: None)
+      tiny_config(
+          tiny_folder,
+          num_workers=4,
+          num_train_steps=6,
+          eval_every_steps=3,
+          checkpoint_every_steps=3,
+          resume_reshard=True,
+      ),
+      workdir,
+      log=lambda *_: None,
+  )
   assert more['status'] == 'completed' and more['steps'] == 6
   assert more['resharded_from_workers'] == 8

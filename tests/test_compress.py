@@ -17,8 +17,10 @@ from helpers import K, assert_trees_close, mlp_params
 
 # Per-shard RBGS (one block per local shard) on one worker of M model devices:
 # mlp_params' layers split Megatron-style, its last bias whole on every device.
-SHARD_SPECS = {'layer0': {'w': P(None, 'model'), 'b': P('model')},
-               'layer1': {'w': P('model', None), 'b': P()}}
+SHARD_SPECS = {
+    'layer0': {'w': P(None, 'model'), 'b': P('model')},
+    'layer1': {'w': P('model', None), 'b': P()},
+}
 
 
 def _per_shard(ratio, key, specs=SHARD_SPECS, model_axis_size=4):
@@ -30,7 +32,9 @@ def _tree(seed, params=None):
   params = mlp_params() if params is None else params
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  return treedef.unflatten([jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+  return treedef.unflatten(
+      [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]
+  )
 
 
 def _flat(tree):
@@ -64,14 +68,20 @@ def test_linear_and_shared(name):
       jax.tree.map(jnp.add, compress(a, state), compress(b, state)),
       compress(jax.tree.map(jnp.add, a, b), state),
   )
-  ps = jax.tree.map(lambda *xs: jnp.stack(xs), *[_tree(10 + k) for k in range(K)])
+  ps = jax.tree.map(
+      lambda *xs: jnp.stack(xs), *[_tree(10 + k) for k in range(K)]
+  )
   # Jitted: per-shard RBGS's nested shard_map needs its mesh's devices.
-  mean_c, residual, new_state = jax.jit(jax.vmap(
-      lambda p, s: c.aggregate(p, s, 'w'), in_axes=(0, None), axis_name='w'
-  ))(ps, state)
+  mean_c, residual, new_state = jax.jit(
+      jax.vmap(
+          lambda p, s: c.aggregate(p, s, 'w'), in_axes=(0, None), axis_name='w'
+      )
+  )(ps, state)
   mean_p = jax.tree.map(lambda x: x.mean(0), ps)
   for k in range(K):
-    assert_trees_close(jax.tree.map(lambda x: x[k], mean_c), compress(mean_p, state))
+    assert_trees_close(
+        jax.tree.map(lambda x: x[k], mean_c), compress(mean_p, state)
+    )
     p_k = jax.tree.map(lambda x: x[k], ps)
     # residual = p_k - C(p_k)
     assert_trees_close(
@@ -89,8 +99,15 @@ def test_rbgs_first_step_block_values():
   b = math.ceil(d / ratio)
   for step in (0, 1, 17):
     state = _state_at(c, params, step)
-    start = int(jax.random.randint(
-        jax.random.fold_in(jax.random.PRNGKey(seed), step), (), 0, d, dtype=jnp.int32))
+    start = int(
+        jax.random.randint(
+            jax.random.fold_in(jax.random.PRNGKey(seed), step),
+            (),
+            0,
+            d,
+            dtype=jnp.int32,
+        )
+    )
     expected_idx = (start + np.arange(b)) % d
     a = _tree(step)
     flat = _flat(a)
@@ -111,8 +128,15 @@ def test_rbgs_block_wraps_around():
     kept = np.asarray(c.compress({'v': jnp.arange(1.0, d + 1)}, state)['v'])
     nz = np.flatnonzero(kept)
     assert nz.size == 5
-    start = int(jax.random.randint(
-        jax.random.fold_in(jax.random.PRNGKey(0), step), (), 0, d, dtype=jnp.int32))
+    start = int(
+        jax.random.randint(
+            jax.random.fold_in(jax.random.PRNGKey(0), step),
+            (),
+            0,
+            d,
+            dtype=jnp.int32,
+        )
+    )
     if start > d - 5:
       assert 0 in nz and d - 1 in nz  # the block wrapped
       return
@@ -132,7 +156,9 @@ def test_uniform_coverage(blocks):
   params = {'a': jnp.zeros((6, 5)), 'b': jnp.zeros(20)}  # d = 50
   ratio, T = 5, 4000
   if blocks == 'per_shard':  # 2 model devices: 15 and 10 values each
-    c = _per_shard(ratio, 11, {'a': P('model', None), 'b': P('model')}, model_axis_size=2)
+    c = _per_shard(
+        ratio, 11, {'a': P('model', None), 'b': P('model')}, model_axis_size=2
+    )
   else:
     c = defjax.rbgs(ratio, key=11, per_leaf=blocks == 'per_leaf')
   state = c.init(params)
@@ -142,6 +168,7 @@ def test_uniform_coverage(blocks):
   def counts():
     def kept(t):
       return c.compress(ones, state._replace(count=t.astype(jnp.int32)))
+
     return jax.tree.map(lambda x: x.sum(0), jax.lax.map(kept, jnp.arange(T)))
 
   freq = jax.tree.map(lambda x: np.ravel(x) / T, counts())
@@ -168,22 +195,31 @@ def test_all_workers_select_the_same_block(name):
   else:  # each of the 4 model devices keeps a block of its shard of a sharded leaf
     c = _per_shard(16, key=2)
     specs = jax.tree.leaves(SHARD_SPECS, is_leaf=lambda s: isinstance(s, P))
-    kept = sum(max(1, (x.size // (4 if 'model' in s else 1)) // 16) * (4 if 'model' in s else 1)
-               for x, s in zip(jax.tree.leaves(params), specs))
+    kept = sum(
+        max(1, (x.size // (4 if 'model' in s else 1)) // 16)
+        * (4 if 'model' in s else 1)
+        for x, s in zip(jax.tree.leaves(params), specs)
+    )
   stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
   # Every worker initialises and carries its own state, from its own values:
   # nothing but the seed and the step count may decide the block.
   states = stack([c.init(_tree(200 + k)) for k in range(K)])
-  aggregate = jax.jit(jax.vmap(lambda p, s: c.aggregate(p, s, 'w'), axis_name='w'))
+  aggregate = jax.jit(
+      jax.vmap(lambda p, s: c.aggregate(p, s, 'w'), axis_name='w')
+  )
   seen = []
   for t in range(3):
     ps = stack([_tree(100 + 10 * t + k) for k in range(K)])
     _, residual, states = aggregate(ps, states)
-    zeroed = np.stack([_flat(jax.tree.map(lambda x: x[k], residual)) == 0 for k in range(K)])
+    zeroed = np.stack(
+        [_flat(jax.tree.map(lambda x: x[k], residual)) == 0 for k in range(K)]
+    )
     assert zeroed[0].sum() == kept
     assert (zeroed == zeroed[0]).all()
     seen.append(zeroed[0])
-  assert not np.array_equal(seen[0], seen[1])  # and the block moves from step to step
+  assert not np.array_equal(
+      seen[0], seen[1]
+  )  # and the block moves from step to step
 
 
 def test_per_leaf_blocks():
@@ -221,23 +257,44 @@ def test_topk_keeps_largest_and_aggregates():
   assert np.count_nonzero(kept) == b
   threshold = np.sort(np.abs(flat))[-b]
   assert np.all(np.abs(flat[kept != 0]) >= threshold)
-  ps = jax.tree.map(lambda *xs: jnp.stack(xs), *[_tree(20 + k) for k in range(K)])
-  mean_c, residual, _ = jax.vmap(c.aggregate, in_axes=(0, None, None), axis_name='w')(ps, state, 'w')
-  expected = np.mean([_flat(c.compress(jax.tree.map(lambda x: x[k], ps), state)) for k in range(K)], 0)
-  np.testing.assert_allclose(_flat(jax.tree.map(lambda x: x[0], mean_c)), expected, rtol=1e-5, atol=1e-7)
+  ps = jax.tree.map(
+      lambda *xs: jnp.stack(xs), *[_tree(20 + k) for k in range(K)]
+  )
+  mean_c, residual, _ = jax.vmap(
+      c.aggregate, in_axes=(0, None, None), axis_name='w'
+  )(ps, state, 'w')
+  expected = np.mean(
+      [
+          _flat(c.compress(jax.tree.map(lambda x: x[k], ps), state))
+          for k in range(K)
+      ],
+      0,
+  )
+  np.testing.assert_allclose(
+      _flat(jax.tree.map(lambda x: x[0], mean_c)),
+      expected,
+      rtol=1e-5,
+      atol=1e-7,
+  )
   for k in range(K):
     p_k = jax.tree.map(lambda x: x[k], ps)
     np.testing.assert_allclose(
         _flat(jax.tree.map(lambda x: x[k], residual)),
-        _flat(p_k) - _flat(c.compress(p_k, state)), atol=1e-7)
+        _flat(p_k) - _flat(c.compress(p_k, state)),
+        atol=1e-7,
+    )
   assert c.payload(params) == 2 * b
 
 
 def test_randomk_selects_shared_random_coordinates():
   c = defjax.randomk(4, key=9)
   params = {'v': jnp.zeros(400)}
-  kept0 = np.asarray(c.compress({'v': jnp.ones(400)}, _state_at(c, params, 0))['v'])
-  kept1 = np.asarray(c.compress({'v': jnp.ones(400)}, _state_at(c, params, 1))['v'])
+  kept0 = np.asarray(
+      c.compress({'v': jnp.ones(400)}, _state_at(c, params, 0))['v']
+  )
+  kept1 = np.asarray(
+      c.compress({'v': jnp.ones(400)}, _state_at(c, params, 1))['v']
+  )
   # with replacement: at most b, about b (1 - b / 2d) distinct coordinates
   assert 70 <= kept0.sum() <= 100
   assert not np.array_equal(kept0, kept1)
@@ -245,12 +302,21 @@ def test_randomk_selects_shared_random_coordinates():
   assert np.count_nonzero(np.diff(kept0)) > 20
 
 
-@pytest.mark.parametrize('factory', [
-    lambda: defjax.rbgs(0.5), lambda: defjax.rbgs(0), lambda: defjax.rbgs(-3),
-    lambda: defjax.rbgs(float('nan')), lambda: defjax.rbgs('256'),
-    lambda: defjax.rbgs(True), lambda: defjax.randomk(0.9), lambda: defjax.topk(0),
-    lambda: defjax.scaled(0), lambda: defjax.scaled(1.5),
-])
+@pytest.mark.parametrize(
+    'factory',
+    [
+        lambda: defjax.rbgs(0.5),
+        lambda: defjax.rbgs(0),
+        lambda: defjax.rbgs(-3),
+        lambda: defjax.rbgs(float('nan')),
+        lambda: defjax.rbgs('256'),
+        lambda: defjax.rbgs(True),
+        lambda: defjax.randomk(0.9),
+        lambda: defjax.topk(0),
+        lambda: defjax.scaled(0),
+        lambda: defjax.scaled(1.5),
+    ],
+)
 def test_bad_compressor_arguments(factory):
   with pytest.raises(ValueError):
     factory()
@@ -276,8 +342,13 @@ def test_dense_warmup_then_blocks():
   c = defjax.dense_warmup(defjax.rbgs(10, key=1), 2)
   plain = defjax.rbgs(10, key=1)
   state = c.init(params)
-  ps = jax.tree.map(lambda *xs: jnp.stack(xs), *[_tree(40 + k) for k in range(K)])
-  agg = jax.jit(jax.vmap(c.aggregate, in_axes=(0, None, None), axis_name='w'), static_argnums=2)
+  ps = jax.tree.map(
+      lambda *xs: jnp.stack(xs), *[_tree(40 + k) for k in range(K)]
+  )
+  agg = jax.jit(
+      jax.vmap(c.aggregate, in_axes=(0, None, None), axis_name='w'),
+      static_argnums=2,
+  )
   mean_p = _flat(jax.tree.map(lambda x: x.mean(0), ps))
   for step in range(4):
     mean_c, residual, states = agg(ps, state, 'w')
@@ -286,8 +357,12 @@ def test_dense_warmup_then_blocks():
       np.testing.assert_allclose(got, mean_p, rtol=1e-5, atol=1e-7)
       assert not np.any(_flat(residual))
     else:
-      expected = _flat(plain.compress(jax.tree.map(lambda x: x.mean(0), ps),
-                                      _state_at(plain, params, step - 2)))
+      expected = _flat(
+          plain.compress(
+              jax.tree.map(lambda x: x.mean(0), ps),
+              _state_at(plain, params, step - 2),
+          )
+      )
       np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
       assert np.count_nonzero(got) == plain.payload(params)
     state = jax.tree.map(lambda x: x[0], states)
@@ -316,7 +391,9 @@ def test_every_key_form_gives_the_int_seeds_blocks(per_leaf):
     expected = None
     for name, c in forms.items():
       state = c.init(params)
-      np.testing.assert_array_equal(state.key, jax.random.PRNGKey(s), err_msg=name)
+      np.testing.assert_array_equal(
+          state.key, jax.random.PRNGKey(s), err_msg=name
+      )
       assert jax.typeof(state.key) == jax.typeof(jax.random.PRNGKey(s)), name
       kept = [_flat(c.compress(a, _state_at(c, params, t))) for t in range(20)]
       if expected is None:
@@ -328,21 +405,32 @@ def test_every_key_form_gives_the_int_seeds_blocks(per_leaf):
 def test_randomk_key_forms_agree():
   params = {'v': jnp.zeros(300)}
   ones = {'v': jnp.ones(300)}
-  kept = [np.asarray(c.compress(ones, _state_at(c, params, 3))['v'])
-          for c in (defjax.randomk(4, key=2), defjax.randomk(4, key=jax.random.key(2)),
-                    defjax.randomk(4, key=jax.random.PRNGKey(2)))]
+  kept = [
+      np.asarray(c.compress(ones, _state_at(c, params, 3))['v'])
+      for c in (
+          defjax.randomk(4, key=2),
+          defjax.randomk(4, key=jax.random.key(2)),
+          defjax.randomk(4, key=jax.random.PRNGKey(2)),
+      )
+  ]
   np.testing.assert_array_equal(kept[0], kept[1])
   np.testing.assert_array_equal(kept[0], kept[2])
 
 
-@pytest.mark.parametrize('factory', [
-    lambda: defjax.rbgs(4, key=True), lambda: defjax.rbgs(4, key=1.5),
-    lambda: defjax.rbgs(4, key='0'), lambda: defjax.rbgs(4, key=jnp.zeros(3, jnp.uint32)),
-    lambda: defjax.rbgs(4, key=jnp.zeros(2, jnp.int32)),
-    lambda: defjax.rbgs(4, key=jax.random.split(jax.random.key(0), 2)),
-    lambda: defjax.rbgs(4, key=jax.random.key(0, impl='rbg')),
-    lambda: defjax.rbgs(4, key=None), lambda: defjax.randomk(4, key=None),
-])
+@pytest.mark.parametrize(
+    'factory',
+    [
+        lambda: defjax.rbgs(4, key=True),
+        lambda: defjax.rbgs(4, key=1.5),
+        lambda: defjax.rbgs(4, key='0'),
+        lambda: defjax.rbgs(4, key=jnp.zeros(3, jnp.uint32)),
+        lambda: defjax.rbgs(4, key=jnp.zeros(2, jnp.int32)),
+        lambda: defjax.rbgs(4, key=jax.random.split(jax.random.key(0), 2)),
+        lambda: defjax.rbgs(4, key=jax.random.key(0, impl='rbg')),
+        lambda: defjax.rbgs(4, key=None),
+        lambda: defjax.randomk(4, key=None),
+    ],
+)
 def test_bad_keys(factory):
   with pytest.raises(ValueError, match='key'):
     factory()
@@ -351,6 +439,7 @@ def test_bad_keys(factory):
 def test_as_key_is_the_raw_key_of_every_form():
   """compress.as_key, what a compressor's init (also sharded.rbgs's) keeps."""
   from defjax import compress
+
   for key in (7, np.int64(7), jax.random.PRNGKey(7), jax.random.key(7)):
     raw = compress.as_key(key)
     np.testing.assert_array_equal(raw, jax.random.PRNGKey(7))
@@ -396,8 +485,10 @@ def test_step_counters_saturate():
   assert state.count.dtype == jnp.int32 and int(state.count) == top
 
 
-@pytest.mark.parametrize('factory', [defjax.identity, lambda: defjax.scaled(0.5),
-                                     lambda: defjax.topk(4)])
+@pytest.mark.parametrize(
+    'factory',
+    [defjax.identity, lambda: defjax.scaled(0.5), lambda: defjax.topk(4)],
+)
 def test_deterministic_compressors_hold_optax_empty_state(factory):
   state = factory().init(mlp_params())
   assert isinstance(state, optax.EmptyState)
@@ -408,25 +499,44 @@ def test_mixed_dtype_trees():
   """Random-K and Top-K ravel a float32 + bfloat16 tree in float32 (the
   promoted dtype, jax.flatten_util's convention) and give each leaf back in
   its own dtype."""
-  tree = {'a': jax.random.normal(jax.random.PRNGKey(0), (40,)),
-          'b': jax.random.normal(jax.random.PRNGKey(1), (24,)).astype(jnp.bfloat16)}
-  flat = np.concatenate([np.asarray(tree['a']), np.asarray(tree['b'], np.float32)])
+  tree = {
+      'a': jax.random.normal(jax.random.PRNGKey(0), (40,)),
+      'b': jax.random.normal(jax.random.PRNGKey(1), (24,)).astype(jnp.bfloat16),
+  }
+  flat = np.concatenate(
+      [np.asarray(tree['a']), np.asarray(tree['b'], np.float32)]
+  )
   for c in (defjax.topk(8), defjax.randomk(8, key=4)):
     state = c.init(tree)
     kept = c.compress(tree, state)
     mean_c, residual, _ = jax.jit(c.aggregate)(tree, state)
     for out in (kept, mean_c, residual):
-      assert jax.tree.map(lambda x: x.dtype, out) == jax.tree.map(lambda x: x.dtype, tree)
-    got = np.concatenate([np.asarray(kept['a']), np.asarray(kept['b'], np.float32)])
+      assert jax.tree.map(lambda x: x.dtype, out) == jax.tree.map(
+          lambda x: x.dtype, tree
+      )
+    got = np.concatenate(
+        [np.asarray(kept['a']), np.asarray(kept['b'], np.float32)]
+    )
     nz = np.flatnonzero(got)
-    np.testing.assert_array_equal(got[nz], flat[nz])  # bfloat16 -> float32 is exact
+    np.testing.assert_array_equal(
+        got[nz], flat[nz]
+    )  # bfloat16 -> float32 is exact
     assert 0 < nz.size <= 8
     assert_trees_close(mean_c, kept)
     np.testing.assert_array_equal(  # C(p) + (p - C(p)) = p exactly
-        np.concatenate([np.asarray(x, np.float32).ravel()
-                        for x in jax.tree.leaves(jax.tree.map(jnp.add, mean_c, residual))]),
-        flat)
-    if isinstance(state, optax.EmptyState):  # Top-K: the largest |values| of the tree
+        np.concatenate(
+            [
+                np.asarray(x, np.float32).ravel()
+                for x in jax.tree.leaves(
+                    jax.tree.map(jnp.add, mean_c, residual)
+                )
+            ]
+        ),
+        flat,
+    )
+    if isinstance(
+        state, optax.EmptyState
+    ):  # Top-K: the largest |values| of the tree
       np.testing.assert_array_equal(nz, np.sort(np.argsort(-np.abs(flat))[:8]))
 
 
@@ -445,8 +555,12 @@ def test_payload_of_abstract_params(name):
 def test_rbgs_residual_is_p_off_the_block_and_positive_zero_on_it(per_leaf):
   """p - C(p) bit for bit: p itself off the block and +0.0 on it, also where
   p is -0.0 or infinite (the residual's 0 is computed from the block values)."""
-  p = {'a': jnp.array([-0.0, jnp.inf, -jnp.inf, 1.5, -2.0, 3.0, -0.0, 7.0], jnp.float32),
-       'b': jnp.arange(-4.0, 4.0, dtype=jnp.float32)}
+  p = {
+      'a': jnp.array(
+          [-0.0, jnp.inf, -jnp.inf, 1.5, -2.0, 3.0, -0.0, 7.0], jnp.float32
+      ),
+      'b': jnp.arange(-4.0, 4.0, dtype=jnp.float32),
+  }
   c = defjax.rbgs(2, key=3, per_leaf=per_leaf)
   state = c.init(p)
   block = c.compress(jax.tree.map(jnp.ones_like, p), state)  # 1 on the block
@@ -455,7 +569,9 @@ def test_rbgs_residual_is_p_off_the_block_and_positive_zero_on_it(per_leaf):
     x, r = np.asarray(p[name]), np.asarray(residual[name])
     on = np.asarray(block[name]) == 1
     assert on.any() and (~on).any()
-    np.testing.assert_array_equal(r[~on].view(np.uint32), x[~on].view(np.uint32))
+    np.testing.assert_array_equal(
+        r[~on].view(np.uint32), x[~on].view(np.uint32)
+    )
     assert np.all(r[on] == 0) and not np.any(np.signbit(r[on]))
 
 
@@ -465,10 +581,15 @@ def test_error_feedback_step_does_not_copy_the_donated_error(per_leaf):
   writes e' into e's buffer without first copying e (XLA would copy it if
   the pass writing e' were not ordered after the block's gather)."""
   import re
+
   params = {'w': jnp.zeros((64, 64)), 'b': jnp.zeros((64,))}
   tx = defjax.error_feedback(
-      optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.05, momentum=0.9)),
-      defjax.rbgs(16, per_leaf=per_leaf), lam=0.3)
+      optax.chain(
+          optax.add_decayed_weights(5e-4), optax.sgd(0.05, momentum=0.9)
+      ),
+      defjax.rbgs(16, per_leaf=per_leaf),
+      lam=0.3,
+  )
 
   def step(params, state, grads):
     updates, state = tx.update(grads, state, params)
@@ -476,6 +597,11 @@ def test_error_feedback_step_does_not_copy_the_donated_error(per_leaf):
     return params, state, defjax.eval_point(params, state)
 
   state = tx.init(params)
-  text = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile().as_text()
+  text = (
+      jax.jit(step, donate_argnums=(0, 1))
+      .lower(params, state, params)
+      .compile()
+      .as_text()
+  )
   copies = re.findall(r'= f32\[([0-9,]*)\]\{[0-9,]*\} copy\(', text)
   assert not [c for c in copies if c in ('64,64', '64')], copies

@@ -165,7 +165,9 @@ def test_missing_tfds_data_says_how_to_prepare_it(tmp_path):
   assert error.value.__suppress_context__
 
 
-def test_unprepared_tfds_data_dir_is_the_same_one_line(tmp_path, monkeypatch, caplog):
+def test_unprepared_tfds_data_dir_is_the_same_one_line(
+    tmp_path, monkeypatch, caplog
+):
   """Found through an empty TFDS_DATA_DIR, TFDS raises a KeyError ("`splits`
   is empty") after a warning: one FileNotFoundError line instead, naming the
   build command and the image_folder way."""
@@ -173,8 +175,13 @@ def test_unprepared_tfds_data_dir_is_the_same_one_line(tmp_path, monkeypatch, ca
   with pytest.raises(FileNotFoundError) as error:
     data.load('cifar10', None, split='train')
   message = str(error.value)
-  assert message.startswith(f'cifar10 is not prepared as array_record in {tmp_path}')
-  assert f'`tfds build cifar10 --file_format=array_record --data_dir={tmp_path}`' in message
+  assert message.startswith(
+      f'cifar10 is not prepared as array_record in {tmp_path}'
+  )
+  assert (
+      f'`tfds build cifar10 --file_format=array_record --data_dir={tmp_path}`'
+      in message
+  )
   assert '--config.dataset=image_folder --config.data_dir=PATH' in message
   assert '\n' not in message and error.value.__suppress_context__
   assert not [r for r in caplog.records if 'dataset_info' in r.getMessage()]

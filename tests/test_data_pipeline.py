@@ -140,9 +140,7 @@ def test_imagenet_steps_do_not_depend_on_the_decode_processes():
         16, num_workers=2, batch_size=3, seed=7, worker_slice=slice(1, 2)
     )
     expected = [stream.batch(order.indices(t), (7, t)) for t in range(5)]
-    train = data.train_input(
-        'imagenet2012', None, decode_processes=0, **kwargs
-    )
+    train = data.train_input('imagenet2012', None, decode_processes=0, **kwargs)
     assert (train.num_examples, train.steps_per_epoch, train.image_shape) == (
         16,
         2,

@@ -19,10 +19,16 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-PAGES = sorted([ROOT / 'README.md', *(p for p in (ROOT / 'docs').rglob('*.md')
-                                      if '_build' not in p.parts)])
-FENCE = re.compile(r'^(?P<indent> *)```(?P<lang>[\w{}-]*)[^\n]*\n(?P<body>.*?)^(?P=indent)```',
-                   re.S | re.M)
+PAGES = sorted(
+    [
+        ROOT / 'README.md',
+        *(p for p in (ROOT / 'docs').rglob('*.md') if '_build' not in p.parts),
+    ]
+)
+FENCE = re.compile(
+    r'^(?P<indent> *)```(?P<lang>[\w{}-]*)[^\n]*\n(?P<body>.*?)^(?P=indent)```',
+    re.S | re.M,
+)
 # Untagged blocks are commands too (the README's are).
 SHELL = ('bash', 'sh', 'shell', 'console', '')
 
@@ -33,7 +39,9 @@ def blocks(path: pathlib.Path, langs) -> list[str]:
   for m in FENCE.finditer(path.read_text()):
     if m.group('lang') in langs:
       indent = len(m.group('indent'))
-      out.append(''.join(line[indent:] for line in m.group('body').splitlines(True)))
+      out.append(
+          ''.join(line[indent:] for line in m.group('body').splitlines(True))
+      )
   return out
 
 
@@ -118,16 +126,25 @@ def problems(script: str) -> list[str]:
   for tokens in _commands(script):
     program = pathlib.Path(tokens[0]).name
     if program == 'make':
-      found += [f'make target {t!r}' for t in tokens[1:]
-                if not t.startswith('-') and '=' not in t and t not in targets]
+      found += [
+          f'make target {t!r}'
+          for t in tokens[1:]
+          if not t.startswith('-') and '=' not in t and t not in targets
+      ]
       continue
     if program.startswith('python'):
       if len(tokens) > 2 and tokens[1] == '-m':
         module = tokens[2]
-        if module.split('.')[0] in ('defjax', 'bench', 'configs') and \
-            importlib.util.find_spec(module) is None:
+        if (
+            module.split('.')[0] in ('defjax', 'bench', 'configs')
+            and importlib.util.find_spec(module) is None
+        ):
           found.append(f'module {module!r}')
-      elif len(tokens) > 1 and tokens[1].endswith('.py') and not (ROOT / tokens[1]).exists():
+      elif (
+          len(tokens) > 1
+          and tokens[1].endswith('.py')
+          and not (ROOT / tokens[1]).exists()
+      ):
         found.append(f'script {tokens[1]!r}')
     config, keys = None, []
     args = iter(tokens[1:])
@@ -137,7 +154,7 @@ def problems(script: str) -> list[str]:
       elif arg.startswith('--config='):
         config = arg.split('=', 1)[1]
       elif arg.startswith('--config.'):
-        keys.append(arg[len('--config.'):].split('=', 1)[0])
+        keys.append(arg[len('--config.') :].split('=', 1)[0])
     if config is not None and not config.startswith(('/', '$')):
       if not (ROOT / config).exists():
         found.append(f'config {config!r}')
@@ -155,15 +172,27 @@ def test_shell_blocks_name_what_exists(name):
 
 def test_the_checks_can_fail(tmp_path):
   assert problems('make no-such-target') == ["make target 'no-such-target'"]
-  assert problems('python train.py --config configs/nope.py') == ["config 'configs/nope.py'"]
-  assert problems('python train.py --config configs/fashion_mnist.py \\\n'
-                  '  --config.optim.no_such=1') == [
-                      "config key 'optim.no_such' of configs/fashion_mnist.py"]
-  assert problems('python -m defjax.no_such_module') == ["module 'defjax.no_such_module'"]
-  assert problems('make train && python -m defjax.main --config configs/fashion_mnist.py'
-                  ' --config.optim.ratio=16') == []
+  assert problems('python train.py --config configs/nope.py') == [
+      "config 'configs/nope.py'"
+  ]
+  assert problems(
+      'python train.py --config configs/fashion_mnist.py \\\n'
+      '  --config.optim.no_such=1'
+  ) == ["config key 'optim.no_such' of configs/fashion_mnist.py"]
+  assert problems('python -m defjax.no_such_module') == [
+      "module 'defjax.no_such_module'"
+  ]
+  assert (
+      problems(
+          'make train && python -m defjax.main --config configs/fashion_mnist.py'
+          ' --config.optim.ratio=16'
+      )
+      == []
+  )
   page = tmp_path / 'page.md'
-  page.write_text('Text.\n\n```python\nx = 2\n```\n\n  ```python\n  y = 1 / (x - 2)\n  ```\n')
+  page.write_text(
+      'Text.\n\n```python\nx = 2\n```\n\n  ```python\n  y = 1 / (x - 2)\n  ```\n'
+  )
   with pytest.raises(ZeroDivisionError):
     run_blocks(page)
 
@@ -173,7 +202,9 @@ def test_the_checks_can_fail(tmp_path):
 API_DIR = ROOT / 'docs' / 'api'
 # An autodoc (or py:) directive, in an {eval-rst} block of an API page (MyST
 # would read the rST that autodoc generates as Markdown), or a module declared.
-_DIRECTIVE = re.compile(r'^ *\.\. (?P<kind>auto\w+|py:\w+):: +(?P<target>[\w.]+)', re.M)
+_DIRECTIVE = re.compile(
+    r'^ *\.\. (?P<kind>auto\w+|py:\w+):: +(?P<target>[\w.]+)', re.M
+)
 _MODULE = re.compile(r'^ *\.\. (?:py:)?module:: +(?P<target>[\w.]+)', re.M)
 # Modules that only keep an old command name working (``python -m defjax.sweep``
 # and friends): each runs a documented module's main.
@@ -215,12 +246,18 @@ def public_names(module) -> list[str]:
 
 
 def api_text(directory=API_DIR) -> str:
-  return '\n'.join(p.read_text() for p in sorted(pathlib.Path(directory).rglob('*.md')))
+  return '\n'.join(
+      p.read_text() for p in sorted(pathlib.Path(directory).rglob('*.md'))
+  )
 
 
 def documented_modules(text: str) -> list[str]:
   """The modules the API pages document (automodule or a module directive)."""
-  found = [m['target'] for m in _DIRECTIVE.finditer(text) if m['kind'] == 'automodule']
+  found = [
+      m['target']
+      for m in _DIRECTIVE.finditer(text)
+      if m['kind'] == 'automodule'
+  ]
   return sorted(set(found + [m['target'] for m in _MODULE.finditer(text)]))
 
 
@@ -237,8 +274,14 @@ def missing_from_api(text: str) -> list[str]:
     module = importlib.import_module(module_name)
     for name in public_names(module):
       value = getattr(module, name)
-      by_identity = inspect.isfunction(value) or inspect.isclass(value) or inspect.ismodule(value)
-      if f'{module_name}.{name}' not in targets and not (by_identity and id(value) in objects):
+      by_identity = (
+          inspect.isfunction(value)
+          or inspect.isclass(value)
+          or inspect.ismodule(value)
+      )
+      if f'{module_name}.{name}' not in targets and not (
+          by_identity and id(value) in objects
+      ):
         missing.append(f'{module_name}.{name}')
   return missing
 
@@ -253,8 +296,13 @@ def undocumented_modules(text: str, package: str = 'defjax') -> list[str]:
   for info in pkgutil.walk_packages(root.__path__, package + '.'):
     name = info.name
     parent = importlib.import_module(name.rsplit('.', 1)[0])
-    if (name in documented or name in SHIMS or name.startswith(BEHIND_PACKAGE)
-        or hasattr(parent, '__all__') and parent.__name__ != package):
+    if (
+        name in documented
+        or name in SHIMS
+        or name.startswith(BEHIND_PACKAGE)
+        or hasattr(parent, '__all__')
+        and parent.__name__ != package
+    ):
       continue
     out.append(name)
   return out
@@ -278,10 +326,17 @@ def test_the_api_checks_can_fail():
   assert missing_from_api(without) == ['defjax.rbgs', 'defjax.compress.rbgs']
   # ... also when documented under another module's name only.
   assert 'defjax.feedback.check_lam' in missing_from_api(
-      text.replace('autofunction:: defjax.feedback.check_lam', 'autofunction:: os.path.join'))
+      text.replace(
+          'autofunction:: defjax.feedback.check_lam',
+          'autofunction:: os.path.join',
+      )
+  )
   # A constant counts only under its own name.
   assert 'defjax.xla_cpu.CPU_COLLECTIVE_FLAGS' in missing_from_api(
-      text.replace('autodata:: defjax.xla_cpu.CPU_COLLECTIVE_FLAGS', 'autodata:: os.sep'))
+      text.replace(
+          'autodata:: defjax.xla_cpu.CPU_COLLECTIVE_FLAGS', 'autodata:: os.sep'
+      )
+  )
   # A module without a page is reported, with every public name of it.
   no_wire = text.replace('automodule:: defjax.wire', 'automodule:: os')
   assert 'defjax.wire' in undocumented_modules(no_wire)

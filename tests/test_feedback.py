@@ -31,10 +31,15 @@ def _sgd_path(params, xs, ys, opt):
   return path
 
 
-@pytest.mark.parametrize('compressor', [
-    lambda: defjax.rbgs(16), lambda: defjax.rbgs(4, per_leaf=True),
-    lambda: defjax.randomk(8), lambda: defjax.scaled(0.3),
-])
+@pytest.mark.parametrize(
+    'compressor',
+    [
+        lambda: defjax.rbgs(16),
+        lambda: defjax.rbgs(4, per_leaf=True),
+        lambda: defjax.randomk(8),
+        lambda: defjax.scaled(0.3),
+    ],
+)
 def test_k1_lam1_y_is_momentum_sgd(compressor):
   """Identity 1 (paper Eq. 8): K = 1, lam = 1, linear C: y_t = x_t - e_t is SGD."""
   params = mlp_params()
@@ -45,8 +50,13 @@ def test_k1_lam1_y_is_momentum_sgd(compressor):
   sgd = _sgd_path(params, xs[:, 0], ys[:, 0], momentum_sgd())
   assert_trees_close(y_final, sgd[-1], rtol=2e-5, atol=2e-6)
   # and x really differs from y (the identity is not trivial)
-  assert max(float(jnp.abs(a - b).max()) for a, b in zip(
-      jax.tree.leaves(x), jax.tree.leaves(sgd[-1]))) > 1e-3
+  assert (
+      max(
+          float(jnp.abs(a - b).max())
+          for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(sgd[-1]))
+      )
+      > 1e-3
+  )
 
 
 def test_k1_lam1_each_step():
@@ -78,12 +88,16 @@ def test_sgd_iterate_averaging():
 
 
 @pytest.mark.parametrize('lam', [0.0, 0.3, 1.0])
-@pytest.mark.parametrize('compressor', [lambda: defjax.rbgs(1), defjax.identity])
+@pytest.mark.parametrize(
+    'compressor', [lambda: defjax.rbgs(1), defjax.identity]
+)
 def test_ratio1_equals_data_parallel(lam, compressor):
   """Identity 3: with no compression EF/DEF/SAEF are data-parallel SGD."""
   params = mlp_params()
   xs, ys = batches(STEPS)
-  ef = defjax.error_feedback(momentum_sgd(), compressor(), lam=lam, axis_name='w')
+  ef = defjax.error_feedback(
+      momentum_sgd(), compressor(), lam=lam, axis_name='w'
+  )
   dp = defjax.data_parallel(momentum_sgd(), axis_name='w')
   x_ef, s_ef, _ = run_workers(ef, params, xs, ys)
   x_dp, _, _ = run_workers(dp, params, xs, ys)
@@ -98,21 +112,38 @@ def test_first_step_block_values():
   lr, wd, ratio, seed = 0.1, 5e-4, 10, 4
   params = mlp_params()
   xs, ys = batches(1)
-  tx = defjax.error_feedback(momentum_sgd(lr, 0.9, wd), defjax.rbgs(ratio, key=seed),
-                             lam=0.3, axis_name='w')
+  tx = defjax.error_feedback(
+      momentum_sgd(lr, 0.9, wd),
+      defjax.rbgs(ratio, key=seed),
+      lam=0.3,
+      axis_name='w',
+  )
   x1, states, _ = run_workers(tx, params, xs, ys)
 
   flat = lambda t: np.concatenate([np.ravel(a) for a in jax.tree.leaves(t)])
   d = flat(params).size
   b = math.ceil(d / ratio)
-  start = int(jax.random.randint(jax.random.fold_in(jax.random.PRNGKey(seed), 0), (), 0, d,
-                                 dtype=jnp.int32))
+  start = int(
+      jax.random.randint(
+          jax.random.fold_in(jax.random.PRNGKey(seed), 0),
+          (),
+          0,
+          d,
+          dtype=jnp.int32,
+      )
+  )
   block = (start + np.arange(b)) % d
   # e_0 = 0, so the gradient point is x and m_1 = g + wd x: p_k = lr (g_k + wd x).
-  p = np.stack([
-      lr * (flat(jax.grad(mlp_loss)(params, (xs[0, k], ys[0, k]))) + wd * flat(params))
-      for k in range(K)
-  ])
+  p = np.stack(
+      [
+          lr
+          * (
+              flat(jax.grad(mlp_loss)(params, (xs[0, k], ys[0, k])))
+              + wd * flat(params)
+          )
+          for k in range(K)
+      ]
+  )
   step = flat(x1) - flat(params)
   expected = np.zeros(d, np.float32)
   expected[block] = -p.mean(0)[block]
@@ -130,7 +161,9 @@ def test_psync_semantics():
   lr, ratio, seed = 0.1, 6, 7
   params = mlp_params()
   xs, ys = batches(STEPS)
-  tx = defjax.psync(momentum_sgd(lr), defjax.rbgs(ratio, key=seed), axis_name='w')
+  tx = defjax.psync(
+      momentum_sgd(lr), defjax.rbgs(ratio, key=seed), axis_name='w'
+  )
   x, states, _ = run_workers(tx, params, xs, ys)
 
   # Direct implementation: stacked models, a local optimizer each, block mask.
@@ -147,10 +180,13 @@ def test_psync_semantics():
       g = jax.grad(mlp_loss)(m, (x, y))
       u, s = local.update(g, s, m)
       return optax.apply_updates(m, u), s
+
     models, opt_states = jax.vmap(local_step)(models, opt_states, x, y)
     mask = c.compress(ones, cstate)
     mean = jax.tree.map(lambda m: m.mean(0), models)
-    models = jax.tree.map(lambda m, mu, k: jnp.where(k > 0, mu, m), models, mean, mask)
+    models = jax.tree.map(
+        lambda m, mu, k: jnp.where(k > 0, mu, m), models, mean, mask
+    )
     return models, opt_states, cstate._replace(count=cstate.count + 1)
 
   for t in range(STEPS):
@@ -158,10 +194,15 @@ def test_psync_semantics():
 
   worker_models = jax.vmap(defjax.eval_point, in_axes=(None, 0))(x, states)
   assert_trees_close(worker_models, models, rtol=1e-4, atol=1e-5)
-  output = jax.vmap(lambda s: defjax.averaged_params(x, s, axis_name='w'),
-                    axis_name='w')(states)
-  assert_trees_close(jax.tree.map(lambda o: o[0], output),
-                     jax.tree.map(lambda m: m.mean(0), models), rtol=1e-4, atol=1e-5)
+  output = jax.vmap(
+      lambda s: defjax.averaged_params(x, s, axis_name='w'), axis_name='w'
+  )(states)
+  assert_trees_close(
+      jax.tree.map(lambda o: o[0], output),
+      jax.tree.map(lambda m: m.mean(0), models),
+      rtol=1e-4,
+      atol=1e-5,
+  )
 
 
 def test_def_detaches_gradient_point():
@@ -169,7 +210,9 @@ def test_def_detaches_gradient_point():
   params = mlp_params()
   xs, ys = batches(3)
   for lam in (0.0, 0.3):
-    tx = defjax.error_feedback(momentum_sgd(), defjax.rbgs(8), lam=lam, axis_name='w')
+    tx = defjax.error_feedback(
+        momentum_sgd(), defjax.rbgs(8), lam=lam, axis_name='w'
+    )
     x, states, _ = run_workers(tx, params, xs, ys)
     points = jax.vmap(defjax.eval_point, in_axes=(None, 0))(x, states)
     expected = jax.tree.map(lambda p, e: p[None] - lam * e, x, states.error)
@@ -183,10 +226,14 @@ def test_lam_changes_the_trajectory():
   xs, ys = batches(10)
   outs = {}
   for lam in (0.0, 0.5):
-    tx = defjax.error_feedback(momentum_sgd(), defjax.rbgs(8), lam=lam, axis_name='w')
+    tx = defjax.error_feedback(
+        momentum_sgd(), defjax.rbgs(8), lam=lam, axis_name='w'
+    )
     outs[lam] = run_workers(tx, params, xs, ys)[0]
-  diff = max(float(jnp.abs(a - b).max()) for a, b in zip(
-      jax.tree.leaves(outs[0.0]), jax.tree.leaves(outs[0.5])))
+  diff = max(
+      float(jnp.abs(a - b).max())
+      for a, b in zip(jax.tree.leaves(outs[0.0]), jax.tree.leaves(outs[0.5]))
+  )
   assert diff > 1e-6
 
 
@@ -203,8 +250,12 @@ def test_composes_with_optax():
   state = jax.tree.map(lambda s: s[0], states)
   ef_state = state[1]
   assert isinstance(ef_state, defjax.ErrorFeedbackState)
-  assert_trees_close(defjax.eval_point(x, state),
-                     jax.tree.map(lambda p, e: p - 0.3 * e, x, ef_state.error), rtol=0, atol=0)
+  assert_trees_close(
+      defjax.eval_point(x, state),
+      jax.tree.map(lambda p, e: p - 0.3 * e, x, ef_state.error),
+      rtol=0,
+      atol=0,
+  )
   # extra args are accepted and forwarded to the inner transform
   inner_with_extra = optax.GradientTransformationExtraArgs(
       lambda p: optax.EmptyState(),
@@ -224,13 +275,27 @@ def test_eval_point_and_average_for_plain_optimizers():
   assert defjax.averaged_params(params, state) is params
 
 
-@pytest.mark.parametrize('make_tx, count', [
-    (lambda: defjax.error_feedback(momentum_sgd(), defjax.rbgs(16), lam=0.3),
-     lambda state: state.compressor_state.count),
-    # EF21-SGDM in a chain, its schedule counted by its own step count.
-    (lambda: optax.chain(optax.clip_by_global_norm(1.0), defjax.ef21(
-        optax.linear_schedule(0.1, 0.0, 10), defjax.rbgs(16))), lambda state: state[1].count),
-])
+@pytest.mark.parametrize(
+    'make_tx, count',
+    [
+        (
+            lambda: defjax.error_feedback(
+                momentum_sgd(), defjax.rbgs(16), lam=0.3
+            ),
+            lambda state: state.compressor_state.count,
+        ),
+        # EF21-SGDM in a chain, its schedule counted by its own step count.
+        (
+            lambda: optax.chain(
+                optax.clip_by_global_norm(1.0),
+                defjax.ef21(
+                    optax.linear_schedule(0.1, 0.0, 10), defjax.rbgs(16)
+                ),
+            ),
+            lambda state: state[1].count,
+        ),
+    ],
+)
 def test_state_types_unchanged_and_no_recompilation(make_tx, count):
   params = mlp_params()
   tx = make_tx()
@@ -245,7 +310,9 @@ def test_state_types_unchanged_and_no_recompilation(make_tx, count):
   assert int(count(state)) == 4
 
 
-@pytest.mark.parametrize('lam', [-0.1, 1.01, float('nan'), 'a', '0.3', True, np.array([0.3])])
+@pytest.mark.parametrize(
+    'lam', [-0.1, 1.01, float('nan'), 'a', '0.3', True, np.array([0.3])]
+)
 def test_bad_lam(lam):
   with pytest.raises(ValueError, match='lam'):
     defjax.error_feedback(optax.sgd(0.1), defjax.rbgs(4), lam=lam)
@@ -260,11 +327,13 @@ def test_bad_transform_arguments():
     defjax.data_parallel('sgd')
   with pytest.raises(ValueError, match='int'):
     defjax.error_feedback(optax.sgd(0.1), defjax.rbgs(4)).init(
-        {'w': jnp.zeros(3), 'n': jnp.zeros(2, jnp.int32)})
+        {'w': jnp.zeros(3), 'n': jnp.zeros(2, jnp.int32)}
+    )
 
 
 def test_docstring_examples_run():
   import doctest
   from defjax import feedback
+
   result = doctest.testmod(feedback)
   assert result.attempted > 0 and result.failed == 0

@@ -15,8 +15,10 @@ from helpers import assert_trees_close, batches, mlp_loss, mlp_params, momentum_
 SIZES = (12, 64, 3)
 # Megatron-style specs: the sharded layout splits the hidden units over
 # 'model'; the 1-D layout replicates x whatever they say.
-SPECS = {'layer0': {'w': P(None, 'model'), 'b': P('model')},
-         'layer1': {'w': P('model', None), 'b': P()}}
+SPECS = {
+    'layer0': {'w': P(None, 'model'), 'b': P('model')},
+    'layer1': {'w': P('model', None), 'b': P()},
+}
 LAYOUTS = {
     'data_parallel': lambda: data_parallel.make_layout(8),
     'data_parallel_2_per_device': lambda: data_parallel.make_layout(16),
@@ -38,7 +40,9 @@ def test_def_through_the_interface(name):
   whole = mlp_params(sizes=SIZES)
   params = jax.device_put(whole, layout.param_shardings(whole, SPECS))
   compressor = layout.rbgs(8, SPECS, per_leaf=True)
-  tx = defjax.error_feedback(momentum_sgd(), compressor, lam=0.3, axis_name=layout.axis_name)
+  tx = defjax.error_feedback(
+      momentum_sgd(), compressor, lam=0.3, axis_name=layout.axis_name
+  )
   state = layout.init_state(tx, params, SPECS)
   want = layout.state_shardings(jax.eval_shape(tx.init, params), params, SPECS)
   for a, s in zip(jax.tree.leaves(state), jax.tree.leaves(want)):
@@ -53,20 +57,27 @@ def test_def_through_the_interface(name):
   assert np.isfinite(float(loss))
   assert jax.tree.map(jax.typeof, state) == types
   y = layout.averaged_params(SPECS)(params, state)
-  expected = jax.tree.map(lambda p, e: np.asarray(p) - np.asarray(e).mean(0), params,
-                          state.error)
+  expected = jax.tree.map(
+      lambda p, e: np.asarray(p) - np.asarray(e).mean(0), params, state.error
+  )
   assert_trees_close(y, expected, rtol=1e-6, atol=1e-7)
   payload = compressor.payload(params)
-  assert layout.bytes_per_step(payload) == layout.devices_per_worker * 4 * (payload + 1)
+  assert layout.bytes_per_step(payload) == layout.devices_per_worker * 4 * (
+      payload + 1
+  )
   assert layout.dense_payload(params, SPECS) * layout.devices_per_worker >= sum(
-      x.size for x in jax.tree.leaves(whole))
+      x.size for x in jax.tree.leaves(whole)
+  )
 
 
-@pytest.mark.parametrize('overrides, layout_class, devices', [
-    ({}, data_parallel.DataParallelLayout, 8),
-    ({'num_workers': 16}, data_parallel.DataParallelLayout, 16),
-    ({'num_workers': 4, 'model_axis_size': 2}, sharded.ShardedLayout, 8),
-])
+@pytest.mark.parametrize(
+    'overrides, layout_class, devices',
+    [
+        ({}, data_parallel.DataParallelLayout, 8),
+        ({'num_workers': 16}, data_parallel.DataParallelLayout, 16),
+        ({'num_workers': 4, 'model_axis_size': 2}, sharded.ShardedLayout, 8),
+    ],
+)
 def test_a_config_picks_its_layout(overrides, layout_class, devices):
   config = default.get_config()
   config.update(overrides)

@@ -26,7 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # One device (3 of 8) sleeps `delay` seconds in a host callback before an
 # all-reduce, while the other 7 wait for it at the rendezvous.
-SLOW_DEVICE = r'''
+SLOW_DEVICE = r"""
 import sys, time
 import jax, jax.numpy as jnp
 from jax.experimental import io_callback
@@ -50,19 +50,29 @@ mesh = jax.make_mesh((8,), ('d',))
 f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P('d'), out_specs=P(), check_vma=False))
 x = jax.device_put(jnp.ones((8, 2)), jax.NamedSharding(mesh, P('d')))
 print('sum', float(f(x).sum()))
-'''
+"""
 
 
 def _slow_device(delay, flags, xla_flags=''):
   env = dict(os.environ, XLA_FLAGS=xla_flags, PYTHONPATH=REPO)
-  return subprocess.run([sys.executable, '-c', SLOW_DEVICE, str(delay), flags], cwd=REPO,
-                        env=env, capture_output=True, text=True, timeout=300)
+  return subprocess.run(
+      [sys.executable, '-c', SLOW_DEVICE, str(delay), flags],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
 
 
 def test_a_late_device_aborts_xla_at_its_timeout():
   """The failure mode itself, with XLA's timeouts shortened to 1 + 2 s."""
-  proc = _slow_device(5, 'xla', '--xla_cpu_collective_call_warn_stuck_timeout_seconds=1'
-                      ' --xla_cpu_collective_call_terminate_timeout_seconds=2')
+  proc = _slow_device(
+      5,
+      'xla',
+      '--xla_cpu_collective_call_warn_stuck_timeout_seconds=1'
+      ' --xla_cpu_collective_call_terminate_timeout_seconds=2',
+  )
   assert proc.returncode == -signal.SIGABRT, proc.stderr[-2000:]
   assert 'Termination timeout' in proc.stderr
 
@@ -71,16 +81,23 @@ def test_a_late_device_aborts_xla_at_its_timeout():
 def test_defjax_waits_for_a_device_later_than_xlas_default():
   """45 s late, with the stuck warning shortened to 1 s: XLA's default would
   terminate at 1 + 40 s; defjax's lifted timeout completes the all-reduce."""
-  proc = _slow_device(45, 'defjax', '--xla_cpu_collective_call_warn_stuck_timeout_seconds=1')
+  proc = _slow_device(
+      45, 'defjax', '--xla_cpu_collective_call_warn_stuck_timeout_seconds=1'
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
-  assert 'sum 72.0' in proc.stdout  # 2 values, each sum_i (1 + i) over 8 devices
+  assert (
+      'sum 72.0' in proc.stdout
+  )  # 2 values, each sum_i (1 + i) over 8 devices
   assert 'Termination timeout' not in proc.stderr
 
 
 @contextlib.contextmanager
 def cpu_hogs(n):
   """``n`` processes that spin on the CPUs until the block ends."""
-  procs = [subprocess.Popen([sys.executable, '-c', 'while True: pass']) for _ in range(n)]
+  procs = [
+      subprocess.Popen([sys.executable, '-c', 'while True: pass'])
+      for _ in range(n)
+  ]
   try:
     yield
   finally:
@@ -93,9 +110,12 @@ def cpu_hogs(n):
 def compile_cache_env(env, path):
   """Adds a persistent compilation cache at ``path``: the loaded run reuses
   the idle run's executables, so the hogs slow only the training itself."""
-  return dict(env, JAX_COMPILATION_CACHE_DIR=str(path),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  return dict(
+      env,
+      JAX_COMPILATION_CACHE_DIR=str(path),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
+  )
 
 
 def _training(log) -> bool:
@@ -117,7 +137,9 @@ def _finish_under_hogs(procs, logs):
     time.sleep(0.05)
   with cpu_hogs(max(8, 4 * os.cpu_count())):
     # Still training when the hogs came: the load met the steps.
-    assert all(p.poll() is None for p in procs), [log.read_text()[-1000:] for log in logs]
+    assert all(p.poll() is None for p in procs), [
+        log.read_text()[-1000:] for log in logs
+    ]
     for p, log in zip(procs, logs):
       p.wait(timeout=1200)
       assert p.returncode == 0, log.read_text()[-3000:]
@@ -131,24 +153,44 @@ def test_runs_under_cpu_hogs_match_idle_runs(tiny_folder, tmp_path):
   summed in another order). The busy processes start once a run is training
   (its compiled programs come from the idle run's persistent cache)."""
   from test_multihost import _args, _env, _finish, _launch_two
+
   steps = 12
 
   def launch_one(workdir, stderr=subprocess.PIPE):
-    return [subprocess.Popen(_args(tiny_folder, workdir, steps), cwd=REPO,
-                             env=_env(8, tmp_path / 'jax-cache'), stdout=subprocess.PIPE,
-                             stderr=stderr, text=True)]
+    return [
+        subprocess.Popen(
+            _args(tiny_folder, workdir, steps),
+            cwd=REPO,
+            env=_env(8, tmp_path / 'jax-cache'),
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
+    ]
 
   one = _finish(launch_one(tmp_path / 'one'), tmp_path / 'one')
-  two = _finish(_launch_two(tiny_folder, tmp_path / 'two', steps), tmp_path / 'two')
+  two = _finish(
+      _launch_two(tiny_folder, tmp_path / 'two', steps), tmp_path / 'two'
+  )
   logs = [tmp_path / f'loaded{i}.txt' for i in range(3)]
-  _finish_under_hogs(launch_one(tmp_path / 'loaded_one', stderr=open(logs[0], 'w')), logs[:1])
-  _finish_under_hogs(_launch_two(tiny_folder, tmp_path / 'loaded_two', steps, logs=logs[1:]),
-                     logs[1:])
-  loaded = {k: json.loads((tmp_path / f'loaded_{k}' / 'summary.json').read_text())
-            for k in ('one', 'two')}
+  _finish_under_hogs(
+      launch_one(tmp_path / 'loaded_one', stderr=open(logs[0], 'w')), logs[:1]
+  )
+  _finish_under_hogs(
+      _launch_two(tiny_folder, tmp_path / 'loaded_two', steps, logs=logs[1:]),
+      logs[1:],
+  )
+  loaded = {
+      k: json.loads((tmp_path / f'loaded_{k}' / 'summary.json').read_text())
+      for k in ('one', 'two')
+  }
   assert loaded['one']['params_sha256'] == one['params_sha256']
   assert loaded['two']['params_sha256'] == two['params_sha256']
   assert two['steps'] == one['steps'] == steps
-  for key in ('final_train_loss', 'final_test_accuracy', 'final_test_accuracy_x'):
+  for key in (
+      'final_train_loss',
+      'final_test_accuracy',
+      'final_test_accuracy_x',
+  ):
     assert two[key] == pytest.approx(one[key], rel=1e-5), key
   assert two['bytes_sent'] == one['bytes_sent']

@@ -13,20 +13,25 @@ from defjax.training import models
 
 BATCH = 2
 NUM_CLASSES = {  # the datasets each model is trained on
-    'cnn': 10,                # Fashion-MNIST
-    'mlp_tp': 10,             # Fashion-MNIST
-    'vgg16': 10,              # CIFAR-10
-    'vgg16_slim': 10,         # CIFAR-10
-    'vgg16_linear': 10,       # CIFAR-10
+    'cnn': 10,  # Fashion-MNIST
+    'mlp_tp': 10,  # Fashion-MNIST
+    'vgg16': 10,  # CIFAR-10
+    'vgg16_slim': 10,  # CIFAR-10
+    'vgg16_linear': 10,  # CIFAR-10
     'vgg16_slim_linear': 10,  # CIFAR-10
-    'resnet20': 10,           # CIFAR-10
+    'resnet20': 10,  # CIFAR-10
     'preact_resnet110': 100,  # CIFAR-100
-    'wrn28_10': 100,          # CIFAR-100
-    'resnet50': 1000,         # ImageNet
+    'wrn28_10': 100,  # CIFAR-100
+    'resnet50': 1000,  # ImageNet
 }
-DROPOUT = {'dropout': jax.random.PRNGKey(1)}  # the VGGs' classifier; others ignore it
-IMAGE_SHAPE = {'cnn': (28, 28, 1), 'mlp_tp': (28, 28, 1),
-               'resnet50': (224, 224, 3)}  # else 32x32x3
+DROPOUT = {
+    'dropout': jax.random.PRNGKey(1)
+}  # the VGGs' classifier; others ignore it
+IMAGE_SHAPE = {
+    'cnn': (28, 28, 1),
+    'mlp_tp': (28, 28, 1),
+    'resnet50': (224, 224, 3),
+}  # else 32x32x3
 
 # Published parameter counts (BN scale and bias included, running statistics
 # excluded), reproduced by the formulas below before the models are checked
@@ -71,8 +76,12 @@ def _dense(cin, cout):
 
 def _cnn(n):
   # 28 -> 14 -> 7 after the two pools.
-  return (_conv(3, 1, 32, True) + _conv(3, 32, 64, True)
-          + _dense(7 * 7 * 64, 128) + _dense(128, n))
+  return (
+      _conv(3, 1, 32, True)
+      + _conv(3, 32, 64, True)
+      + _dense(7 * 7 * 64, 128)
+      + _dense(128, n)
+  )
 
 
 def _vgg16(n, width=1.0, head=True):
@@ -117,8 +126,14 @@ def _resnet50(n):
   cin = 64
   for stage, (count, w) in enumerate(zip((3, 4, 6, 3), (64, 128, 256, 512))):
     for _ in range(count):
-      total += (_conv(1, cin, w) + _bn(w) + _conv(3, w, w) + _bn(w)
-                + _conv(1, w, 4 * w) + _bn(4 * w))
+      total += (
+          _conv(1, cin, w)
+          + _bn(w)
+          + _conv(3, w, w)
+          + _bn(w)
+          + _conv(1, w, 4 * w)
+          + _bn(4 * w)
+      )
       if cin != 4 * w:  # the first block of every stage
         total += _conv(1, cin, 4 * w) + _bn(4 * w)
       cin = 4 * w
@@ -127,7 +142,9 @@ def _resnet50(n):
 
 EXPECTED = {
     'cnn': _cnn,
-    'mlp_tp': lambda n: _dense(784, 1024) + _dense(1024, 1024) + _dense(1024, n),
+    'mlp_tp': (
+        lambda n: _dense(784, 1024) + _dense(1024, 1024) + _dense(1024, n)
+    ),
     'vgg16': _vgg16,
     'vgg16_slim': lambda n: _vgg16(n, width=0.25),
     'vgg16_linear': lambda n: _vgg16(n, head=False),
@@ -160,8 +177,11 @@ def _initialised(name):
 
 
 def _allclose(a, b, **kw):
-  return all(jax.tree.leaves(jax.tree.map(
-      lambda u, v: bool(np.allclose(u, v, **kw)), a, b)))
+  return all(
+      jax.tree.leaves(
+          jax.tree.map(lambda u, v: bool(np.allclose(u, v, **kw)), a, b)
+      )
+  )
 
 
 # ------------------------------------------------- tests
@@ -195,8 +215,11 @@ def test_param_count_and_output_shape(name):
   )
   assert _count(variables['params']) == EXPECTED[name](num_classes)
   logits, updates = jax.eval_shape(
-      functools.partial(model.apply, train=True, mutable=['batch_stats'], rngs=DROPOUT),
-      variables, x,
+      functools.partial(
+          model.apply, train=True, mutable=['batch_stats'], rngs=DROPOUT
+      ),
+      variables,
+      x,
   )
   assert logits.shape == (BATCH, num_classes)
   assert logits.dtype == jnp.float32
@@ -206,20 +229,26 @@ def test_param_count_and_output_shape(name):
   assert set(updates) == ({'batch_stats'} if has_bn else set())
   if has_bn:
     assert jax.tree.structure(updates['batch_stats']) == jax.tree.structure(
-        variables['batch_stats'])
+        variables['batch_stats']
+    )
 
 
 def test_mlp_tp_is_column_then_row_parallel():
   """Megatron's pairing: the first layer's output units and the second's
   input units are split over 'model'; the classifier is whole."""
   from jax.sharding import PartitionSpec as P
+
   model = models.get_model('mlp_tp', 10)
-  variables = jax.eval_shape(functools.partial(model.init, train=False),
-                             jax.random.PRNGKey(0), _images('mlp_tp'))
+  variables = jax.eval_shape(
+      functools.partial(model.init, train=False),
+      jax.random.PRNGKey(0),
+      _images('mlp_tp'),
+  )
   assert nn.get_partition_spec(variables)['params'] == {
       'column': {'kernel': P(None, 'model'), 'bias': P('model')},
       'row': {'kernel': P('model', None), 'bias': P(None)},
-      'head': {'kernel': P(), 'bias': P()}}
+      'head': {'kernel': P(), 'bias': P()},
+  }
 
 
 def test_unknown_model_raises():
@@ -232,7 +261,8 @@ def test_forward_train_and_eval(name):
   model, x, variables = _initialised(name)
   num_classes = NUM_CLASSES[name]
   logits, updates = model.apply(
-      variables, x, train=True, mutable=['batch_stats'], rngs=DROPOUT)
+      variables, x, train=True, mutable=['batch_stats'], rngs=DROPOUT
+  )
   assert logits.shape == (BATCH, num_classes)
   assert bool(jnp.isfinite(logits).all())
   eval_logits = model.apply(variables, x, train=False)
@@ -257,11 +287,14 @@ def test_forward_train_and_eval(name):
   eval_updated = model.apply(updated, x, train=False)
   assert not np.allclose(eval_updated, eval_logits)
   np.testing.assert_allclose(
-      model.apply(updated, x[:1], train=False), eval_updated[:1],
-      rtol=1e-4, atol=1e-5,
+      model.apply(updated, x[:1], train=False),
+      eval_updated[:1],
+      rtol=1e-4,
+      atol=1e-5,
   )
   train_single, _ = model.apply(
-      variables, x[:1], train=True, mutable=['batch_stats'], rngs=DROPOUT)
+      variables, x[:1], train=True, mutable=['batch_stats'], rngs=DROPOUT
+  )
   assert not np.allclose(train_single, logits[:1])
 
 
@@ -269,7 +302,11 @@ def test_forward_train_and_eval(name):
 def test_batch_norm_uses_pytorch_momentum(name):
   model, x, variables = _initialised(name)
   _, state = model.apply(
-      variables, x, train=True, mutable=['batch_stats', 'intermediates'], rngs=DROPOUT,
+      variables,
+      x,
+      train=True,
+      mutable=['batch_stats', 'intermediates'],
+      rngs=DROPOUT,
       capture_intermediates=lambda mdl, _: isinstance(mdl, nn.Conv),
   )
   # Both models start conv -> BN; PyTorch's momentum=0.1 moves the running
@@ -277,10 +314,11 @@ def test_batch_norm_uses_pytorch_momentum(name):
   conv_out = state['intermediates']['Conv_0']['__call__'][0]
   stats = state['batch_stats']['BatchNorm_0']
   np.testing.assert_allclose(
-      stats['mean'], 0.1 * conv_out.mean(axis=(0, 1, 2)), rtol=1e-4,
-      atol=1e-6)
+      stats['mean'], 0.1 * conv_out.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6
+  )
   np.testing.assert_allclose(
-      stats['var'], 0.9 + 0.1 * conv_out.var(axis=(0, 1, 2)), rtol=1e-4)
+      stats['var'], 0.9 + 0.1 * conv_out.var(axis=(0, 1, 2)), rtol=1e-4
+  )
 
 
 def test_initialisation_follows_pytorch():
@@ -290,8 +328,7 @@ def test_initialisation_follows_pytorch():
   # 36,864 weights of a 64 -> 64 conv in the last stage.
   kernel = params['BasicBlock_8']['Conv_1']['kernel']
   assert kernel.shape == (3, 3, 64, 64)
-  np.testing.assert_allclose(
-      np.std(kernel), math.sqrt(2 / (9 * 64)), rtol=0.03)
+  np.testing.assert_allclose(np.std(kernel), math.sqrt(2 / (9 * 64)), rtol=0.03)
   # Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) weights, zero bias.
   head = params['Dense_0']
   assert float(jnp.abs(head['kernel']).max()) <= 1 / math.sqrt(64)

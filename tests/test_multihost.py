@@ -28,17 +28,28 @@ def _free_port():
 
 
 def _args(tiny_folder, workdir, steps, *extra):
-  return [sys.executable, os.path.join(REPO, 'train.py'),
-          '--config', 'configs/fashion_mnist.py', '--workdir', str(workdir),
-          '--config.dataset=image_folder', f'--config.data_dir={tiny_folder}',
-          '--config.batch_size=2', f'--config.num_train_steps={steps}',
-          '--config.eval_every_steps=5', '--config.optim.ratio=16', *extra]
+  return [
+      sys.executable,
+      os.path.join(REPO, 'train.py'),
+      '--config',
+      'configs/fashion_mnist.py',
+      '--workdir',
+      str(workdir),
+      '--config.dataset=image_folder',
+      f'--config.data_dir={tiny_folder}',
+      '--config.batch_size=2',
+      f'--config.num_train_steps={steps}',
+      '--config.eval_every_steps=5',
+      '--config.optim.ratio=16',
+      *extra,
+  ]
 
 
 def _env(devices, cache=None):
   env = dict(os.environ)
   if cache is not None:
     from test_load import compile_cache_env
+
     env = compile_cache_env(env, cache)
   env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
   return env
@@ -48,10 +59,21 @@ def _launch_two(tiny_folder, workdir, steps, *extra, logs=None):
   port = _free_port()
   return [
       subprocess.Popen(
-          _args(tiny_folder, workdir, steps, f'--coordinator_address=127.0.0.1:{port}',
-                '--num_processes=2', f'--process_id={i}', *extra),
-          cwd=REPO, env=_env(4, workdir.parent / 'jax-cache'), stdout=subprocess.PIPE,
-          stderr=subprocess.PIPE if logs is None else open(logs[i], 'w'), text=True)
+          _args(
+              tiny_folder,
+              workdir,
+              steps,
+              f'--coordinator_address=127.0.0.1:{port}',
+              '--num_processes=2',
+              f'--process_id={i}',
+              *extra,
+          ),
+          cwd=REPO,
+          env=_env(4, workdir.parent / 'jax-cache'),
+          stdout=subprocess.PIPE,
+          stderr=subprocess.PIPE if logs is None else open(logs[i], 'w'),
+          text=True,
+      )
       for i in range(2)
   ]
 
@@ -60,7 +82,9 @@ def _finish(procs, workdir, timeout=300):
   """Waits for a run's processes; returns its summary.json."""
   errs = [p.communicate(timeout=timeout)[1] for p in procs]
   for i, p in enumerate(procs):
-    assert p.returncode == 0, f'process {i}:\n' + '\n'.join(e[-2500:] for e in errs)
+    assert p.returncode == 0, f'process {i}:\n' + '\n'.join(
+        e[-2500:] for e in errs
+    )
   with open(workdir / 'summary.json') as f:
     return json.load(f)
 
@@ -68,11 +92,20 @@ def _finish(procs, workdir, timeout=300):
 def test_dead_peer_fails_the_other_within_bound(tiny_folder, tmp_path):
   bound = 90  # heartbeat 10 s, plus the coordination service's reaction time
   logs = [tmp_path / 'log0.txt', tmp_path / 'log1.txt']
-  procs = _launch_two(tiny_folder, tmp_path / 'run', 100000, '--heartbeat_timeout_seconds=10',
-                      '--config.eval_every_steps=100000', logs=logs)
+  procs = _launch_two(
+      tiny_folder,
+      tmp_path / 'run',
+      100000,
+      '--heartbeat_timeout_seconds=10',
+      '--config.eval_every_steps=100000',
+      logs=logs,
+  )
   # wait until training runs (the progress bar reports steps on stderr)
   deadline = time.time() + 240
-  while 'step/s' not in logs[0].read_text() and 's/step' not in logs[0].read_text():
+  while (
+      'step/s' not in logs[0].read_text()
+      and 's/step' not in logs[0].read_text()
+  ):
     assert procs[0].poll() is None, logs[0].read_text()[-3000:]
     assert time.time() < deadline, logs[0].read_text()[-3000:]
     time.sleep(0.2)
@@ -83,16 +116,20 @@ def test_dead_peer_fails_the_other_within_bound(tiny_folder, tmp_path):
     procs[0].wait(timeout=bound)
   except subprocess.TimeoutExpired:
     procs[0].kill()
-    pytest.fail(f'the surviving process still ran {bound} s after its peer died')
+    pytest.fail(
+        f'the surviving process still ran {bound} s after its peer died'
+    )
   assert procs[0].returncode != 0
   assert time.time() - t < bound
 
 
-
 @pytest.mark.slow
-@pytest.mark.parametrize('script, leaves', [('multihost_sharded.py', 9),
-                                            ('multihost_hosts.py', 9)])
-def test_two_processes_match_one_process_arranged_the_same(script, leaves, tmp_path):
+@pytest.mark.parametrize(
+    'script, leaves', [('multihost_sharded.py', 9), ('multihost_hosts.py', 9)]
+)
+def test_two_processes_match_one_process_arranged_the_same(
+    script, leaves, tmp_path
+):
   """DEF on 2 x 4 meshes: 2 processes x 4 devices give the parameters and y
   of 1 process x 8 to float tolerance. ('data', 'model'): one worker of 4
   model shards per process, the block all-reduce across processes. Hosts
@@ -100,16 +137,42 @@ def test_two_processes_match_one_process_arranged_the_same(script, leaves, tmp_p
   worker's gradient, the block's slices across processes."""
   script = os.path.join(REPO, 'tests', script)
   port = _free_port()
-  runs = [subprocess.Popen([sys.executable, script, str(tmp_path / 'one.npz')], cwd=REPO,
-                           env=_env(8), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True)]
-  runs += [subprocess.Popen([sys.executable, script, str(tmp_path / 'two.npz'), str(port),
-                             str(i), '2'], cwd=REPO, env=_env(4), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  runs = [
+      subprocess.Popen(
+          [sys.executable, script, str(tmp_path / 'one.npz')],
+          cwd=REPO,
+          env=_env(8),
+          stdout=subprocess.PIPE,
+          stderr=subprocess.PIPE,
+          text=True,
+      )
+  ]
+  runs += [
+      subprocess.Popen(
+          [
+              sys.executable,
+              script,
+              str(tmp_path / 'two.npz'),
+              str(port),
+              str(i),
+              '2',
+          ],
+          cwd=REPO,
+          env=_env(4),
+          stdout=subprocess.PIPE,
+          stderr=subprocess.PIPE,
+          text=True,
+      )
+      for i in range(2)
+  ]
   errs = [p.communicate(timeout=300)[1] for p in runs]
   for p, err in zip(runs, errs):
     assert p.returncode == 0, err[-3000:]
   one, two = np.load(tmp_path / 'one.npz'), np.load(tmp_path / 'two.npz')
-  assert sorted(one) == sorted(two) and len(one) == leaves  # x, y (4 leaves each), loss
+  assert (
+      sorted(one) == sorted(two) and len(one) == leaves
+  )  # x, y (4 leaves each), loss
   for key in one:
-    np.testing.assert_allclose(two[key], one[key], rtol=1e-6, atol=1e-7, err_msg=key)
+    np.testing.assert_allclose(
+        two[key], one[key], rtol=1e-6, atol=1e-7, err_msg=key
+    )

@@ -27,16 +27,21 @@ def test_bytes_scaling():
   t1 = netmodel.ring_allreduce_s(1e6, 8, net)
   assert netmodel.ring_allreduce_s(4e6, 8, net) == pytest.approx(4 * t1)
   # ...and inversely proportional to the bandwidth.
-  assert netmodel.ring_allreduce_s(1e6, 8, netmodel.Network(50)) == pytest.approx(t1 / 2)
+  assert netmodel.ring_allreduce_s(
+      1e6, 8, netmodel.Network(50)
+  ) == pytest.approx(t1 / 2)
   # Per-worker traffic 2 (K-1)/K n approaches 2n as K grows.
-  assert netmodel.ring_allreduce_s(1e6, 1024, net) / netmodel.ring_allreduce_s(1e6, 2, net) \
-      == pytest.approx(2 * 1023 / 1024)
+  assert netmodel.ring_allreduce_s(1e6, 1024, net) / netmodel.ring_allreduce_s(
+      1e6, 2, net
+  ) == pytest.approx(2 * 1023 / 1024)
 
 
 def test_payload_bytes():
   d = 14_728_266
   assert netmodel.payload_bytes(d, dense=True) == 4 * (d + 1)
-  assert netmodel.payload_bytes(d, 256, model_state=8448) == 4 * (math.ceil(d / 256) + 8448 + 1)
+  assert netmodel.payload_bytes(d, 256, model_state=8448) == 4 * (
+      math.ceil(d / 256) + 8448 + 1
+  )
   assert netmodel.payload_bytes(d, 1) == netmodel.payload_bytes(d, dense=True)
 
 
@@ -46,7 +51,10 @@ def test_speedup_when_communication_dominates():
     s = netmodel.speedup(1e-3, d, ratio, 16, netmodel.Network(1))
     assert s >= 1
   # More compression never slows the step down (no extra overhead here).
-  s = [netmodel.speedup(1e-3, d, r, 16, netmodel.Network(1)) for r in (16, 64, 256)]
+  s = [
+      netmodel.speedup(1e-3, d, r, 16, netmodel.Network(1))
+      for r in (16, 64, 256)
+  ]
   assert s == sorted(s)
   # Comm-dominated: the speedup approaches (c + T_sgd) / c.
   assert netmodel.speedup(1e-3, d, 1e9, 16, netmodel.Network(1)) > 100
@@ -56,8 +64,9 @@ def test_speedup_bounded_by_overhead_and_steps():
   d = 10**7
   fast = netmodel.Network(400)
   assert netmodel.speedup(1.0, d, 256, 16, fast, overhead_s=0.5) < 1
-  assert netmodel.speedup(0.01, d, 256, 16, NET, steps_ratio=2) == pytest.approx(
-      netmodel.speedup(0.01, d, 256, 16, NET) / 2)
+  assert netmodel.speedup(
+      0.01, d, 256, 16, NET, steps_ratio=2
+  ) == pytest.approx(netmodel.speedup(0.01, d, 256, 16, NET) / 2)
 
 
 def test_compute_for_speedup_inverts_speedup():

@@ -17,8 +17,12 @@ from jax.sharding import PartitionSpec as P
 import defjax
 from helpers import assert_trees_close
 
-GUIDE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                     'docs', 'guides', 'nnx.md')
+GUIDE = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    'docs',
+    'guides',
+    'nnx.md',
+)
 STEPS = 5
 
 
@@ -38,8 +42,10 @@ def guide():
 
 def trees_equal(a, b):
   """Same structure and the same bits in every leaf."""
-  return (jax.tree.structure(a) == jax.tree.structure(b) and
-          all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))))
+  return jax.tree.structure(a) == jax.tree.structure(b) and all(
+      np.array_equal(x, y)
+      for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )
 
 
 def nnx_params(module):
@@ -50,13 +56,18 @@ def train(ns, step, params, steps=STEPS):
   """``steps`` steps of a guide-shaped step from ``params`` and fresh worker
   state on the guide's data; returns x, the per-worker state and y."""
   params = jax.device_put(params, ns['replicated'])
-  opt_state = jax.jit(ns['init_workers'], out_shardings=ns['per_worker'])(params)
+  opt_state = jax.jit(ns['init_workers'], out_shardings=ns['per_worker'])(
+      params
+  )
   for t in range(steps):
-    params, opt_state, loss = step(params, opt_state,
-                                   jax.device_put(ns['batch_at'](t), ns['per_worker']))
+    params, opt_state, loss = step(
+        params, opt_state, jax.device_put(ns['batch_at'](t), ns['per_worker'])
+    )
     float(loss)  # one multi-device program at a time (XLA:CPU)
   # Waited for: XLA:CPU can deadlock on two independent collective programs.
-  return jax.block_until_ready((params, opt_state, ns['average'](params, opt_state)))
+  return jax.block_until_ready(
+      (params, opt_state, ns['average'](params, opt_state))
+  )
 
 
 def all_reduce_shapes(compiled_text):
@@ -65,8 +76,12 @@ def all_reduce_shapes(compiled_text):
   for line in compiled_text.splitlines():
     m = re.search(r'= \(?([^=]*?)\)? all-reduce(?:-start)?\(', line)
     if m:
-      found.append([tuple(int(d) for d in dims.split(',') if d)
-                    for dims in re.findall(r'\w+\[([\d,]*)\]', m.group(1))])
+      found.append(
+          [
+              tuple(int(d) for d in dims.split(',') if d)
+              for dims in re.findall(r'\w+\[([\d,]*)\]', m.group(1))
+          ]
+      )
   return found
 
 
@@ -94,7 +109,9 @@ def test_guide_trains_and_merges_back(guide):
   # DEF's output y = x - mean_k e_k, and the error is not zero.
   y = ns['average'](params, opt_state)
   error = opt_state.error
-  assert_trees_close(y, jax.tree.map(lambda x, e: x - np.mean(e, 0), params, error))
+  assert_trees_close(
+      y, jax.tree.map(lambda x, e: x - np.mean(e, 0), params, error)
+  )
   assert not trees_equal(y, params)
 
 
@@ -105,15 +122,25 @@ def test_guide_step_all_reduces_only_the_block(guide):
   d = sum(x.size for x in jax.tree.leaves(params))
   b = -(-d // 16)  # rbgs(16), one global block
   batch = jax.device_put(ns['batch_at'](0), ns['per_worker'])
-  text = ns['train_step'].lower(params, ns['opt_state'], batch).compile().as_text()
+  text = (
+      ns['train_step'].lower(params, ns['opt_state'], batch).compile().as_text()
+  )
   assert all_reduce_shapes(text) == [[(b,), ()]]
   # The parser sees a full all-reduce where there is one: the data-parallel
   # step all-reduces every gradient value.
-  dp = jax.jit(jax.shard_map(
-      _data_parallel_worker(ns), mesh=ns['mesh'], in_specs=(P(), P(), P('data')),
-      out_specs=(P(), P(), P()), check_vma=False))
+  dp = jax.jit(
+      jax.shard_map(
+          _data_parallel_worker(ns),
+          mesh=ns['mesh'],
+          in_specs=(P(), P(), P('data')),
+          out_specs=(P(), P(), P()),
+          check_vma=False,
+      )
+  )
   dp_state = ns['dp_optimizer'].tx.init(params)
-  shapes = all_reduce_shapes(dp.lower(params, dp_state, batch).compile().as_text())
+  shapes = all_reduce_shapes(
+      dp.lower(params, dp_state, batch).compile().as_text()
+  )
   assert sum(math.prod(s) for shapes_ in shapes for s in shapes_) == d + 1
 
 
@@ -124,7 +151,11 @@ def _data_parallel_worker(ns):
     batch = jax.tree.map(lambda a: a[0], batch)
     loss, grads = jax.value_and_grad(ns['loss_fn'])(params, batch)
     updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state, jax.lax.pmean(loss, 'data')
+    return (
+        optax.apply_updates(params, updates),
+        state,
+        jax.lax.pmean(loss, 'data'),
+    )
 
   return worker
 
@@ -153,30 +184,46 @@ def test_nnx_optimizer_single_worker_is_plain_optax(guide):
   params, state = reference(at_eval_point=True)
   assert trees_equal(nnx_params(ns['single']), params)
   got_state = nnx.as_pure(ns['optimizer'].opt_state)
-  assert all(np.array_equal(a, b) for a, b in
-             zip(jax.tree.leaves(got_state), jax.tree.leaves(state), strict=True))
+  assert all(
+      np.array_equal(a, b)
+      for a, b in zip(
+          jax.tree.leaves(got_state), jax.tree.leaves(state), strict=True
+      )
+  )
   # DEF's output as the guide reads it: x - e.
   x_params = nnx.as_pure(nnx.state(ns['single'], nnx.Param))
   y = defjax.averaged_params(x_params, got_state)
-  assert trees_equal(nnx.to_pure_dict(y),
-                     jax.tree.map(lambda x, e: x - e, params, state.error))
+  assert trees_equal(
+      nnx.to_pure_dict(y), jax.tree.map(lambda x, e: x - e, params, state.error)
+  )
   assert not trees_equal(nnx.to_pure_dict(y), params)
   # The eval point matters: the gradient at x trains other numbers.
-  assert not trees_equal(nnx_params(ns['single']), reference(at_eval_point=False)[0])
+  assert not trees_equal(
+      nnx_params(ns['single']), reference(at_eval_point=False)[0]
+  )
 
 
 def test_nnx_optimizer_data_parallel_is_plain_optax(guide):
   """The guide's nnx.Optimizer under nnx.shard_map trains what the same
   transform trains through jax.shard_map on plain pytrees (bitwise)."""
   ns = guide
-  step = jax.jit(jax.shard_map(
-      _data_parallel_worker(ns), mesh=ns['mesh'], in_specs=(P(), P(), P('data')),
-      out_specs=(P(), P(), P()), check_vma=False))
-  params = jax.device_put(nnx_params(ns['MLP'](rngs=nnx.Rngs(0))), ns['replicated'])
+  step = jax.jit(
+      jax.shard_map(
+          _data_parallel_worker(ns),
+          mesh=ns['mesh'],
+          in_specs=(P(), P(), P('data')),
+          out_specs=(P(), P(), P()),
+          check_vma=False,
+      )
+  )
+  params = jax.device_put(
+      nnx_params(ns['MLP'](rngs=nnx.Rngs(0))), ns['replicated']
+  )
   state = jax.device_put(ns['dp_optimizer'].tx.init(params), ns['replicated'])
   for t in range(5):
-    params, state, loss = step(params, state,
-                               jax.device_put(ns['batch_at'](t), ns['per_worker']))
+    params, state, loss = step(
+        params, state, jax.device_put(ns['batch_at'](t), ns['per_worker'])
+    )
     float(loss)
   assert trees_equal(nnx_params(ns['dp_model']), params)
   assert not trees_equal(nnx_params(ns['MLP'](rngs=nnx.Rngs(0))), params)
@@ -212,9 +259,15 @@ def linen_step(ns):
     opt_state = jax.tree.map(lambda a: a[None], opt_state)
     return params, opt_state, jax.lax.pmean(loss, 'data')
 
-  return jax.jit(jax.shard_map(
-      worker_step, mesh=ns['mesh'], in_specs=(P(), P('data'), P('data')),
-      out_specs=(P(), P('data'), P()), check_vma=False))
+  return jax.jit(
+      jax.shard_map(
+          worker_step,
+          mesh=ns['mesh'],
+          in_specs=(P(), P('data'), P('data')),
+          out_specs=(P(), P('data'), P()),
+          check_vma=False,
+      )
+  )
 
 
 def library_linen_run(ns, params):
@@ -222,16 +275,25 @@ def library_linen_run(ns, params):
   from defjax.layouts import data_parallel  # pylint: disable=g-import-not-at-top
 
   layout = data_parallel.make_layout(num_workers=ns['K'])
-  assert layout.axis_name == 'data'  # so the guide's tx is this layout's transform
-  step = layout.train_step(lambda p, ms, batch: (linen_loss(p, batch), ms), ns['tx'],
-                           donate=False)
+  assert (
+      layout.axis_name == 'data'
+  )  # so the guide's tx is this layout's transform
+  step = layout.train_step(
+      lambda p, ms, batch: (linen_loss(p, batch), ms), ns['tx'], donate=False
+  )
   params = jax.device_put(params, layout.replicated)
   opt_state = layout.init_state(ns['tx'], params)
   for t in range(STEPS):
-    params, _, opt_state, loss = step(params, {}, opt_state,
-                                      jax.device_put(ns['batch_at'](t), layout.per_worker))
+    params, _, opt_state, loss = step(
+        params,
+        {},
+        opt_state,
+        jax.device_put(ns['batch_at'](t), layout.per_worker),
+    )
     float(loss)
-  return jax.block_until_ready((params, opt_state, layout.averaged_params()(params, opt_state)))
+  return jax.block_until_ready(
+      (params, opt_state, layout.averaged_params()(params, opt_state))
+  )
 
 
 def test_same_numbers_as_linen(guide):
@@ -242,19 +304,25 @@ def test_same_numbers_as_linen(guide):
   ns = guide
   nnx_init = nnx_params(ns['MLP'](rngs=nnx.Rngs(0)))
   linen_init = LinenMLP().init(jax.random.key(0), jnp.zeros((1, 16)))['params']
-  copied = jax.tree.map(lambda _, w: np.array(w), linen_init, nnx_init)  # NNX's weights
+  copied = jax.tree.map(
+      lambda _, w: np.array(w), linen_init, nnx_init
+  )  # NNX's weights
 
   step = linen_step(ns)
   nnx_run = train(ns, ns['train_step'], nnx_init)
   linen_run = train(ns, step, copied)
-  assert trees_equal(nnx_run[0], linen_run[0])              # x
+  assert trees_equal(nnx_run[0], linen_run[0])  # x
   assert trees_equal(nnx_run[1].error, linen_run[1].error)  # e_k
-  assert trees_equal(nnx_run[1], linen_run[1])              # all per-worker state
-  assert trees_equal(nnx_run[2], linen_run[2])              # y
-  assert not trees_equal(nnx_run[1].error, jax.tree.map(jnp.zeros_like, nnx_run[1].error))
+  assert trees_equal(nnx_run[1], linen_run[1])  # all per-worker state
+  assert trees_equal(nnx_run[2], linen_run[2])  # y
+  assert not trees_equal(
+      nnx_run[1].error, jax.tree.map(jnp.zeros_like, nnx_run[1].error)
+  )
 
   batch = jax.device_put(ns['batch_at'](0), ns['per_worker'])
-  lower = lambda step, p: step.lower(p, nnx_run[1], batch).as_text(debug_info=False)
+  lower = lambda step, p: step.lower(p, nnx_run[1], batch).as_text(
+      debug_info=False
+  )
   assert lower(ns['train_step'], nnx_init) == lower(step, copied)
 
   # The comparison can fail: linen's own initial weights train other numbers.
@@ -291,9 +359,12 @@ def test_checkpoint_resume_is_exact(guide):
   # The comparison can fail: resuming x alone, with the workers' errors and
   # momenta reset, ends elsewhere.
   params = restored['params']
-  opt_state = jax.jit(ns['init_workers'], out_shardings=ns['per_worker'])(params)
+  opt_state = jax.jit(ns['init_workers'], out_shardings=ns['per_worker'])(
+      params
+  )
   for t in range(ns['start'], ns['saved_at'] + 3):
     params, opt_state, loss = ns['train_step'](
-        params, opt_state, jax.device_put(ns['batch_at'](t), ns['per_worker']))
+        params, opt_state, jax.device_put(ns['batch_at'](t), ns['per_worker'])
+    )
     float(loss)
   assert not trees_equal(params, ns['uninterrupted'][0])

@@ -17,8 +17,9 @@ def test_readme_example_runs():
   """The example is self-contained: it runs as written on the 8 test devices."""
   with open(README) as f:
     text = f.read()
-  block = re.search(r'## The library\n\n(?:<!--[^\n]*-->\n)?```python\n(.*?)```', text,
-                    re.S).group(1)
+  block = re.search(
+      r'## The library\n\n(?:<!--[^\n]*-->\n)?```python\n(.*?)```', text, re.S
+  ).group(1)
   namespace = {}
   exec(block, namespace)
   assert np.isfinite(float(namespace['loss']))
@@ -26,9 +27,17 @@ def test_readme_example_runs():
   assert jax.tree.structure(y) == jax.tree.structure(x)
   # One step of DEF at ratio 256 moved only the block: b of d values changed.
   d = sum(leaf.size for leaf in jax.tree.leaves(x))
-  moved = sum(int(np.sum(np.asarray(a) != np.asarray(b))) for a, b in zip(
-      jax.tree.leaves(x), jax.tree.leaves(namespace['model'].init(
-          jax.random.PRNGKey(0), jnp.zeros((1, 784)))['params'])))
+  moved = sum(
+      int(np.sum(np.asarray(a) != np.asarray(b)))
+      for a, b in zip(
+          jax.tree.leaves(x),
+          jax.tree.leaves(
+              namespace['model'].init(
+                  jax.random.PRNGKey(0), jnp.zeros((1, 784))
+              )['params']
+          ),
+      )
+  )
   assert 0 < moved <= -(-d // 256)
 
 
@@ -37,13 +46,23 @@ def test_layouts_guide_sharded_example_runs():
   mesh, one step."""
   with open(LAYOUTS_GUIDE) as f:
     text = f.read()
-  block = next(b for b in re.findall(r'```python\n(.*?)```', text, re.S)
-               if 'sharded.make_layout' in b)
+  block = next(
+      b
+      for b in re.findall(r'```python\n(.*?)```', text, re.S)
+      if 'sharded.make_layout' in b
+  )
   namespace = {}
   exec(block, namespace)
   assert np.isfinite(float(namespace['loss']))
-  layout, params, specs = namespace['layout'], namespace['params'], namespace['specs']
+  layout, params, specs = (
+      namespace['layout'],
+      namespace['params'],
+      namespace['specs'],
+  )
   assert layout.mesh.shape == {'data': 4, 'model': 2}
-  for x, want in zip(jax.tree.leaves(params), jax.tree.leaves(layout.param_shardings(params, specs))):
+  for x, want in zip(
+      jax.tree.leaves(params),
+      jax.tree.leaves(layout.param_shardings(params, specs)),
+  ):
     assert x.sharding.is_equivalent_to(want, x.ndim)
   assert jax.tree.structure(namespace['y']) == jax.tree.structure(params)

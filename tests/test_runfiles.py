@@ -26,15 +26,30 @@ def test_each_invocation_is_appended_with_its_end(tmp_path):
   with runfiles.Invocation(tmp_path, 7, 20, enabled=False):
     pass  # another process of a multi-host run writes nothing
   done, stopped, failed = runfiles.read_invocations(tmp_path)
-  assert (done['status'], done['start_step'], done['end_step']) == ('completed', 0, 10)
-  assert (stopped['status'], stopped['start_step'], stopped['end_step']) == ('interrupted', 10, 7)
+  assert (done['status'], done['start_step'], done['end_step']) == (
+      'completed',
+      0,
+      10,
+  )
+  assert (stopped['status'], stopped['start_step'], stopped['end_step']) == (
+      'interrupted',
+      10,
+      7,
+  )
   assert (failed['status'], failed['end_step']) == ('failed', None)
-  assert json.loads((tmp_path / runfiles.RECORD).read_text())['invocations'][0] == done
+  assert (
+      json.loads((tmp_path / runfiles.RECORD).read_text())['invocations'][0]
+      == done
+  )
 
 
 def test_git_state_records_a_dirty_tree_with_its_diff(tmp_path):
-  git = lambda *a: subprocess.run(['git', '-C', str(tmp_path), *a], check=True,
-                                  capture_output=True, text=True).stdout
+  git = lambda *a: subprocess.run(
+      ['git', '-C', str(tmp_path), *a],
+      check=True,
+      capture_output=True,
+      text=True,
+  ).stdout
   git('init', '-q')
   (tmp_path / 'code.py').write_text('a = 1\n')
   git('add', 'code.py')
@@ -50,6 +65,11 @@ def test_git_state_records_a_dirty_tree_with_its_diff(tmp_path):
 
 
 def test_outside_a_checkout_the_commit_is_unknown(tmp_path):
-  if subprocess.run(['git', '-C', str(tmp_path), 'rev-parse'], capture_output=True).returncode == 0:
-    pytest.skip('pytest\'s temporary directory lies inside a git checkout')
+  if (
+      subprocess.run(
+          ['git', '-C', str(tmp_path), 'rev-parse'], capture_output=True
+      ).returncode
+      == 0
+  ):
+    pytest.skip("pytest's temporary directory lies inside a git checkout")
   assert runfiles.git_state(tmp_path) == {'commit': None, 'dirty': None}

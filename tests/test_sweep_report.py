@@ -31,8 +31,16 @@ PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
 def fake_accuracy(method, ratio, lam, seed, x):
   """The fake final test accuracy (a fraction) of one run."""
-  base = {'sgd': 0.90, 'ef': 0.85, 'saef': 0.84, 'psync': 0.83,
-          'def': 0.89, 'def_a': 0.891, 'ef21_sgdm': 0.87, 'ef21': 0.5}[method]
+  base = {
+      'sgd': 0.90,
+      'ef': 0.85,
+      'saef': 0.84,
+      'psync': 0.83,
+      'def': 0.89,
+      'def_a': 0.891,
+      'ef21_sgdm': 0.87,
+      'ef21': 0.5,
+  }[method]
   if method == 'def' and x:  # DEF-A's model x of a def run
     base += 0.001
   ratio_cost = 0.0 if method == 'sgd' else 0.004 * math.log2(ratio)
@@ -122,8 +130,11 @@ if __name__ == '__main__':
 def make_fake(tmp_path):
   """Writes a fake train.py and a base config file beside it."""
   train = tmp_path / 'fake_train.py'
-  train.write_text(FAKE_TRAIN.format(
-      accuracy=textwrap.dedent(inspect.getsource(fake_accuracy))))
+  train.write_text(
+      FAKE_TRAIN.format(
+          accuracy=textwrap.dedent(inspect.getsource(fake_accuracy))
+      )
+  )
   config = tmp_path / 'base_config.py'
   config.write_text('def get_config():\n  return None\n')
   return train, config
@@ -141,46 +152,73 @@ def launches(config):
 
 def run_sweep(fake, out, *args):
   train, config = fake
-  return sweep.main(['--config', str(config), '--out', str(out),
-                     '--train', str(train), *args])
+  return sweep.main(
+      ['--config', str(config), '--out', str(out), '--train', str(train), *args]
+  )
 
 
 def test_grid_expansion():
   runs = sweep.expand_grid(
-      config='c.py', out='/tmp/sw', methods=['sgd', 'ef', 'def'],
-      ratios=[16, 64], seeds=[0, 1], lams=[0.2, 0.3],
-      overrides=['num_epochs=5', 'config.optim.lr=0.05'], train='t.py')
+      config='c.py',
+      out='/tmp/sw',
+      methods=['sgd', 'ef', 'def'],
+      ratios=[16, 64],
+      seeds=[0, 1],
+      lams=[0.2, 0.3],
+      overrides=['num_epochs=5', 'config.optim.lr=0.05'],
+      train='t.py',
+  )
   names = [r.name for r in runs]
   # SGD once per seed at ratio 1; lam only multiplies DEF; seed-major order.
   assert names[:7] == [
-      'sgd-r1-s0', 'ef-r16-s0', 'ef-r64-s0', 'def-r16-lam0.2-s0',
-      'def-r16-lam0.3-s0', 'def-r64-lam0.2-s0', 'def-r64-lam0.3-s0']
+      'sgd-r1-s0',
+      'ef-r16-s0',
+      'ef-r64-s0',
+      'def-r16-lam0.2-s0',
+      'def-r16-lam0.3-s0',
+      'def-r64-lam0.2-s0',
+      'def-r64-lam0.3-s0',
+  ]
   assert len(runs) == 14 and len(set(names)) == 14
   assert names[7] == 'sgd-r1-s1'
   run = runs[4]
   assert run.workdir == pathlib.Path('/tmp/sw/def-r16-lam0.3-s0')
   assert run.command[1:] == [
-      str(pathlib.Path('t.py').resolve()), '--config',
-      str(pathlib.Path('c.py').resolve()), '--workdir', str(run.workdir),
-      '--config.optim.method=def', '--config.optim.ratio=16',
-      '--config.seed=0', '--config.optim.lam=0.3',
-      '--config.num_epochs=5', '--config.optim.lr=0.05']
+      str(pathlib.Path('t.py').resolve()),
+      '--config',
+      str(pathlib.Path('c.py').resolve()),
+      '--workdir',
+      str(run.workdir),
+      '--config.optim.method=def',
+      '--config.optim.ratio=16',
+      '--config.seed=0',
+      '--config.optim.lam=0.3',
+      '--config.num_epochs=5',
+      '--config.optim.lr=0.05',
+  ]
   assert '--config.optim.ratio=1' in runs[0].command
   assert not any('lam' in a for a in runs[1].command)
 
 
 def test_grid_without_lams_and_config_argument():
-  runs = sweep.expand_grid(config='c.py:small', out='o', methods=['def'],
-                           ratios=[4], seeds=[3])
+  runs = sweep.expand_grid(
+      config='c.py:small', out='o', methods=['def'], ratios=[4], seeds=[3]
+  )
   assert [r.name for r in runs] == ['def-r4-s3']
   command = runs[0].command
   assert command[command.index('--config') + 1] == (
-      str(pathlib.Path('c.py').resolve()) + ':small')
+      str(pathlib.Path('c.py').resolve()) + ':small'
+  )
 
 
-@pytest.mark.parametrize('kwargs', [
-    dict(methods=['sgd', 'topk']), dict(ratios=[0]),
-    dict(overrides=['num_epochs'])])
+@pytest.mark.parametrize(
+    'kwargs',
+    [
+        dict(methods=['sgd', 'topk']),
+        dict(ratios=[0]),
+        dict(overrides=['num_epochs']),
+    ],
+)
 def test_grid_rejects_bad_input(kwargs):
   args = dict(config='c.py', out='o', methods=['ef'], ratios=[4], seeds=[0])
   with pytest.raises(ValueError):
@@ -192,7 +230,11 @@ def test_sweep_runs_records_and_skips_finished_runs(fake, tmp_path, capsys):
   args = ('--methods', 'sgd,def', '--ratios', '16', '--seeds', '0,1')
   assert run_sweep(fake, out, *args) == 0
   assert sorted(launches(fake[1])) == [
-      'def-r16-s0', 'def-r16-s1', 'sgd-r1-s0', 'sgd-r1-s1']
+      'def-r16-s0',
+      'def-r16-s1',
+      'sgd-r1-s0',
+      'sgd-r1-s1',
+  ]
   progress = capsys.readouterr().out
   assert '4 runs, 0 finished, 4 to run' in progress
   assert '[1/4] sgd-r1-s0  completed' in progress
@@ -203,8 +245,11 @@ def test_sweep_runs_records_and_skips_finished_runs(fake, tmp_path, capsys):
   assert {'jax', 'flax', 'optax'} <= set(record['packages'])
   assert record['date']
   assert [(r['name'], r['status'], r['launched']) for r in record['runs']] == [
-      ('sgd-r1-s0', 'completed', True), ('def-r16-s0', 'completed', True),
-      ('sgd-r1-s1', 'completed', True), ('def-r16-s1', 'completed', True)]
+      ('sgd-r1-s0', 'completed', True),
+      ('def-r16-s0', 'completed', True),
+      ('sgd-r1-s1', 'completed', True),
+      ('def-r16-s1', 'completed', True),
+  ]
   log = (out / 'def-r16-s1' / 'log.txt').read_text()
   assert 'def ratio 16 seed 1: 4 evals' in log
   assert '--config.seed=1' in log
@@ -224,9 +269,18 @@ def test_grids_sharing_an_out_keep_each_others_records(fake, tmp_path):
   out = tmp_path / 'sweep'
   assert run_sweep(fake, out, '--methods', 'sgd', '--seeds', '0') == 0
   first = json.loads((out / 'sweep.json').read_text())['command']
-  assert run_sweep(fake, out, '--methods', 'sgd,ef', '--ratios', '4', '--seeds', '1') == 0
+  assert (
+      run_sweep(
+          fake, out, '--methods', 'sgd,ef', '--ratios', '4', '--seeds', '1'
+      )
+      == 0
+  )
   record = json.loads((out / 'sweep.json').read_text())
-  assert [r['name'] for r in record['runs']] == ['sgd-r1-s1', 'ef-r4-s1', 'sgd-r1-s0']
+  assert [r['name'] for r in record['runs']] == [
+      'sgd-r1-s1',
+      'ef-r4-s1',
+      'sgd-r1-s0',
+  ]
   assert record['earlier_commands'] == [first] and record['command'] != first
   # Rerunning the first grid (all finished) changes nothing.
   before = (out / 'sweep.json').read_bytes()
@@ -234,21 +288,40 @@ def test_grids_sharing_an_out_keep_each_others_records(fake, tmp_path):
   assert (out / 'sweep.json').read_bytes() == before
   # Relaunching part of it neither duplicates runs nor commands.
   shutil.rmtree(out / 'sgd-r1-s1')
-  assert run_sweep(fake, out, '--methods', 'sgd,ef', '--ratios', '4', '--seeds', '1') == 0
+  assert (
+      run_sweep(
+          fake, out, '--methods', 'sgd,ef', '--ratios', '4', '--seeds', '1'
+      )
+      == 0
+  )
   record = json.loads((out / 'sweep.json').read_text())
-  assert sorted(r['name'] for r in record['runs']) == ['ef-r4-s1', 'sgd-r1-s0', 'sgd-r1-s1']
+  assert sorted(r['name'] for r in record['runs']) == [
+      'ef-r4-s1',
+      'sgd-r1-s0',
+      'sgd-r1-s1',
+  ]
   assert record['earlier_commands'] == [first]
 
 
 def test_unfinished_runs_are_relaunched(fake, tmp_path):
   out = tmp_path / 'sweep'
-  args = ('--methods', 'ef', '--ratios', '4,8', '--seeds', '0',
-          '--set', 'interrupt_once=1')
+  args = (
+      '--methods',
+      'ef',
+      '--ratios',
+      '4,8',
+      '--seeds',
+      '0',
+      '--set',
+      'interrupt_once=1',
+  )
   # Interrupted (exit code 4) is not a result: the sweep fails...
   assert run_sweep(fake, out, *args) == 1
   record = json.loads((out / 'sweep.json').read_text())
   assert [(r['status'], r['returncode']) for r in record['runs']] == [
-      ('interrupted', 4), ('interrupted', 4)]
+      ('interrupted', 4),
+      ('interrupted', 4),
+  ]
   # ...and the same command resumes both runs.
   assert run_sweep(fake, out, *args) == 0
   assert launches(fake[1]) == ['ef-r4-s0', 'ef-r8-s0'] * 2
@@ -263,18 +336,31 @@ def test_divergence_is_a_result_and_failure_is_not(fake, tmp_path, capsys):
   assert [r['status'] for r in record['runs']] == ['completed', 'diverged']
 
   out = tmp_path / 'crash'
-  code = run_sweep(fake, out, '--methods', 'sgd,ef,def', '--ratios', '16',
-                   '--set', 'crash=ef')
+  code = run_sweep(
+      fake,
+      out,
+      '--methods',
+      'sgd,ef,def',
+      '--ratios',
+      '16',
+      '--set',
+      'crash=ef',
+  )
   assert code == 1
   record = json.loads((out / 'sweep.json').read_text())
-  assert [(r['name'], r['status'], r['returncode'])
-          for r in record['runs']] == [
-              ('sgd-r1-s0', 'completed', 0), ('ef-r16-s0', 'failed', 1),
-              ('def-r16-s0', 'completed', 0)]
+  assert [
+      (r['name'], r['status'], r['returncode']) for r in record['runs']
+  ] == [
+      ('sgd-r1-s0', 'completed', 0),
+      ('ef-r16-s0', 'failed', 1),
+      ('def-r16-s0', 'completed', 0),
+  ]
   assert 'exit code 1' in capsys.readouterr().out
   # Relaunched, the failed run completes; the others keep what their launch
   # recorded (exit code, time), not "not launched".
-  finished = {r['name']: r for r in record['runs'] if r['status'] == 'completed'}
+  finished = {
+      r['name']: r for r in record['runs'] if r['status'] == 'completed'
+  }
   assert run_sweep(fake, out, '--methods', 'sgd,ef,def', '--ratios', '16') == 0
   record = json.loads((out / 'sweep.json').read_text())
   assert [r['status'] for r in record['runs']] == ['completed'] * 3
@@ -285,8 +371,20 @@ def test_divergence_is_a_result_and_failure_is_not(fake, tmp_path, capsys):
 
 def test_dry_run_launches_nothing(fake, tmp_path, capsys):
   out = tmp_path / 'sweep'
-  assert run_sweep(fake, out, '--methods', 'def', '--ratios', '4',
-                   '--lams', '0.1,0.5', '--dry-run') == 0
+  assert (
+      run_sweep(
+          fake,
+          out,
+          '--methods',
+          'def',
+          '--ratios',
+          '4',
+          '--lams',
+          '0.1,0.5',
+          '--dry-run',
+      )
+      == 0
+  )
   printed = capsys.readouterr().out
   assert printed.count('--config.optim.method=def') == 2
   assert '--config.optim.lam=0.5' in printed
@@ -295,10 +393,36 @@ def test_dry_run_launches_nothing(fake, tmp_path, capsys):
 
 def test_bad_paths_exit_2(fake, tmp_path):
   train, config = fake
-  assert sweep.main(['--config', str(tmp_path / 'nope.py'), '--out', 'o',
-                     '--methods', 'ef', '--train', str(train)]) == 2
-  assert sweep.main(['--config', str(config), '--out', 'o', '--methods',
-                     'ef', '--train', str(tmp_path / 'nope.py')]) == 2
+  assert (
+      sweep.main(
+          [
+              '--config',
+              str(tmp_path / 'nope.py'),
+              '--out',
+              'o',
+              '--methods',
+              'ef',
+              '--train',
+              str(train),
+          ]
+      )
+      == 2
+  )
+  assert (
+      sweep.main(
+          [
+              '--config',
+              str(config),
+              '--out',
+              'o',
+              '--methods',
+              'ef',
+              '--train',
+              str(tmp_path / 'nope.py'),
+          ]
+      )
+      == 2
+  )
 
 
 # The report, on one sweep of the fake script.
@@ -312,9 +436,18 @@ def swept(tmp_path_factory):
   tmp = tmp_path_factory.mktemp('report')
   fake_files = make_fake(tmp)
   out = tmp / 'sweep'
-  code = run_sweep(fake_files, out, '--methods', 'sgd,ef,saef,psync,def',
-                   '--ratios', '16,1024', '--seeds', '0,1,2',
-                   '--lams', '0.2,0.3')
+  code = run_sweep(
+      fake_files,
+      out,
+      '--methods',
+      'sgd,ef,saef,psync,def',
+      '--ratios',
+      '16,1024',
+      '--seeds',
+      '0,1,2',
+      '--lams',
+      '0.2,0.3',
+  )
   assert code == 0
   return out
 
@@ -331,9 +464,13 @@ def test_table1_numbers(swept):
   assert summary['scale'] == 100.0
   assert set(table) == {'SGD', 'EF', 'SAEF', 'PSync', 'DEF', 'DEF-A'}
   assert list(table['SGD']) == [1]
-  for label, method, x in [('SGD', 'sgd', False), ('EF', 'ef', False),
-                           ('SAEF', 'saef', False), ('DEF', 'def', False),
-                           ('DEF-A', 'def', True)]:
+  for label, method, x in [
+      ('SGD', 'sgd', False),
+      ('EF', 'ef', False),
+      ('SAEF', 'saef', False),
+      ('DEF', 'def', False),
+      ('DEF-A', 'def', True),
+  ]:
     ratio = 1 if label == 'SGD' else 16
     cell = table[label][ratio]
     mean, std = expected_cell(method, ratio, x)
@@ -359,19 +496,35 @@ def test_lam_table(swept):
   for lam in (0.2, 0.3):
     for label, x in (('DEF', False), ('DEF-A', True)):
       np.testing.assert_allclose(
-          lams[16][lam][label]['mean'],
-          expected_cell('def', 16, x, lam=lam)[0])
+          lams[16][lam][label]['mean'], expected_cell('def', 16, x, lam=lam)[0]
+      )
 
 
 def test_lam_table_shows_every_ratio_once_there_are_several_lams():
   cells = lambda a, b: {'DEF': {'text': a}, 'DEF-A': {'text': b}}
   text = report.table_lam_markdown(
-      {'lams': {256: {0.3: cells('a', 'b'), 0.6: cells('c', 'd')}, 1024: {0.6: cells('e', 'f')}}})
-  assert '| lam | 0.3 | 0.6 |\n|---|---:|---:|\n| DEF | a | c |\n| DEF-A | b | d |' in text
-  assert 'Compression ratio 1024:\n\n| lam | 0.6 |\n|---|---:|\n| DEF | e |\n| DEF-A | f |' in text
+      {
+          'lams': {
+              256: {0.3: cells('a', 'b'), 0.6: cells('c', 'd')},
+              1024: {0.6: cells('e', 'f')},
+          }
+      }
+  )
+  assert (
+      '| lam | 0.3 | 0.6 |\n|---|---:|---:|\n| DEF | a | c |\n| DEF-A | b | d |'
+      in text
+  )
+  assert (
+      'Compression ratio 1024:\n\n| lam | 0.6 |\n|---|---:|\n| DEF | e |\n| DEF-A | f |'
+      in text
+  )
   # One lam in all the runs: Table 1 says it all.
-  assert report.table_lam_markdown({'lams': {256: {0.3: cells('a', 'b')},
-                                             1024: {0.3: cells('e', 'f')}}}) is None
+  assert (
+      report.table_lam_markdown(
+          {'lams': {256: {0.3: cells('a', 'b')}, 1024: {0.3: cells('e', 'f')}}}
+      )
+      is None
+  )
 
 
 def test_report_files(swept, tmp_path):
@@ -413,21 +566,53 @@ def test_report_files(swept, tmp_path):
 
 def test_fig3_stops_at_the_first_decay(swept):
   collected = results.collect([swept])
-  until = figures.first_decay_epoch(collected.groups[('DEF', 16, collected.lam)])
+  until = figures.first_decay_epoch(
+      collected.groups[('DEF', 16, collected.lam)]
+  )
   assert until == 0.5 * 4  # decay_at[0] of num_epochs
 
 
-def write_run(path, method, ratio, seed, status='completed', acc=0.5,
-              acc_x=None, lam=0.3, lr=None):
+def write_run(
+    path,
+    method,
+    ratio,
+    seed,
+    status='completed',
+    acc=0.5,
+    acc_x=None,
+    lam=0.3,
+    lr=None,
+):
   path.mkdir(parents=True)
-  (path / 'metrics.jsonl').write_text(json.dumps(dict(
-      step=1, epoch=1.0, train_loss=1.0, test_accuracy=acc,
-      test_accuracy_x=acc_x, lr=0.1, wall_time=1.0, bytes_sent=0)) + '\n')
+  (path / 'metrics.jsonl').write_text(
+      json.dumps(
+          dict(
+              step=1,
+              epoch=1.0,
+              train_loss=1.0,
+              test_accuracy=acc,
+              test_accuracy_x=acc_x,
+              lr=0.1,
+              wall_time=1.0,
+              bytes_sent=0,
+          )
+      )
+      + '\n'
+  )
   if status != 'unfinished':
-    (path / 'summary.json').write_text(json.dumps(dict(
-        status=status, final_test_accuracy=acc, final_test_accuracy_x=acc_x,
-        config=dict(seed=seed, optim=dict(method=method, ratio=ratio,
-                                          lam=lam, lr=lr)))))
+    (path / 'summary.json').write_text(
+        json.dumps(
+            dict(
+                status=status,
+                final_test_accuracy=acc,
+                final_test_accuracy_x=acc_x,
+                config=dict(
+                    seed=seed,
+                    optim=dict(method=method, ratio=ratio, lam=lam, lr=lr),
+                ),
+            )
+        )
+    )
 
 
 def test_report_edge_cases(tmp_path):
@@ -438,9 +623,12 @@ def test_report_edge_cases(tmp_path):
   # Unfinished: listed, not counted; its name alone tells what it is.
   (tmp_path / 'def-r64-lam0.3-s2').mkdir()
   (tmp_path / 'def-r64-lam0.3-s2' / 'metrics.jsonl').write_text(
-      '{"step": 1, "test_accuracy": 0.1}\n{"step": 2, "test_acc')
+      '{"step": 1, "test_accuracy": 0.1}\n{"step": 2, "test_acc'
+  )
   summary = report.summarize([tmp_path])
-  assert summary['unfinished'] == [results.shown(tmp_path / 'def-r64-lam0.3-s2')]
+  assert summary['unfinished'] == [
+      results.shown(tmp_path / 'def-r64-lam0.3-s2')
+  ]
   table = summary['table1']
   assert table['DEF'][64]['values'] == pytest.approx([70.0, 74.0])
   assert sorted(table['DEF-A'][64]['values']) == pytest.approx([72.0, 80.0])
@@ -453,11 +641,14 @@ def test_report_edge_cases(tmp_path):
   assert summary['scale'] == 1.0
   assert summary['table1']['SGD'][1]['text'] == '93.50 (n=1)'
 
-  assert report.main([str(tmp_path / 'nothing'), '--out',
-                      str(tmp_path / 'r')]) == 2
+  assert (
+      report.main([str(tmp_path / 'nothing'), '--out', str(tmp_path / 'r')])
+      == 2
+  )
   (tmp_path / 'empty').mkdir()
-  assert report.main([str(tmp_path / 'empty'), '--out',
-                      str(tmp_path / 'r')]) == 1
+  assert (
+      report.main([str(tmp_path / 'empty'), '--out', str(tmp_path / 'r')]) == 1
+  )
 
 
 def test_a_report_reads_the_same_from_any_checkout(tmp_path, monkeypatch):
@@ -467,14 +658,25 @@ def test_a_report_reads_the_same_from_any_checkout(tmp_path, monkeypatch):
   outs = []
   for where in ('one', 'two'):
     runs = tmp_path / where / 'results' / 'runs'
-    write_run(runs / 'def-r64-lam0.3-s0', 'def', 64, 0, status='diverged', acc=None)
+    write_run(
+        runs / 'def-r64-lam0.3-s0', 'def', 64, 0, status='diverged', acc=None
+    )
     write_run(runs / 'sgd-r1-s0', 'sgd', 1, 0, acc=0.9)
     (runs / 'def-r64-lam0.3-s1').mkdir()  # unfinished
-    (runs / 'def-r64-lam0.3-s1' / 'metrics.jsonl').write_text('{"step": 1, "test_accuracy": 0.1}\n')
-    (runs / 'sweep.json').write_text(json.dumps({'command': 'python -m defjax.sweep', 'date': 'd'}))
+    (runs / 'def-r64-lam0.3-s1' / 'metrics.jsonl').write_text(
+        '{"step": 1, "test_accuracy": 0.1}\n'
+    )
+    (runs / 'sweep.json').write_text(
+        json.dumps({'command': 'python -m defjax.sweep', 'date': 'd'})
+    )
     monkeypatch.chdir(tmp_path / where)
     assert report.main(['results/runs', '--out', 'results/report']) == 0
-    outs.append({p.name: p.read_bytes() for p in (tmp_path / where / 'results/report').iterdir()})
+    outs.append(
+        {
+            p.name: p.read_bytes()
+            for p in (tmp_path / where / 'results/report').iterdir()
+        }
+    )
   assert outs[0] == outs[1]
   text = outs[0]['README.md'].decode() + outs[0]['report.json'].decode()
   assert str(tmp_path) not in text
@@ -483,7 +685,10 @@ def test_a_report_reads_the_same_from_any_checkout(tmp_path, monkeypatch):
   assert '- `results/runs/sweep.json`: `python -m defjax.sweep`' in text
   # Given as an absolute path, a run or sweep below the checkout is named
   # the same way (only the command line is quoted as typed).
-  assert report.main([str(tmp_path / 'two/results/runs'), '--out', 'results/abs']) == 0
+  assert (
+      report.main([str(tmp_path / 'two/results/runs'), '--out', 'results/abs'])
+      == 0
+  )
   text = (tmp_path / 'two/results/abs/README.md').read_text().split('```', 2)[2]
   assert str(tmp_path) not in text and '- `results/runs/sweep.json`' in text
 
@@ -492,23 +697,54 @@ def test_seeds_of_different_recipes_are_not_pooled(tmp_path):
   """EF at lr 0.05 (diverged) and at lr 0.01 (10%) from two folders are two
   experiments, not two seeds of one: grouping them is an error that names
   the setting that differs, not a 'diverged (1/2)' cell."""
-  write_run(tmp_path / 'a' / 'ef-r256-s0', 'ef', 256, 0, status='diverged',
-            acc=None, lr=0.05)
+  write_run(
+      tmp_path / 'a' / 'ef-r256-s0',
+      'ef',
+      256,
+      0,
+      status='diverged',
+      acc=None,
+      lr=0.05,
+  )
   write_run(tmp_path / 'b' / 'ef-r256-s0', 'ef', 256, 0, acc=0.1, lr=0.01)
   write_run(tmp_path / 'a' / 'sgd-r1-s0', 'sgd', 1, 0, acc=0.9, lr=0.05)
-  with pytest.raises(ValueError, match=r'EF at ratio 256 .*optim\.lr 0\.05 vs 0\.01'):
+  with pytest.raises(
+      ValueError, match=r'EF at ratio 256 .*optim\.lr 0\.05 vs 0\.01'
+  ):
     results.collect([tmp_path / 'a', tmp_path / 'b'])
-  assert report.main([str(tmp_path / 'a'), str(tmp_path / 'b'), '--out',
-                      str(tmp_path / 'r')]) == 2
+  assert (
+      report.main(
+          [
+              str(tmp_path / 'a'),
+              str(tmp_path / 'b'),
+              '--out',
+              str(tmp_path / 'r'),
+          ]
+      )
+      == 2
+  )
   # Each folder alone, or SGD at lr 0.05 beside EF at 0.01 (different
   # groups, the paper's Table 1 protocol), is fine.
-  groups = results.collect([tmp_path / 'b', tmp_path / 'a' / 'sgd-r1-s0']).groups
+  groups = results.collect(
+      [tmp_path / 'b', tmp_path / 'a' / 'sgd-r1-s0']
+  ).groups
   assert results.cell(groups[('EF', 256, None)], 100)['text'] == '10.00 (n=1)'
   assert results.cell(groups[('SGD', 1, None)], 100)['text'] == '90.00 (n=1)'
-  assert gap.main([f'ef={tmp_path / "a"},{tmp_path / "b"}', '--out',
-                   str(tmp_path / 'g')]) == 2
+  assert (
+      gap.main(
+          [
+              f'ef={tmp_path / "a"},{tmp_path / "b"}',
+              '--out',
+              str(tmp_path / 'g'),
+          ]
+      )
+      == 2
+  )
   assert not (tmp_path / 'g').exists()  # nothing written for a refused report
-  assert gap.main([f'ef={tmp_path / "nothing"}', '--out', str(tmp_path / 'g')]) == 2
+  assert (
+      gap.main([f'ef={tmp_path / "nothing"}', '--out', str(tmp_path / 'g')])
+      == 2
+  )
 
 
 def test_seeds_pool_across_config_forms_and_defaults(tmp_path):
@@ -519,16 +755,29 @@ def test_seeds_pool_across_config_forms_and_defaults(tmp_path):
   flat = tmp_path / 'b' / 'ef-r64-s1'
   write_run(flat, 'ef', 64, 1, acc=0.84)
   summary = json.loads((flat / 'summary.json').read_text())
-  summary['config'] = {'seed': 1, 'optim.method': 'ef', 'optim.ratio': 64,
-                       'optim.lr': 0.05, 'optim.per_leaf': False,
-                       'optim.decay_whole_epochs': False}
+  summary['config'] = {
+      'seed': 1,
+      'optim.method': 'ef',
+      'optim.ratio': 64,
+      'optim.lr': 0.05,
+      'optim.per_leaf': False,
+      'optim.decay_whole_epochs': False,
+  }
   (flat / 'summary.json').write_text(json.dumps(summary))
   cell = results.cell(
-      results.collect([tmp_path / 'a', tmp_path / 'b']).groups[('EF', 64, None)], 100)
+      results.collect([tmp_path / 'a', tmp_path / 'b']).groups[
+          ('EF', 64, None)
+      ],
+      100,
+  )
   assert cell['text'] == '82.00 ± 2.83 (n=2)'
   # One run reached through two paths is read once.
-  assert results.collect([tmp_path / 'a', tmp_path / 'a' / 'ef-r64-s0']).groups[
-      ('EF', 64, None)][0].run.seed == 0
+  assert (
+      results.collect([tmp_path / 'a', tmp_path / 'a' / 'ef-r64-s0'])
+      .groups[('EF', 64, None)][0]
+      .run.seed
+      == 0
+  )
   # Copied to a second folder: the same seed twice, not n=2.
   shutil.copytree(tmp_path / 'a', tmp_path / 'c')
   with pytest.raises(results.IncompatibleRunsError, match='seed 0 twice'):
@@ -536,18 +785,32 @@ def test_seeds_pool_across_config_forms_and_defaults(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (REPO_ROOT / 'train.py').exists(),
-                    reason='train.py is not written yet')
+@pytest.mark.skipif(
+    not (REPO_ROOT / 'train.py').exists(), reason='train.py is not written yet'
+)
 def test_real_sweep_and_report(tmp_path):
   """Two real runs of a few steps, then their report."""
   out = tmp_path / 'sweep'
   command = [
-      sys.executable, '-m', 'defjax.sweep',
-      '--config', str(REPO_ROOT / 'configs' / 'fashion_mnist.py'),
-      '--out', str(out), '--methods', 'sgd,def', '--ratios', '4',
-      '--seeds', '0', '--set', 'num_train_steps=4']
-  done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True,
-                        text=True, timeout=600)
+      sys.executable,
+      '-m',
+      'defjax.sweep',
+      '--config',
+      str(REPO_ROOT / 'configs' / 'fashion_mnist.py'),
+      '--out',
+      str(out),
+      '--methods',
+      'sgd,def',
+      '--ratios',
+      '4',
+      '--seeds',
+      '0',
+      '--set',
+      'num_train_steps=4',
+  ]
+  done = subprocess.run(
+      command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600
+  )
   logs = '\n'.join(p.read_text() for p in out.glob('*/log.txt'))
   assert done.returncode == 0, shlex.join(command) + '\n' + done.stdout + logs
   for name in ('sgd-r1-s0', 'def-r4-s0'):
@@ -556,7 +819,10 @@ def test_real_sweep_and_report(tmp_path):
 
   summary = report.write_report([out], tmp_path / 'report')
   assert set(summary['table1']) == {'SGD', 'DEF', 'DEF-A'}
-  assert '2 completed; finished 20' in (tmp_path / 'report' / 'README.md').read_text()
+  assert (
+      '2 completed; finished 20'
+      in (tmp_path / 'report' / 'README.md').read_text()
+  )
   assert (tmp_path / 'report' / 'fig1_4.png').exists()
 
 
@@ -568,6 +834,7 @@ def test_results_tables_are_the_generated_ones(page):
   below it (no hand-typed accuracy, none pasted under the wrong dataset)."""
   import pathlib
   import re
+
   root = pathlib.Path(__file__).resolve().parent.parent
   text = (root / page).read_text()
   if page == 'README.md':
@@ -578,12 +845,20 @@ def test_results_tables_are_the_generated_ones(page):
     if named:
       folder = root / named[-1]
     row = line.strip()
-    if not (row.startswith('|') and any(c.isdigit() for c in row)
-            and not set(row) <= set('|-: ')):
+    if not (
+        row.startswith('|')
+        and any(c.isdigit() for c in row)
+        and not set(row) <= set('|-: ')
+    ):
       continue
-    assert folder is not None, f'a table before any results/ folder is named: {row}'
-    generated = {l.strip() for path in folder.rglob('table*.md')
-                 for l in path.read_text().splitlines()}
+    assert (
+        folder is not None
+    ), f'a table before any results/ folder is named: {row}'
+    generated = {
+        l.strip()
+        for path in folder.rglob('table*.md')
+        for l in path.read_text().splitlines()
+    }
     checked += 1
     if row not in generated:
       missing.append((folder.name, row))
@@ -596,17 +871,41 @@ def test_ef21_runs_are_named_grouped_and_reported(fake, tmp_path):
   taken at x), read back from their names, and two columns after the
   paper's in Table 1 and the figures."""
   out = tmp_path / 'sweep'
-  assert run_sweep(fake, out, '--methods', 'sgd,ef21_sgdm,ef21,def', '--ratios', '256',
-                   '--seeds', '0', '--lams', '0.3,0.6') == 0
+  assert (
+      run_sweep(
+          fake,
+          out,
+          '--methods',
+          'sgd,ef21_sgdm,ef21,def',
+          '--ratios',
+          '256',
+          '--seeds',
+          '0',
+          '--lams',
+          '0.3,0.6',
+      )
+      == 0
+  )
   assert sorted(launches(fake[1])) == [
-      'def-r256-lam0.3-s0', 'def-r256-lam0.6-s0', 'ef21-r256-s0', 'ef21_sgdm-r256-s0',
-      'sgd-r1-s0']
-  for name in ('ef21_sgdm-r256-s0', 'ef21-r256-s0'):  # a run without summary: by its name
+      'def-r256-lam0.3-s0',
+      'def-r256-lam0.6-s0',
+      'ef21-r256-s0',
+      'ef21_sgdm-r256-s0',
+      'sgd-r1-s0',
+  ]
+  for name in (
+      'ef21_sgdm-r256-s0',
+      'ef21-r256-s0',
+  ):  # a run without summary: by its name
     (tmp_path / 'named' / name).mkdir(parents=True)
     shutil.copy(out / name / 'metrics.jsonl', tmp_path / 'named' / name)
-  assert sorted((r.method, r.ratio, r.lam, r.status) for r in results.collect(
-      [tmp_path / 'named']).runs) == [('ef21', 256, None, 'unfinished'),
-                                      ('ef21_sgdm', 256, None, 'unfinished')]
+  assert sorted(
+      (r.method, r.ratio, r.lam, r.status)
+      for r in results.collect([tmp_path / 'named']).runs
+  ) == [
+      ('ef21', 256, None, 'unfinished'),
+      ('ef21_sgdm', 256, None, 'unfinished'),
+  ]
   summary = report.write_report([out], tmp_path / 'report')
   table = (tmp_path / 'report' / 'table1.md').read_text().splitlines()
   assert table[0] == '| ratio | SGD | DEF | DEF-A | EF21-SGDM | EF21 |'
@@ -620,24 +919,58 @@ def test_gap_report_is_sgd_minus_method_against_sends_per_value(fake, tmp_path):
   """The gap-vs-length table: SGD's mean minus DEF's (and DEF-A's) mean over
   seeds, at T / ratio; a setting may borrow its SGD run from another folder."""
   out = tmp_path / 'sweep'
-  assert run_sweep(fake, out, '--methods', 'sgd,def', '--ratios', '64,256',
-                   '--seeds', '0,1') == 0
+  assert (
+      run_sweep(
+          fake,
+          out,
+          '--methods',
+          'sgd,def',
+          '--ratios',
+          '64,256',
+          '--seeds',
+          '0,1',
+      )
+      == 0
+  )
   lam_out = tmp_path / 'lam'
-  assert run_sweep(fake, lam_out, '--methods', 'def', '--ratios', '256', '--seeds', '0',
-                   '--lams', '0.6') == 0
-  rows = gap.write([('short', [str(out)]), ('lam', [str(lam_out), str(out / 'sgd-r1-s0')])],
-                   tmp_path / 'gap', ['python', '-m', 'defjax.gap'])
+  assert (
+      run_sweep(
+          fake,
+          lam_out,
+          '--methods',
+          'def',
+          '--ratios',
+          '256',
+          '--seeds',
+          '0',
+          '--lams',
+          '0.6',
+      )
+      == 0
+  )
+  rows = gap.write(
+      [('short', [str(out)]), ('lam', [str(lam_out), str(out / 'sgd-r1-s0')])],
+      tmp_path / 'gap',
+      ['python', '-m', 'defjax.gap'],
+  )
   by_key = {(r['setting'], r['method'], r['ratio'], r['lam']): r for r in rows}
   sgd = np.mean([100 * fake_accuracy('sgd', 1, 0.3, s, False) for s in (0, 1)])
   for ratio in (64, 256):
     for label, x in (('DEF', False), ('DEF-A', True)):
       row = by_key[('short', label, ratio, 0.3)]
-      want = np.mean([100 * fake_accuracy('def', ratio, 0.3, s, x) for s in (0, 1)])
+      want = np.mean(
+          [100 * fake_accuracy('def', ratio, 0.3, s, x) for s in (0, 1)]
+      )
       assert row['gap'] == pytest.approx(sgd - want)
       assert row['steps'] == 40 and row['sends_per_value'] == 40 / ratio
   row = by_key[('lam', 'DEF', 256, 0.6)]
-  assert row['gap'] == pytest.approx(100 * (fake_accuracy('sgd', 1, 0.3, 0, False)
-                                            - fake_accuracy('def', 256, 0.6, 0, False)))
+  assert row['gap'] == pytest.approx(
+      100
+      * (
+          fake_accuracy('sgd', 1, 0.3, 0, False)
+          - fake_accuracy('def', 256, 0.6, 0, False)
+      )
+  )
   assert (tmp_path / 'gap' / 'gap.png').read_bytes()[:8] == PNG_MAGIC
   table = (tmp_path / 'gap' / 'table_gap.md').read_text()
   assert table.count('\n') == 2 + len(rows)
@@ -647,21 +980,54 @@ def test_verdict_table_puts_every_method_side_by_side(fake, tmp_path):
   """A row per (ratio, DEF's lam): EF and SAEF (lam fixed) in each lam's row,
   a method without runs is a dash."""
   out = tmp_path / 'sweep'
-  assert run_sweep(fake, out, '--methods', 'sgd,ef,saef,def', '--ratios', '64', '--seeds', '0',
-                   '--lams', '0.3,0.6') == 0
+  assert (
+      run_sweep(
+          fake,
+          out,
+          '--methods',
+          'sgd,ef,saef,def',
+          '--ratios',
+          '64',
+          '--seeds',
+          '0',
+          '--lams',
+          '0.3,0.6',
+      )
+      == 0
+  )
   rows = gap.verdict_rows_of('s', [str(out)])
-  text = lambda method, lam=0.3, x=False: f'{100 * fake_accuracy(method, 64, lam, 0, x):.2f} (n=1)'
+  text = (
+      lambda method, lam=0.3, x=False: f'{100 * fake_accuracy(method, 64, lam, 0, x):.2f} (n=1)'
+  )
   assert [(r['ratio'], r['lam']) for r in rows] == [(64, 0.3), (64, 0.6)]
   for r, lam in zip(rows, (0.3, 0.6)):
-    assert r['SGD'] == f'{100 * fake_accuracy("sgd", 1, 0.3, 0, False):.2f} (n=1)'
-    assert (r['DEF'], r['DEF-A']) == (text('def', lam), text('def', lam, x=True))
+    assert (
+        r['SGD'] == f'{100 * fake_accuracy("sgd", 1, 0.3, 0, False):.2f} (n=1)'
+    )
+    assert (r['DEF'], r['DEF-A']) == (
+        text('def', lam),
+        text('def', lam, x=True),
+    )
     assert (r['EF'], r['SAEF'], r['PSync']) == (text('ef'), text('saef'), None)
     assert r['steps'] == 40 and r['sends_per_value'] == 40 / 64
   # A ratio where every run diverged (EF at 1024 stops at step 20 of 40)
   # still shows the setting's T, not where the runs stopped.
-  assert run_sweep(fake, out, '--methods', 'ef', '--ratios', '1024', '--seeds', '0') == 0
-  row = [r for r in gap.verdict_rows_of('s', [str(out)]) if r['ratio'] == 1024][0]
-  assert row['EF'] == 'diverged' and row['steps'] == 40 and row['sends_per_value'] == 40 / 1024
+  assert (
+      run_sweep(
+          fake, out, '--methods', 'ef', '--ratios', '1024', '--seeds', '0'
+      )
+      == 0
+  )
+  row = [r for r in gap.verdict_rows_of('s', [str(out)]) if r['ratio'] == 1024][
+      0
+  ]
+  assert (
+      row['EF'] == 'diverged'
+      and row['steps'] == 40
+      and row['sends_per_value'] == 40 / 1024
+  )
   table = gap.verdict_markdown(rows).splitlines()
-  assert table[0].startswith('| setting | layout | ratio | steps T | T / ratio | SGD | DEF |')
+  assert table[0].startswith(
+      '| setting | layout | ratio | steps T | T / ratio | SGD | DEF |'
+  )
   assert table[3].endswith(f'| 0.6 | {text("ef")} | {text("saef")} | — |')

@@ -36,7 +36,9 @@ def _split_like(flat: jax.Array, tree: PyTree) -> PyTree:
   leaves, treedef = jax.tree.flatten(tree)
   sizes = [int(np.prod(jnp.shape(x), dtype=np.int64)) for x in leaves]
   parts = jnp.split(flat, np.cumsum(sizes)[:-1]) if len(sizes) > 1 else [flat]
-  return treedef.unflatten([p.reshape(jnp.shape(x)) for p, x in zip(parts, leaves)])
+  return treedef.unflatten(
+      [p.reshape(jnp.shape(x)) for p, x in zip(parts, leaves)]
+  )
 
 
 def _indexed_compressor(
@@ -68,7 +70,9 @@ def _indexed_compressor(
   def place(idx, values, tree):
     # values are in the raveled tree's dtype (the leaves' promoted dtype).
     flat = jnp.zeros(optax.tree.size(tree), values.dtype).at[idx].set(values)
-    return jax.tree.map(lambda f, x: f.astype(jnp.result_type(x)), _split_like(flat, tree), tree)
+    return jax.tree.map(
+        lambda f, x: f.astype(jnp.result_type(x)), _split_like(flat, tree), tree
+    )
 
   def compress(tree, state):
     idx, values, _ = select(tree, state)
@@ -76,9 +80,13 @@ def _indexed_compressor(
 
   def aggregate(tree, state, axis_name=None):
     idx, values, mask = select(tree, state)
-    mean_values = worker_mean(values, axis_name)  # the only collective: b values
+    mean_values = worker_mean(
+        values, axis_name
+    )  # the only collective: b values
     mean_c = place(idx, mean_values, tree)
-    residual = jax.tree.map(lambda x, m: jnp.where(m, jnp.zeros_like(x), x), tree, mask)
+    residual = jax.tree.map(
+        lambda x, m: jnp.where(m, jnp.zeros_like(x), x), tree, mask
+    )
     return mean_c, residual, advance(state)
 
   def payload(params):
@@ -136,9 +144,14 @@ def topk(ratio: float) -> Compressor:
     flat, unravel = ravel_pytree(tree)
     idx = select(flat)
     values = flat[idx]
-    mask = jnp.zeros(flat.shape, jnp.bool_).at[idx].set(True, unique_indices=True)
+    mask = (
+        jnp.zeros(flat.shape, jnp.bool_).at[idx].set(True, unique_indices=True)
+    )
     residual = jax.tree.map(
-        lambda x, m: jnp.where(m, jnp.zeros_like(x), x), tree, _split_like(mask, tree))
+        lambda x, m: jnp.where(m, jnp.zeros_like(x), x),
+        tree,
+        _split_like(mask, tree),
+    )
     if axis_name is None:
       total = jnp.zeros_like(flat).at[idx].set(values)
     else:

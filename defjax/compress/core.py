@@ -44,14 +44,23 @@ def as_real_scalar(value, name: str, what: str) -> float:
   if isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
     return float(value)  # np.bool_ is not an np.number
   dtype = getattr(value, 'dtype', None)
-  if (dtype is None or np.ndim(value) != 0
-      or not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating))):
+  if (
+      dtype is None
+      or np.ndim(value) != 0
+      or not (
+          np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)
+      )
+  ):
     raise ValueError(f'{name} must be {what}, got {value!r}')
   try:
     return float(value)
-  except Exception:  # a tracer: the value must be known when the transform is built
-    raise ValueError(f'{name} must be {what} known when the transform is built,'
-                     f' got {value!r}') from None
+  except (
+      Exception
+  ):  # a tracer: the value must be known when the transform is built
+    raise ValueError(
+        f'{name} must be {what} known when the transform is built,'
+        f' got {value!r}'
+    ) from None
 
 
 def check_ratio(ratio) -> float:
@@ -139,12 +148,18 @@ def split_mean(tree: PyTree, workers, within: str) -> PyTree:
   m = jax.lax.axis_size(within)
   size = -(-flat.size // m)
   padded = jnp.pad(flat, (0, size * m - flat.size))
-  mine = jax.lax.dynamic_slice(padded, (jax.lax.axis_index(within) * size,), (size,))
+  mine = jax.lax.dynamic_slice(
+      padded, (jax.lax.axis_index(within) * size,), (size,)
+  )
   reduced = jax.lax.pmean(mine, workers)
-  full = jax.lax.all_gather(reduced, within, tiled=True)[:flat.size]
+  full = jax.lax.all_gather(reduced, within, tiled=True)[: flat.size]
   parts = jnp.split(full, np.cumsum([x.size for x in leaves])[:-1])
   return treedef.unflatten(
-      [p.reshape(jnp.shape(x)).astype(jnp.result_type(x)) for p, x in zip(parts, leaves)])
+      [
+          p.reshape(jnp.shape(x)).astype(jnp.result_type(x))
+          for p, x in zip(parts, leaves)
+      ]
+  )
 
 
 def block_size(d: int, ratio: float) -> int:
@@ -175,17 +190,23 @@ def check_key(key: KeyLike) -> KeyLike:
     if key.shape != () or str(impl) != jax.config.jax_default_prng_impl:
       raise ValueError(
           f'key must be a single key of the default PRNG implementation'
-          f' ({jax.config.jax_default_prng_impl}), got {key.shape} keys of {impl}')
+          f' ({jax.config.jax_default_prng_impl}), got {key.shape} keys of {impl}'
+      )
     return key
   if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
     return key
-  if dtype is not None and np.ndim(key) == 0 and np.issubdtype(dtype, np.integer):
+  if (
+      dtype is not None
+      and np.ndim(key) == 0
+      and np.issubdtype(dtype, np.integer)
+  ):
     return key  # a 0-d integer array: a seed
   raw = jax.eval_shape(lambda: jax.random.PRNGKey(0))
   if dtype != raw.dtype or np.shape(key) != raw.shape:
     raise ValueError(
         'key must be an int seed, a jax.random.key or a raw jax.random.PRNGKey'
-        f' ({raw.dtype}{list(raw.shape)}), got {key!r}')
+        f' ({raw.dtype}{list(raw.shape)}), got {key!r}'
+    )
   return key
 
 

@@ -87,7 +87,9 @@ def dense_warmup(compressor: Compressor, steps: int) -> Compressor:
   dense = identity()
 
   def init(params):
-    return WarmupState(count=jnp.zeros([], jnp.int32), inner=compressor.init(params))
+    return WarmupState(
+        count=jnp.zeros([], jnp.int32), inner=compressor.init(params)
+    )
 
   def compress(tree, state):
     return jax.lax.cond(
@@ -107,6 +109,10 @@ def dense_warmup(compressor: Compressor, steps: int) -> Compressor:
     mean_c, residual, inner = jax.lax.cond(
         state.count < steps, dense_branch, compressed_branch
     )
-    return mean_c, residual, WarmupState(count=optax.safe_increment(state.count), inner=inner)
+    return (
+        mean_c,
+        residual,
+        WarmupState(count=optax.safe_increment(state.count), inner=inner),
+    )
 
   return Compressor(init, compress, aggregate, compressor.payload)

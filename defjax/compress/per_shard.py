@@ -67,8 +67,9 @@ def sharded_dim(spec: P, model_axis: str) -> Optional[int]:
   return None
 
 
-def check_param_specs(params: PyTree, param_specs: PyTree, mesh: Mesh,
-                      model_axis: str = 'model') -> None:
+def check_param_specs(
+    params: PyTree, param_specs: PyTree, mesh: Mesh, model_axis: str = 'model'
+) -> None:
   """Raises ValueError unless ``param_specs`` fits ``params`` on ``mesh``.
 
   Each spec must be a PartitionSpec naming at most the model axis (the other
@@ -77,19 +78,28 @@ def check_param_specs(params: PyTree, param_specs: PyTree, mesh: Mesh,
   model_size = mesh.shape[model_axis]
   workers = ', '.join(repr(a) for a in mesh.axis_names if a != model_axis)
   try:
-    pairs = jax.tree.map(lambda s, x: (s, x), param_specs, params, is_leaf=is_spec)
+    pairs = jax.tree.map(
+        lambda s, x: (s, x), param_specs, params, is_leaf=is_spec
+    )
   except ValueError as e:
-    raise ValueError(f'param_specs must be a tree of PartitionSpec shaped like params: {e}'
-                     ) from None
+    raise ValueError(
+        f'param_specs must be a tree of PartitionSpec shaped like params: {e}'
+    ) from None
   flat, _ = jax.tree_util.tree_flatten_with_path(
-      pairs, is_leaf=lambda t: isinstance(t, tuple) and len(t) == 2 and is_spec(t[0]))
+      pairs,
+      is_leaf=lambda t: isinstance(t, tuple) and len(t) == 2 and is_spec(t[0]),
+  )
   for path, (spec, x) in flat:
     where = jax.tree_util.keystr(path)
     if not is_spec(spec):
-      raise ValueError(f'param_specs{where} must be a PartitionSpec, got {spec!r}')
+      raise ValueError(
+          f'param_specs{where} must be a PartitionSpec, got {spec!r}'
+      )
     shape = np.shape(x)
     if len(spec) > len(shape):
-      raise ValueError(f'param_specs{where}={spec} has more entries than the leaf {shape}')
+      raise ValueError(
+          f'param_specs{where}={spec} has more entries than the leaf {shape}'
+      )
     for dim, entry in enumerate(spec):
       names = entry if isinstance(entry, tuple) else (entry,)
       names = tuple(n for n in names if n is not None)
@@ -98,18 +108,27 @@ def check_param_specs(params: PyTree, param_specs: PyTree, mesh: Mesh,
       if names != (model_axis,):
         raise ValueError(
             f'param_specs{where}={spec} may only name {model_axis!r}: the'
-            f' {workers} axis holds the workers')
+            f' {workers} axis holds the workers'
+        )
       if shape[dim] % model_size:
         raise ValueError(
             f'params{where} dimension {dim} of size {shape[dim]} does not divide'
-            f' over {model_size} model shards')
+            f' over {model_size} model shards'
+        )
 
 
-def local_block_sizes(params: PyTree, param_specs: PyTree, ratio: float,
-                      model_axis_size: int, model_axis: str = 'model') -> list[int]:
+def local_block_sizes(
+    params: PyTree,
+    param_specs: PyTree,
+    ratio: float,
+    model_axis_size: int,
+    model_axis: str = 'model',
+) -> list[int]:
   """Per leaf, the block one device keeps: max(1, floor(n_local / ratio))."""
   sizes = []
-  for x, spec in zip(jax.tree.leaves(params), jax.tree.leaves(param_specs, is_leaf=is_spec)):
+  for x, spec in zip(
+      jax.tree.leaves(params), jax.tree.leaves(param_specs, is_leaf=is_spec)
+  ):
     shards = 1 if sharded_dim(spec, model_axis) is None else model_axis_size
     sizes.append(max(1, int((np.size(x) // shards) // ratio)))
   return sizes
@@ -165,8 +184,12 @@ def per_shard_rbgs(
     step_key = jax.random.fold_in(raw_key, count)
     row = jax.lax.axis_index(model_axis)
     maxval = jnp.asarray(sizes, jnp.int32)
-    own = jax.random.randint(jax.random.fold_in(step_key, row), (len(sizes),), 0, maxval)
-    shared = jax.random.randint(jax.random.fold_in(step_key, 0), (len(sizes),), 0, maxval)
+    own = jax.random.randint(
+        jax.random.fold_in(step_key, row), (len(sizes),), 0, maxval
+    )
+    shared = jax.random.randint(
+        jax.random.fold_in(step_key, 0), (len(sizes),), 0, maxval
+    )
     out = []
     for j, (x, n) in enumerate(zip(leaves, sizes)):
       b = max(1, int(n // ratio))
@@ -180,24 +203,40 @@ def per_shard_rbgs(
     ctx = jax.sharding.get_abstract_mesh()
     context = None if model_axis in getattr(ctx, 'axis_names', ()) else mesh
     leaves, treedef = jax.tree.flatten(tree)
-    return jax.shard_map(
-        fn,
-        mesh=context,
-        in_specs=(spec_leaves, P(), P()),
-        out_specs=(spec_leaves, spec_leaves),
-        axis_names={model_axis},
-        check_vma=False,
-    )(leaves, state.key, state.count), treedef
+    return (
+        jax.shard_map(
+            fn,
+            mesh=context,
+            in_specs=(spec_leaves, P(), P()),
+            out_specs=(spec_leaves, spec_leaves),
+            axis_names={model_axis},
+            check_vma=False,
+        )(leaves, state.key, state.count),
+        treedef,
+    )
 
   def blocks(axis_name):
     def fn(leaves, raw_key, count):
       info = local_blocks(leaves, raw_key, count)
       dtype = jnp.result_type(*leaves)
-      gathered = [jnp.ravel(x)[i].astype(dtype) for x, (_, i, _) in zip(leaves, info)]
-      parts = gathered if axis_name is None else mean_over_workers(gathered, axis_name)
-      kept = [place_block(x, v, b, rel) for x, v, (b, _, rel) in zip(leaves, parts, info)]
-      residual = [jnp.where(rel < b, jnp.zeros_like(x), x) for x, (b, _, rel) in zip(leaves, info)]
+      gathered = [
+          jnp.ravel(x)[i].astype(dtype) for x, (_, i, _) in zip(leaves, info)
+      ]
+      parts = (
+          gathered
+          if axis_name is None
+          else mean_over_workers(gathered, axis_name)
+      )
+      kept = [
+          place_block(x, v, b, rel)
+          for x, v, (b, _, rel) in zip(leaves, parts, info)
+      ]
+      residual = [
+          jnp.where(rel < b, jnp.zeros_like(x), x)
+          for x, (b, _, rel) in zip(leaves, info)
+      ]
       return kept, residual
+
     return fn
 
   def mean_over_workers(gathered, axis_name):
@@ -207,13 +246,21 @@ def per_shard_rbgs(
     devices (``SplitAxis``), so each crosses to the other workers once per
     worker rather than once per device."""
     out = list(gathered)
-    for group, axis in ((sharded, axis_name),
-                        ([not s for s in sharded], SplitAxis(axis_name, model_axis))):
+    for group, axis in (
+        (sharded, axis_name),
+        ([not s for s in sharded], SplitAxis(axis_name, model_axis)),
+    ):
       members = [j for j, g in enumerate(group) if g]
       if members:
-        mean = worker_mean(jnp.concatenate([gathered[j] for j in members]), axis)
-        for j, v in zip(members, jnp.split(mean, np.cumsum(
-            [gathered[j].size for j in members])[:-1])):
+        mean = worker_mean(
+            jnp.concatenate([gathered[j] for j in members]), axis
+        )
+        for j, v in zip(
+            members,
+            jnp.split(
+                mean, np.cumsum([gathered[j].size for j in members])[:-1]
+            ),
+        ):
           out[j] = v
     return out
 
@@ -223,7 +270,11 @@ def per_shard_rbgs(
 
   def aggregate(tree, state, axis_name=None):
     (mean_c, residual), treedef = on_shards(blocks(axis_name), tree, state)
-    return treedef.unflatten(mean_c), treedef.unflatten(residual), advance(state)
+    return (
+        treedef.unflatten(mean_c),
+        treedef.unflatten(residual),
+        advance(state),
+    )
 
   def payload(params):
     m = mesh.shape[model_axis]

@@ -103,14 +103,18 @@ def rbgs(
         r = pos + jnp.arange(w, dtype=jnp.int32)
         at = pos + b
         old = jax.lax.dynamic_slice(buf, (at,), (w,))
-        new = jnp.where((r >= 0) & (r < b), jax.lax.dynamic_slice(flat, (lo,), (w,)), old)
+        new = jnp.where(
+            (r >= 0) & (r < b), jax.lax.dynamic_slice(flat, (lo,), (w,)), old
+        )
         buf = jax.lax.dynamic_update_slice(buf, new, (at,))
       offset += n
-    return buf[b:2 * b]
+    return buf[b : 2 * b]
 
   def place(tree, values, rel, b):
     leaves, treedef = jax.tree.flatten(tree)
-    return treedef.unflatten([place_block(x, values, b, r) for x, r in zip(leaves, rel)])
+    return treedef.unflatten(
+        [place_block(x, values, b, r) for x, r in zip(leaves, rel)]
+    )
 
   def compress(tree, state):
     start, b, d, rel = block(tree, state)
@@ -123,7 +127,8 @@ def rbgs(
     zero = _zero_after(values)
     leaves, treedef = jax.tree.flatten(tree)
     residual = treedef.unflatten(
-        [jnp.where(r < b, zero.astype(x.dtype), x) for x, r in zip(leaves, rel)])
+        [jnp.where(r < b, zero.astype(x.dtype), x) for x, r in zip(leaves, rel)]
+    )
     return place(tree, mean_values, rel, b), residual, advance(state)
 
   def payload(params):
@@ -172,7 +177,10 @@ def _rbgs_per_leaf(ratio: float, key: KeyLike) -> Compressor:
     """(b, block indices, positions) of every leaf, as ``circular_block``."""
     sizes = leaf_sizes(tree)
     starts = jax.random.randint(
-        step_key(state), (len(sizes),), 0, jnp.asarray(sizes, jnp.int32),
+        step_key(state),
+        (len(sizes),),
+        0,
+        jnp.asarray(sizes, jnp.int32),
         dtype=jnp.int32,
     )
     out = []
@@ -183,24 +191,38 @@ def _rbgs_per_leaf(ratio: float, key: KeyLike) -> Compressor:
 
   def compress(tree, state):
     leaves, treedef = jax.tree.flatten(tree)
-    return treedef.unflatten([
-        place_block(x, jnp.ravel(x)[i], b, rel)
-        for x, (b, i, rel) in zip(leaves, blocks(state, tree))])
+    return treedef.unflatten(
+        [
+            place_block(x, jnp.ravel(x)[i], b, rel)
+            for x, (b, i, rel) in zip(leaves, blocks(state, tree))
+        ]
+    )
 
   def aggregate(tree, state, axis_name=None):
     leaves, treedef = jax.tree.flatten(tree)
     info = blocks(state, tree)
     dtype = jnp.result_type(*leaves)
-    gathered = [jnp.ravel(x)[i].astype(dtype) for x, (_, i, _) in zip(leaves, info)]
+    gathered = [
+        jnp.ravel(x)[i].astype(dtype) for x, (_, i, _) in zip(leaves, info)
+    ]
     # All leaf blocks in one buffer: one all-reduce per step, not one per leaf.
     mean_values = worker_mean(jnp.concatenate(gathered), axis_name)
     parts = jnp.split(mean_values, np.cumsum([b for b, _, _ in info])[:-1])
-    mean_c = [place_block(x, v, b, rel) for x, v, (b, _, rel) in zip(leaves, parts, info)]
+    mean_c = [
+        place_block(x, v, b, rel)
+        for x, v, (b, _, rel) in zip(leaves, parts, info)
+    ]
     # Each leaf's 0 from that leaf's own gathered values: one 0 for all
     # leaves, from the first gathered value, left the copies (_zero_after).
-    residual = [jnp.where(rel < b, _zero_after(v).astype(x.dtype), x)
-                for x, v, (b, _, rel) in zip(leaves, gathered, info)]
-    return treedef.unflatten(mean_c), treedef.unflatten(residual), advance(state)
+    residual = [
+        jnp.where(rel < b, _zero_after(v).astype(x.dtype), x)
+        for x, v, (b, _, rel) in zip(leaves, gathered, info)
+    ]
+    return (
+        treedef.unflatten(mean_c),
+        treedef.unflatten(residual),
+        advance(state),
+    )
 
   def payload(params):
     return sum(per_leaf_block_sizes(params, ratio))

@@ -103,8 +103,9 @@ class StatusLines:
     if self._live:
       self.update(index, run, 0.0)
     else:
-      print(f'{self._prefix(index, run)}  running', file=self._stream,
-            flush=True)
+      print(
+          f'{self._prefix(index, run)}  running', file=self._stream, flush=True
+      )
 
   def done(self, index: int, run: Job, detail: str = ''):
     line = f'{self._prefix(index, run)}  {run.status}'
@@ -144,16 +145,19 @@ def launch(run: Job, index: int, progress: StatusLines, poll_s: float) -> None:
     # the sweep works from any directory and with an installed defjax.
     config_root = str(pathlib.Path(config_path(run.command)).parent.parent)
     env['PYTHONPATH'] = os.pathsep.join(
-        p for p in (config_root, os.environ.get('PYTHONPATH')) if p)
-    proc = subprocess.Popen(run.command, stdout=log,
-                            stderr=subprocess.STDOUT, env=env)
+        p for p in (config_root, os.environ.get('PYTHONPATH')) if p
+    )
+    proc = subprocess.Popen(
+        run.command, stdout=log, stderr=subprocess.STDOUT, env=env
+    )
     try:
       while proc.poll() is None:
         try:
           proc.wait(timeout=poll_s)
         except subprocess.TimeoutExpired:
-          progress.update(index, run, time.monotonic() - start,
-                          progress_detail(run.workdir))
+          progress.update(
+              index, run, time.monotonic() - start, progress_detail(run.workdir)
+          )
     except KeyboardInterrupt:
       # The child got the same SIGINT; let it checkpoint and exit 4.
       try:
@@ -168,8 +172,9 @@ def launch(run: Job, index: int, progress: StatusLines, poll_s: float) -> None:
   run.returncode = proc.returncode
   run.elapsed_s = round(time.monotonic() - start, 1)
   run.status = runfiles.STATUS_BY_EXIT.get(proc.returncode, 'failed')
-  if (run.status in runfiles.FINISHED
-      and runfiles.finished_status(run.workdir) is None):
+  if (
+      run.status in runfiles.FINISHED
+      and runfiles.finished_status(run.workdir) is None
+  ):
     # Exit code and summary.json disagree; a rerun would redo it, so say so.
     run.status = 'failed'
-

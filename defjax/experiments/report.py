@@ -43,8 +43,9 @@ from defjax.experiments import figures as figures_lib
 from defjax.experiments import results as results_lib
 
 
-def summarize(paths: Iterable[str | os.PathLike[str]],
-              lam: float | None = None) -> dict:
+def summarize(
+    paths: Iterable[str | os.PathLike[str]], lam: float | None = None
+) -> dict:
   """The numbers behind the tables, as plain data.
 
   Args:
@@ -70,7 +71,8 @@ def _summary(collected: results_lib.Collection) -> dict:
   table1 = collections.defaultdict(dict)
   lams = collections.defaultdict(lambda: collections.defaultdict(dict))
   for (label, ratio, group_lam), group in sorted(
-      collected.groups.items(), key=lambda kv: (kv[0][1], str(kv[0][2]))):
+      collected.groups.items(), key=lambda kv: (kv[0][1], str(kv[0][2]))
+  ):
     cell = results_lib.cell(group, collected.scale)
     if label in methods.LAM_LABELS:
       lams[ratio][group_lam][label] = cell
@@ -78,15 +80,24 @@ def _summary(collected: results_lib.Collection) -> dict:
         continue
     table1[label][ratio] = cell
   return {
-      'runs': [{
-          'path': results_lib.shown(r.path), 'method': r.method, 'ratio': r.ratio,
-          'lam': r.lam, 'seed': r.seed, 'status': r.status,
-          'final_test_accuracy': r.summary.get('final_test_accuracy'),
-          'final_test_accuracy_x': r.summary.get('final_test_accuracy_x'),
-          'final_train_loss': r.summary.get('final_train_loss'),
-          'diverged_at_step': r.summary.get('diverged_at_step'),
-      } for r in sorted(runs, key=lambda r: str(r.path))],
-      'unfinished': [results_lib.shown(r.path) for r in runs if r.status == 'unfinished'],
+      'runs': [
+          {
+              'path': results_lib.shown(r.path),
+              'method': r.method,
+              'ratio': r.ratio,
+              'lam': r.lam,
+              'seed': r.seed,
+              'status': r.status,
+              'final_test_accuracy': r.summary.get('final_test_accuracy'),
+              'final_test_accuracy_x': r.summary.get('final_test_accuracy_x'),
+              'final_train_loss': r.summary.get('final_train_loss'),
+              'diverged_at_step': r.summary.get('diverged_at_step'),
+          }
+          for r in sorted(runs, key=lambda r: str(r.path))
+      ],
+      'unfinished': [
+          results_lib.shown(r.path) for r in runs if r.status == 'unfinished'
+      ],
       'lam': table_lam,
       'scale': collected.scale,
       'table1': {k: dict(v) for k, v in table1.items()},
@@ -105,8 +116,11 @@ def _length(config: dict) -> str | None:
 def _setting(runs: list[results_lib.Run]) -> str:
   """'dataset, model, length of training' as far as the configs agree."""
   parts = []
-  for get in (lambda c: results_lib.config_get(c, 'dataset'),
-              lambda c: results_lib.config_get(c, 'model'), _length):
+  for get in (
+      lambda c: results_lib.config_get(c, 'dataset'),
+      lambda c: results_lib.config_get(c, 'model'),
+      _length,
+  ):
     values = {str(get(r.config)) for r in runs if get(r.config) is not None}
     if len(values) == 1:
       parts.append(values.pop())
@@ -123,15 +137,19 @@ def table1_markdown(summary: dict, setting: str = '') -> str:
       '|---:|' + '---:|' * len(labels),
   ]
   for ratio in ratios:
-    cells = [table[l][ratio]['text'] if ratio in table[l] else results_lib.DASH
-             for l in labels]
+    cells = [
+        table[l][ratio]['text'] if ratio in table[l] else results_lib.DASH
+        for l in labels
+    ]
     lines.append(f'| {ratio} | ' + ' | '.join(cells) + ' |')
   lam = summary['lam']
-  caption = ('Test accuracy (%) at the end of training'
-             + (f' ({setting})' if setting else '')
-             + ': mean ± sample standard deviation over n seeds. '
-             '"diverged (k/n)": k of n seeds diverged. SGD does not '
-             'compress (ratio 1).')
+  caption = (
+      'Test accuracy (%) at the end of training'
+      + (f' ({setting})' if setting else '')
+      + ': mean ± sample standard deviation over n seeds. '
+      '"diverged (k/n)": k of n seeds diverged. SGD does not '
+      'compress (ratio 1).'
+  )
   if lam is not None and any(l in table for l in methods.LAM_LABELS):
     caption += f' DEF and DEF-A with lam = {lam:g}.'
   return '\n'.join(lines) + '\n\n' + caption + '\n'
@@ -144,7 +162,17 @@ def table_lam_markdown(summary: dict) -> str | None:
   also one with a single lam (Table 1 shows one lam only).
   """
   parts = []
-  if len({l for by_lam in summary['lams'].values() for l in by_lam if l is not None}) < 2:
+  if (
+      len(
+          {
+              l
+              for by_lam in summary['lams'].values()
+              for l in by_lam
+              if l is not None
+          }
+      )
+      < 2
+  ):
     return None
   for ratio, by_lam in sorted(summary['lams'].items()):
     lams = sorted(l for l in by_lam if l is not None)
@@ -154,19 +182,27 @@ def table_lam_markdown(summary: dict) -> str | None:
     parts.append('| lam | ' + ' | '.join(f'{l:g}' for l in lams) + ' |')
     parts.append('|---|' + '---:|' * len(lams))
     for label in methods.LAM_LABELS:
-      cells = [by_lam[l][label]['text'] if label in by_lam[l] else results_lib.DASH
-               for l in lams]
+      cells = [
+          by_lam[l][label]['text'] if label in by_lam[l] else results_lib.DASH
+          for l in lams
+      ]
       parts.append(f'| {label} | ' + ' | '.join(cells) + ' |')
     parts.append('')
   if not parts:
     return None
-  return ('\n'.join(parts) + '\nTest accuracy (%) at the end of training, '
-          'mean ± sample standard deviation over n seeds.\n')
+  return (
+      '\n'.join(parts) + '\nTest accuracy (%) at the end of training, '
+      'mean ± sample standard deviation over n seeds.\n'
+  )
 
 
-def write_report(paths: Sequence[str | os.PathLike[str]],
-                 out: str | os.PathLike[str], *, lam: float | None = None,
-                 argv: Sequence[str] = ()) -> dict:
+def write_report(
+    paths: Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    *,
+    lam: float | None = None,
+    argv: Sequence[str] = (),
+) -> dict:
   """Writes tables, figures and README.md into ``out``; returns the summary.
 
   Args:
@@ -199,14 +235,16 @@ def write_report(paths: Sequence[str | os.PathLike[str]],
     files.append('table_lam.md')
 
   figures = figures_lib.write_figures(
-      collected.groups, collected.lam, collected.scale, setting, out)
+      collected.groups, collected.lam, collected.scale, setting, out
+  )
   files += [name for name, _ in figures]
 
   summary['files'] = files
   (out / 'report.json').write_text(json.dumps(summary, indent=2) + '\n')
   files.append('report.json')
   (out / 'README.md').write_text(
-      _readme(summary, table1, lam_table, figures, setting, runs, paths, argv))
+      _readme(summary, table1, lam_table, figures, setting, runs, paths, argv)
+  )
   files.append('README.md')
   return summary
 
@@ -222,29 +260,51 @@ def _sweep_records(paths) -> list[tuple[pathlib.Path, dict]]:
   return records
 
 
-def _readme(summary, table1, lam_table, figures, setting, runs, paths,
-            argv) -> str:
-  lines = [f'# defjax report{": " + setting if setting else ""}', '',
-           'Made by', '', '```',
-           shlex.join(argv) if argv else
-           'python -m defjax.report ' + shlex.join(str(p) for p in paths),
-           '```', '']
+def _readme(
+    summary, table1, lam_table, figures, setting, runs, paths, argv
+) -> str:
+  lines = [
+      f'# defjax report{": " + setting if setting else ""}',
+      '',
+      'Made by',
+      '',
+      '```',
+      shlex.join(argv)
+      if argv
+      else 'python -m defjax.report ' + shlex.join(str(p) for p in paths),
+      '```',
+      '',
+  ]
   sweeps = _sweep_records(paths)
   if sweeps:
     lines += ['Sweeps:', '']
     for path, record in sweeps:
       machine = record.get('machine', {})
-      packages = ', '.join(f'{k} {v}' for k, v in
-                           record.get('packages', {}).items() if v)
-      lines.append(f'- `{results_lib.shown(path)}`: `{record.get("command", "?")}`, last invoked '
-                   f'{record.get("date", "?")}, {machine.get("platform", "?")}'
-                   f' ({machine.get("cpu_count", "?")} CPUs); {packages}')
+      packages = ', '.join(
+          f'{k} {v}' for k, v in record.get('packages', {}).items() if v
+      )
+      lines.append(
+          f'- `{results_lib.shown(path)}`: `{record.get("command", "?")}`, last invoked '
+          f'{record.get("date", "?")}, {machine.get("platform", "?")}'
+          f' ({machine.get("cpu_count", "?")} CPUs); {packages}'
+      )
     lines.append('')
   counts = collections.Counter(r.status for r in runs)
-  finished = sorted(r.summary['finished'] for r in runs if r.summary.get('finished'))
-  lines += ['Runs: ' + ', '.join(f'{n} {s}' for s, n in sorted(counts.items()))
-            + (f'; finished {finished[0]} to {finished[-1]} (of the runs that'
-               ' record it)' if finished else '') + '.', '']
+  finished = sorted(
+      r.summary['finished'] for r in runs if r.summary.get('finished')
+  )
+  lines += [
+      'Runs: '
+      + ', '.join(f'{n} {s}' for s, n in sorted(counts.items()))
+      + (
+          f'; finished {finished[0]} to {finished[-1]} (of the runs that'
+          ' record it)'
+          if finished
+          else ''
+      )
+      + '.',
+      '',
+  ]
   if summary['scale'] == 100.0:
     lines += ['Accuracies were stored as fractions and are shown in %.', '']
   lines += ['## Table 1: test accuracy by compression ratio', '', table1]
@@ -257,8 +317,10 @@ def _readme(summary, table1, lam_table, figures, setting, runs, paths,
   diverged = [r for r in runs if r.status == 'diverged']
   if diverged:
     lines += ['## Diverged runs', '']
-    lines += [f'- `{results_lib.shown(r.path)}` at step {r.summary.get("diverged_at_step", "?")}'
-              for r in sorted(diverged, key=lambda r: str(r.path))]
+    lines += [
+        f'- `{results_lib.shown(r.path)}` at step {r.summary.get("diverged_at_step", "?")}'
+        for r in sorted(diverged, key=lambda r: str(r.path))
+    ]
     lines.append('')
   if summary['unfinished']:
     lines += ['## Unfinished runs (left out)', '']
@@ -273,24 +335,40 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog='python -m defjax.report',
       description='Tables (paper Table 1 and 4) and figures (Figure 1 and 3) '
-                  'from run directories.')
-  parser.add_argument('paths', nargs='+', metavar='RUNDIR_OR_SWEEPDIR',
-                      help='run directories or directories holding runs')
+      'from run directories.',
+  )
+  parser.add_argument(
+      'paths',
+      nargs='+',
+      metavar='RUNDIR_OR_SWEEPDIR',
+      help='run directories or directories holding runs',
+  )
   parser.add_argument('--out', required=True, help='report directory')
-  parser.add_argument('--lam', type=float, default=None,
-                      help='lam of DEF/DEF-A in Table 1 and the figures '
-                           '(default: the only one, else 0.3, else the most '
-                           'common)')
+  parser.add_argument(
+      '--lam',
+      type=float,
+      default=None,
+      help='lam of DEF/DEF-A in Table 1 and the figures '
+      '(default: the only one, else 0.3, else the most '
+      'common)',
+  )
   args = parser.parse_args(argv)
   try:
-    summary = write_report(args.paths, args.out, lam=args.lam,
-                           argv=['python', '-m', 'defjax.report', *argv])
+    summary = write_report(
+        args.paths,
+        args.out,
+        lam=args.lam,
+        argv=['python', '-m', 'defjax.report', *argv],
+    )
   except results_lib.INPUT_ERRORS as e:
     print(results_lib.input_error_line(e), file=sys.stderr)
     return 2
   if not summary['runs']:
-    print('error: no runs (directories with summary.json or metrics.jsonl) '
-          f'under {", ".join(args.paths)}', file=sys.stderr)
+    print(
+        'error: no runs (directories with summary.json or metrics.jsonl) '
+        f'under {", ".join(args.paths)}',
+        file=sys.stderr,
+    )
     return 1
   print(table1_markdown(summary))
   print(f'report written to {args.out}: {", ".join(summary["files"])}')

@@ -65,8 +65,11 @@ class Result:
   def final_accuracy(self) -> float | None:
     value = self.run.summary.get(self.final_key)
     if value is None:  # an older summary: fall back to the last eval
-      series = [m[self.accuracy_key] for m in self.run.metrics
-                if is_number(m.get(self.accuracy_key))]
+      series = [
+          m[self.accuracy_key]
+          for m in self.run.metrics
+          if is_number(m.get(self.accuracy_key))
+      ]
       value = series[-1] if series else None
     return value
 
@@ -114,7 +117,8 @@ def _norm_lam(lam) -> float | None:
 
 
 def find_run_dirs(
-    paths: Iterable[str | os.PathLike[str]]) -> list[pathlib.Path]:
+    paths: Iterable[str | os.PathLike[str]],
+) -> list[pathlib.Path]:
   """Every directory at or below ``paths`` holding a run's output files."""
   found = {}
   for root in paths:
@@ -135,9 +139,13 @@ def planned_steps(summary: dict) -> int | None:
   config = summary.get('config') or {}
   budget = config_get(config, 'num_train_steps', 0)
   budget = budget if is_number(budget) else 0
-  epochs, per_epoch = config_get(config, 'num_epochs'), summary.get('steps_per_epoch')
+  epochs, per_epoch = config_get(config, 'num_epochs'), summary.get(
+      'steps_per_epoch'
+  )
   if budget > 0 or (is_number(epochs) and is_number(per_epoch)):
-    return runfiles.total_steps(budget, epochs, per_epoch)  # as the trainer does
+    return runfiles.total_steps(
+        budget, epochs, per_epoch
+    )  # as the trainer does
   return summary.get('steps') if summary.get('status') == 'completed' else None
 
 
@@ -191,7 +199,9 @@ def results_of(run: Run) -> list[Result]:
   method = methods.get(run.method)
   results = [Result(method.label, run, 'test_accuracy', 'final_test_accuracy')]
   if method.x_label:
-    results.append(Result(method.x_label, run, 'test_accuracy_x', 'final_test_accuracy_x'))
+    results.append(
+        Result(method.x_label, run, 'test_accuracy_x', 'final_test_accuracy_x')
+    )
   return results
 
 
@@ -204,18 +214,24 @@ class IncompatibleRunsError(ValueError):
 
 
 def _hashable(value):
-  return tuple(_hashable(v) for v in value) if isinstance(value, list) else value
+  return (
+      tuple(_hashable(v) for v in value) if isinstance(value, list) else value
+  )
 
 
 def recipe(run: Run) -> tuple:
   """The run's values of ``RECIPE`` (its defaults where the config lacks one)."""
-  return tuple(_hashable(config_get(run.config, key, absent))
-               for key, absent in RECIPE.items())
+  return tuple(
+      _hashable(config_get(run.config, key, absent))
+      for key, absent in RECIPE.items()
+  )
 
 
 def _where(key) -> str:
   label, ratio, lam = key
-  return f'{label} at ratio {ratio}' + ('' if lam is None else f' (lam {lam:g})')
+  return f'{label} at ratio {ratio}' + (
+      '' if lam is None else f' (lam {lam:g})'
+  )
 
 
 def group(runs: list[Run]) -> Groups:
@@ -237,35 +253,48 @@ def group(runs: list[Run]) -> Groups:
     recipes = {recipe(r.run): r.run.path for r in results}
     if len(recipes) > 1:
       (a, path_a), (b, path_b) = list(recipes.items())[:2]
-      differ = ', '.join(f'{k} {x!r} vs {y!r}' for k, x, y in zip(RECIPE, a, b) if x != y)
+      differ = ', '.join(
+          f'{k} {x!r} vs {y!r}' for k, x, y in zip(RECIPE, a, b) if x != y
+      )
       raise IncompatibleRunsError(
           f'{_where(key)} mixes runs that differ in {differ} ({path_a} vs '
           f'{path_b}); seeds of one result must share their settings: report '
-          'these folders separately')
+          'these folders separately'
+      )
   # A def_a run and a def run of the same seed compute the same x; count the
   # seed once and keep the run made for DEF-A.
   for key, results in groups.items():
     if key[0] == 'DEF-A':
       own = {r.run.seed for r in results if r.run.method == 'def_a'}
-      groups[key] = [r for r in results
-                     if r.run.method == 'def_a' or r.run.seed not in own]
+      groups[key] = [
+          r for r in results if r.run.method == 'def_a' or r.run.seed not in own
+      ]
   for key, results in groups.items():
     seen = {}
     for r in results:
-      if r.run.seed is not None and seen.setdefault(r.run.seed, r.run.path) != r.run.path:
+      if (
+          r.run.seed is not None
+          and seen.setdefault(r.run.seed, r.run.path) != r.run.path
+      ):
         raise IncompatibleRunsError(
             f'{_where(key)} has seed {r.run.seed} twice ({seen[r.run.seed]} and '
-            f'{r.run.path}): one seed counts once; pass one of them')
+            f'{r.run.path}): one seed counts once; pass one of them'
+        )
   return dict(groups)
 
 
 def accuracy_scale(runs: list[Run]) -> float:
   """100 if accuracies are stored as fractions, else 1 (already in %)."""
   for run in runs:
-    values = [run.summary.get('final_test_accuracy'),
-              run.summary.get('final_test_accuracy_x')]
-    values += [m.get(k) for m in run.metrics
-               for k in ('test_accuracy', 'test_accuracy_x')]
+    values = [
+        run.summary.get('final_test_accuracy'),
+        run.summary.get('final_test_accuracy_x'),
+    ]
+    values += [
+        m.get(k)
+        for m in run.metrics
+        for k in ('test_accuracy', 'test_accuracy_x')
+    ]
     if any(is_number(v) and v > 1.0 for v in values):
       return 1.0
   return 100.0
@@ -285,12 +314,18 @@ def cell(results: list[Result], scale: float) -> dict:
     'diverged' / 'diverged (k/n)', as divergence is reported, not averaged.
   """
   diverged = sum(r.run.status == 'diverged' for r in results)
-  values = [r.final_accuracy * scale for r in results
-            if r.run.status != 'diverged' and is_number(r.final_accuracy)]
+  values = [
+      r.final_accuracy * scale
+      for r in results
+      if r.run.status != 'diverged' and is_number(r.final_accuracy)
+  ]
   n = len(results)
   mean = float(np.mean(values)) if values else None
-  std = float(np.std(values, ddof=1)) if len(values) > 1 else (
-      0.0 if values else None)
+  std = (
+      float(np.std(values, ddof=1))
+      if len(values) > 1
+      else (0.0 if values else None)
+  )
   if diverged == n:
     text = 'diverged'
   elif diverged:
@@ -302,8 +337,12 @@ def cell(results: list[Result], scale: float) -> dict:
   else:
     text = f'{mean:.2f} ± {std:.2f} (n={len(values)})'
   return {
-      'n': n, 'diverged': diverged, 'values': values, 'mean': mean,
-      'std': std, 'text': text,
+      'n': n,
+      'diverged': diverged,
+      'values': values,
+      'mean': mean,
+      'std': std,
+      'text': text,
       'seeds': sorted(r.run.seed for r in results if r.run.seed is not None),
       'runs': [shown(r.run.path) for r in results],
   }
@@ -336,8 +375,9 @@ def input_error_line(error: Exception) -> str:
   return f'error: {error}'
 
 
-def collect(paths: Iterable[str | os.PathLike[str]],
-            lam: float | None = None) -> Collection:
+def collect(
+    paths: Iterable[str | os.PathLike[str]], lam: float | None = None
+) -> Collection:
   """Reads every run below ``paths`` and groups the finished ones.
 
   Args:

@@ -91,7 +91,9 @@ def expand_grid(
   """
   unknown = [m for m in methods if m not in methods_lib.NAMES]
   if unknown:
-    raise ValueError(f'unknown methods {unknown}; known: {", ".join(methods_lib.NAMES)}')
+    raise ValueError(
+        f'unknown methods {unknown}; known: {", ".join(methods_lib.NAMES)}'
+    )
   if any(r < 1 for r in ratios):
     raise ValueError(f'ratios must be >= 1, got {list(ratios)}')
   sets = []
@@ -102,15 +104,20 @@ def expand_grid(
       raise ValueError(f'--set expects key=value, got {item!r}')
     sets.append(f'--config.{key}={value}')
   out = pathlib.Path(out).resolve()
-  program = ([python, '-m', 'defjax.main'] if train is None
-             else [python, str(pathlib.Path(train).resolve())])
+  program = (
+      [python, '-m', 'defjax.main']
+      if train is None
+      else [python, str(pathlib.Path(train).resolve())]
+  )
   base = program + ['--config', _absolute_config(config)]
 
   runs, seen = [], set()
   for seed in seeds:
     for method in methods:
       method_ratios = ratios if methods_lib.get(method).compresses else [1]
-      method_lams = lams if (lams and method in methods_lib.LAM_NAMES) else [None]
+      method_lams = (
+          lams if (lams and method in methods_lib.LAM_NAMES) else [None]
+      )
       for ratio in method_ratios:
         for lam in method_lams:
           name = runfiles.run_name(method, ratio, lam, seed)
@@ -119,7 +126,8 @@ def expand_grid(
           seen.add(name)
           workdir = out / name
           command = base + [
-              '--workdir', str(workdir),
+              '--workdir',
+              str(workdir),
               f'--config.optim.method={method}',
               f'--config.optim.ratio={ratio}',
               f'--config.seed={seed}',
@@ -130,16 +138,26 @@ def expand_grid(
           # because a grid key given twice is the user's explicit choice.
           command += sets
           runs.append(
-              launch.Job(method, ratio, lam, seed, name, workdir, command))
+              launch.Job(method, ratio, lam, seed, name, workdir, command)
+          )
   return runs
 
 
 def _config_dir(runs: list[launch.Job]) -> str | None:
-  return str(pathlib.Path(launch.config_path(runs[0].command)).parent) if runs else None
+  return (
+      str(pathlib.Path(launch.config_path(runs[0].command)).parent)
+      if runs
+      else None
+  )
 
 
-def _write_record(path: pathlib.Path, header: dict, runs: list[launch.Job],
-                  previous: dict | None, todo: set[str]) -> None:
+def _write_record(
+    path: pathlib.Path,
+    header: dict,
+    runs: list[launch.Job],
+    previous: dict | None,
+    todo: set[str],
+) -> None:
   # Several grids may share one --out (a queue adds a second seed later): keep
   # the other grids' runs and commands instead of forgetting them. A run this
   # sweep skips (finished earlier) keeps the entry of the sweep that ran it:
@@ -149,10 +167,18 @@ def _write_record(path: pathlib.Path, header: dict, runs: list[launch.Job],
   kept = [r for r in previous.get('runs', []) if r.get('name') not in names]
   before = {r.get('name'): r for r in previous.get('runs', [])}
   earlier = list(previous.get('earlier_commands', []))
-  if kept and previous.get('command') and previous['command'] != header['command']:
+  if (
+      kept
+      and previous.get('command')
+      and previous['command'] != header['command']
+  ):
     earlier.append(previous['command'])
-  entries = [dict(before[r.name], status=r.status)
-             if r.name not in todo and r.name in before else r.record() for r in runs]
+  entries = [
+      dict(before[r.name], status=r.status)
+      if r.name not in todo and r.name in before
+      else r.record()
+      for r in runs
+  ]
   record = dict(header, runs=entries + kept)
   if earlier:
     record['earlier_commands'] = list(dict.fromkeys(earlier))
@@ -195,8 +221,12 @@ def run_sweep(
       run.status = status
     else:
       todo.append(run)
-  print(f'{len(runs)} runs, {len(runs) - len(todo)} finished, '
-        f'{len(todo)} to run', file=stream, flush=True)
+  print(
+      f'{len(runs)} runs, {len(runs) - len(todo)} finished, '
+      f'{len(todo)} to run',
+      file=stream,
+      flush=True,
+  )
   if dry_run:
     for run in todo:
       print(shlex.join(run.command), file=stream)
@@ -215,8 +245,9 @@ def run_sweep(
   header = {
       'command': shlex.join(argv),
       'cwd': os.getcwd(),
-      'date': datetime.datetime.now().astimezone().isoformat(
-          timespec='seconds'),
+      'date': (
+          datetime.datetime.now().astimezone().isoformat(timespec='seconds')
+      ),
       **runfiles.environment(_config_dir(runs)),
   }
   todo_names = {r.name for r in todo}
@@ -230,11 +261,17 @@ def run_sweep(
     except KeyboardInterrupt:
       progress.done(index, run)
       _write_record(record_path, header, runs, previous, todo_names)
-      print('sweep interrupted; rerun the same command to resume',
-            file=stream, flush=True)
+      print(
+          'sweep interrupted; rerun the same command to resume',
+          file=stream,
+          flush=True,
+      )
       return 130
-    detail = (f'exit code {run.returncode}, see {run.workdir / "log.txt"}'
-              if run.status not in FINISHED else launch.progress_detail(run.workdir))
+    detail = (
+        f'exit code {run.returncode}, see {run.workdir / "log.txt"}'
+        if run.status not in FINISHED
+        else launch.progress_detail(run.workdir)
+    )
     progress.done(index, run, detail)
     _write_record(record_path, header, runs, previous, todo_names)
 
@@ -246,12 +283,16 @@ def _print_counts(runs: list[launch.Job], stream) -> None:
   counts = {}
   for run in runs:
     counts[run.status] = counts.get(run.status, 0) + 1
-  print('done: ' + ', '.join(f'{n} {s}' for s, n in sorted(counts.items())),
-        file=stream, flush=True)
+  print(
+      'done: ' + ', '.join(f'{n} {s}' for s, n in sorted(counts.items())),
+      file=stream,
+      flush=True,
+  )
 
 
-def _warn_if_base_changed(record_path: pathlib.Path, runs: list[launch.Job],
-                          stream) -> dict | None:
+def _warn_if_base_changed(
+    record_path: pathlib.Path, runs: list[launch.Job], stream
+) -> dict | None:
   """Warns about runs whose command changed; returns the previous record."""
   # A workdir is recognised by its name only, so resuming into an --out made
   # with another base config or --set would mix results without a word.
@@ -260,13 +301,19 @@ def _warn_if_base_changed(record_path: pathlib.Path, runs: list[launch.Job],
   except (OSError, ValueError):
     return None
   old = {r['name']: r['command'] for r in previous.get('runs', [])}
-  changed = [r.name for r in runs
-             if r.name in old and old[r.name] != shlex.join(r.command)]
+  changed = [
+      r.name
+      for r in runs
+      if r.name in old and old[r.name] != shlex.join(r.command)
+  ]
   if changed:
-    print(f'warning: {len(changed)} runs (e.g. {changed[0]}) had a different '
-          f'command in the previous {record_path}; finished ones are kept '
-          'as they are. Use a new --out for a new base config.',
-          file=stream, flush=True)
+    print(
+        f'warning: {len(changed)} runs (e.g. {changed[0]}) had a different '
+        f'command in the previous {record_path}; finished ones are kept '
+        'as they are. Use a new --out for a new base config.',
+        file=stream,
+        flush=True,
+    )
   return previous
 
 
@@ -286,29 +333,59 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
       prog='python -m defjax.sweep',
       description='Run a grid of methods x ratios x seeds (x lam) of the '
-                  'training program, one workdir per run, skipping finished runs.')
-  parser.add_argument('--config', required=True,
-                      help='base config file, as for train.py --config')
-  parser.add_argument('--out', required=True,
-                      help='sweep directory; one workdir per run below it')
-  parser.add_argument('--methods', type=_str_list, required=True,
-                      help=f'comma-separated, from {",".join(methods_lib.NAMES)}')
-  parser.add_argument('--ratios', type=_int_list, default=[1],
-                      help='comma-separated compression ratios (SGD uses 1)')
-  parser.add_argument('--seeds', type=_int_list, default=[0],
-                      help='comma-separated seeds')
-  parser.add_argument('--lams', type=_float_list, default=None,
-                      help='comma-separated lam values for def and def_a '
-                           '(default: the config\'s lam)')
-  parser.add_argument('--set', dest='overrides', action='append', default=[],
-                      metavar='KEY=VALUE',
-                      help='config override for every run, e.g. '
-                           'num_epochs=5 (repeatable)')
-  parser.add_argument('--train', default=None,
-                      help='a training script taking the same flags, run '
-                           'instead of python -m defjax.main')
-  parser.add_argument('--dry-run', action='store_true',
-                      help='print the commands of unfinished runs and exit')
+      'training program, one workdir per run, skipping finished runs.',
+  )
+  parser.add_argument(
+      '--config',
+      required=True,
+      help='base config file, as for train.py --config',
+  )
+  parser.add_argument(
+      '--out',
+      required=True,
+      help='sweep directory; one workdir per run below it',
+  )
+  parser.add_argument(
+      '--methods',
+      type=_str_list,
+      required=True,
+      help=f'comma-separated, from {",".join(methods_lib.NAMES)}',
+  )
+  parser.add_argument(
+      '--ratios',
+      type=_int_list,
+      default=[1],
+      help='comma-separated compression ratios (SGD uses 1)',
+  )
+  parser.add_argument(
+      '--seeds', type=_int_list, default=[0], help='comma-separated seeds'
+  )
+  parser.add_argument(
+      '--lams',
+      type=_float_list,
+      default=None,
+      help='comma-separated lam values for def and def_a '
+      "(default: the config's lam)",
+  )
+  parser.add_argument(
+      '--set',
+      dest='overrides',
+      action='append',
+      default=[],
+      metavar='KEY=VALUE',
+      help='config override for every run, e.g. ' 'num_epochs=5 (repeatable)',
+  )
+  parser.add_argument(
+      '--train',
+      default=None,
+      help='a training script taking the same flags, run '
+      'instead of python -m defjax.main',
+  )
+  parser.add_argument(
+      '--dry-run',
+      action='store_true',
+      help='print the commands of unfinished runs and exit',
+  )
   return parser.parse_args(argv)
 
 
@@ -324,14 +401,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   try:
     runs = expand_grid(
-        config=args.config, out=args.out, methods=args.methods,
-        ratios=args.ratios, seeds=args.seeds, lams=args.lams,
-        overrides=args.overrides, train=args.train)
+        config=args.config,
+        out=args.out,
+        methods=args.methods,
+        ratios=args.ratios,
+        seeds=args.seeds,
+        lams=args.lams,
+        overrides=args.overrides,
+        train=args.train,
+    )
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  argv_record = ['python', '-m', 'defjax.sweep',
-                 *(sys.argv[1:] if argv is None else argv)]
+  argv_record = [
+      'python',
+      '-m',
+      'defjax.sweep',
+      *(sys.argv[1:] if argv is None else argv),
+  ]
   return run_sweep(runs, args.out, argv=argv_record, dry_run=args.dry_run)
 
 

@@ -34,7 +34,11 @@ def layout_class(config) -> type[Layout]:
   shards, neither the 1-D layout."""
   if config.get('devices_per_host', 1) > 1:
     return hosts.HostLayout
-  return data_parallel.DataParallelLayout if config.model_axis_size == 1 else sharded.ShardedLayout
+  return (
+      data_parallel.DataParallelLayout
+      if config.model_axis_size == 1
+      else sharded.ShardedLayout
+  )
 
 
 def check_config(config) -> None:

@@ -94,7 +94,9 @@ class Layout(abc.ABC):
   def worker_rows(self, process_index: Optional[int] = None) -> slice:
     """The workers (rows of a per-worker array) a process loads."""
 
-  def global_batch(self, local: np.ndarray, *, stacked: bool = False) -> jax.Array:
+  def global_batch(
+      self, local: np.ndarray, *, stacked: bool = False
+  ) -> jax.Array:
     """A (K, ...) per-worker array from this process's rows ``worker_rows()``.
 
     Each device gets its workers' rows, and no process reads another's.
@@ -102,38 +104,61 @@ class Layout(abc.ABC):
     layout's step supports it.
     """
     if stacked:
-      raise ValueError(f'{type(self).__name__} runs one step per call: no stacked batches')
-    return global_from_rows(local, self.worker_rows(), self.num_workers, self.per_worker)
+      raise ValueError(
+          f'{type(self).__name__} runs one step per call: no stacked batches'
+      )
+    return global_from_rows(
+        local, self.worker_rows(), self.num_workers, self.per_worker
+    )
 
   @abc.abstractmethod
-  def param_shardings(self, params: PyTree, param_specs: PyTree = None) -> PyTree:
+  def param_shardings(
+      self, params: PyTree, param_specs: PyTree = None
+  ) -> PyTree:
     """x's NamedShardings, a tree like ``params`` (arrays or abstract, e.g.
     ``jax.eval_shape``'s, to initialise x already in place)."""
 
   @abc.abstractmethod
-  def state_shardings(self, state: PyTree, params: PyTree,
-                      param_specs: PyTree = None) -> PyTree:
+  def state_shardings(
+      self, state: PyTree, params: PyTree, param_specs: PyTree = None
+  ) -> PyTree:
     """NamedShardings of a stacked (K, ...) per-worker optimizer state, a
     tree like ``state`` (one worker's, without the worker axis)."""
 
-  def init_state(self, tx: optax.GradientTransformation, params: PyTree,
-                 param_specs: PyTree = None) -> PyTree:
+  def init_state(
+      self,
+      tx: optax.GradientTransformation,
+      params: PyTree,
+      param_specs: PyTree = None,
+  ) -> PyTree:
     """``tx.init`` for every worker, stacked on the worker axis and placed."""
     init = jax.vmap(tx.init, in_axes=None, axis_size=self.num_workers)
-    shardings = self.state_shardings(jax.eval_shape(tx.init, params), params, param_specs)
+    shardings = self.state_shardings(
+        jax.eval_shape(tx.init, params), params, param_specs
+    )
     return jax.jit(init, out_shardings=shardings)(params)
 
   # ------------------------------------------------------- what runs there
 
   @abc.abstractmethod
-  def rbgs(self, ratio: float, param_specs: PyTree = None, *, key: compress.KeyLike = 0,
-           per_leaf: bool) -> compress.Compressor:
+  def rbgs(
+      self,
+      ratio: float,
+      param_specs: PyTree = None,
+      *,
+      key: compress.KeyLike = 0,
+      per_leaf: bool,
+  ) -> compress.Compressor:
     """RBGS as this layout's step needs it: blocks a device can cut from what
     it holds (``defjax.rbgs``'s global or per-leaf blocks, or per shard)."""
 
   @abc.abstractmethod
-  def check_collectives(self, tx: optax.GradientTransformation, params: PyTree,
-                        worker_opt_state: PyTree) -> None:
+  def check_collectives(
+      self,
+      tx: optax.GradientTransformation,
+      params: PyTree,
+      worker_opt_state: PyTree,
+  ) -> None:
     """Raises ValueError unless ``tx.update`` reduces over exactly the workers.
 
     The step keeps one copy of the update, which is right only if the update
@@ -144,10 +169,17 @@ class Layout(abc.ABC):
     """
 
   @abc.abstractmethod
-  def train_step(self, loss_fn: LossFn, tx: optax.GradientTransformation,
-                 param_specs: PyTree = None, *, sync_model_state: bool = True,
-                 multi_step: bool = False, donate: bool = True,
-                 check_collectives: bool = True):
+  def train_step(
+      self,
+      loss_fn: LossFn,
+      tx: optax.GradientTransformation,
+      param_specs: PyTree = None,
+      *,
+      sync_model_state: bool = True,
+      multi_step: bool = False,
+      donate: bool = True,
+      check_collectives: bool = True,
+  ):
     """The jitted step of any defjax (or optax) transform on this layout.
 
     Args:
@@ -210,8 +242,14 @@ class Layout(abc.ABC):
 # --------------------------------------------------------------- helpers
 
 
-def global_from_rows(local: np.ndarray, rows: slice, num_workers: int,
-                     sharding: NamedSharding, *, worker_axis: int = 0) -> jax.Array:
+def global_from_rows(
+    local: np.ndarray,
+    rows: slice,
+    num_workers: int,
+    sharding: NamedSharding,
+    *,
+    worker_axis: int = 0,
+) -> jax.Array:
   """The global array of all ``num_workers`` workers from this process's ``rows``.
 
   ``local`` holds the rows ``rows`` along ``worker_axis``; each device gets
@@ -220,9 +258,16 @@ def global_from_rows(local: np.ndarray, rows: slice, num_workers: int,
 
   def fill(index):  # one device's global worker rows -> this process's rows
     start, stop, _ = index[worker_axis].indices(num_workers)
-    return local[(slice(None),) * worker_axis + (slice(start - rows.start, stop - rows.start),)]
+    return local[
+        (slice(None),) * worker_axis
+        + (slice(start - rows.start, stop - rows.start),)
+    ]
 
-  shape = local.shape[:worker_axis] + (num_workers,) + local.shape[worker_axis + 1:]
+  shape = (
+      local.shape[:worker_axis]
+      + (num_workers,)
+      + local.shape[worker_axis + 1 :]
+  )
   return jax.make_array_from_callback(shape, sharding, fill)
 
 
@@ -244,13 +289,22 @@ def check_positive(**values) -> None:
 
 def abstract(tree: PyTree) -> PyTree:
   """``tree`` as ShapeDtypeStructs (arrays, or already abstract)."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), tree)
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), tree
+  )
 
 
 # Collectives that combine values across workers; their axes must be all of
 # the layout's worker axes.
-_REDUCTIONS = ('psum', 'pmax', 'pmin', 'all_gather', 'reduce_scatter', 'psum_scatter',
-               'all_to_all')
+_REDUCTIONS = (
+    'psum',
+    'pmax',
+    'pmin',
+    'all_gather',
+    'reduce_scatter',
+    'psum_scatter',
+    'all_to_all',
+)
 
 
 def collective_eqns(jaxpr, manual: frozenset = frozenset()):
@@ -281,7 +335,8 @@ def trace_collectives(trace: Callable[[], Any], hint: str) -> list:
     jaxpr = trace()
   except NameError as e:  # a collective over an axis this layout does not have
     raise ValueError(
-        f'the transform uses a collective over an axis this layout lacks ({e})' + hint
+        f'the transform uses a collective over an axis this layout lacks ({e})'
+        + hint
     ) from None
   return list(collective_eqns(jaxpr.jaxpr))
 
@@ -291,7 +346,9 @@ def require_collectives(found: list, num_workers: int, hint: str) -> None:
   if num_workers > 1 and not found:
     raise ValueError(
         f'the transform has no collective over the {num_workers} workers,'
-        ' so their updates would differ while the model is kept as one copy' + hint)
+        ' so their updates would differ while the model is kept as one copy'
+        + hint
+    )
 
 
 def stacked_averaged_params():
@@ -302,7 +359,9 @@ def stacked_averaged_params():
   no layout: the stacked state's sharding tells XLA where the workers are.
   """
   average = lambda p, s: feedback.averaged_params(p, s, axis_name='workers')
-  return jax.jit(jax.vmap(average, in_axes=(None, 0), out_axes=None, axis_name='workers'))
+  return jax.jit(
+      jax.vmap(average, in_axes=(None, 0), out_axes=None, axis_name='workers')
+  )
 
 
 def host_value(x) -> np.ndarray:
@@ -323,5 +382,7 @@ def host_value(x) -> np.ndarray:
       out[shard.index] = np.asarray(shard.data)
       covered[key] = shard.data.size
   if sum(covered.values()) != x.size:
-    raise ValueError(f'this process holds only part of a {x.shape} array ({x.sharding})')
+    raise ValueError(
+        f'this process holds only part of a {x.shape} array ({x.sharding})'
+    )
   return out

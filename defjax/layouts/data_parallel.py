@@ -62,7 +62,8 @@ class DataParallelLayout(base.Layout):
   def __post_init__(self):
     if self.local_gradients not in LOCAL_GRADIENTS:
       raise ValueError(
-          f"local_gradients must be 'vmap' or 'unroll', got {self.local_gradients!r}")
+          f"local_gradients must be 'vmap' or 'unroll', got {self.local_gradients!r}"
+      )
 
   @property
   def workers_per_device(self) -> int:
@@ -92,19 +93,28 @@ class DataParallelLayout(base.Layout):
     if process_index is None:
       process_index = jax.process_index()
     devices = list(self.mesh.devices.flat)
-    mine = [i for i, d in enumerate(devices) if d.process_index == process_index]
+    mine = [
+        i for i, d in enumerate(devices) if d.process_index == process_index
+    ]
     if not mine:
       return slice(0, 0)
     w = self.workers_per_device
     return slice(mine[0] * w, (mine[-1] + 1) * w)
 
-  def global_batch(self, local: np.ndarray, *, stacked: bool = False) -> jax.Array:
+  def global_batch(
+      self, local: np.ndarray, *, stacked: bool = False
+  ) -> jax.Array:
     """As ``Layout.global_batch``; ``stacked``: ``local`` is a (n, rows, ...)
     stack of n steps' rows, for a ``multi_step`` step."""
     if not stacked:
       return super().global_batch(local)
-    return base.global_from_rows(local, self.worker_rows(), self.num_workers,
-                                 self.per_step_and_worker, worker_axis=1)
+    return base.global_from_rows(
+        local,
+        self.worker_rows(),
+        self.num_workers,
+        self.per_step_and_worker,
+        worker_axis=1,
+    )
 
   def param_shardings(self, params, param_specs=None):
     """Replicated, whatever the specs say."""
@@ -150,20 +160,37 @@ class DataParallelLayout(base.Layout):
     env = [(self.axis, self.num_devices)]
     if self.workers_per_device > 1:
       env.append((LOCAL_AXIS, self.workers_per_device))
-    params, worker_opt_state = base.abstract(params), base.abstract(worker_opt_state)
+    params, worker_opt_state = base.abstract(params), base.abstract(
+        worker_opt_state
+    )
     hint = f'; build it with axis_name={self.axis_name!r} (layout.axis_name)'
     found = base.trace_collectives(
-        lambda: jax.make_jaxpr(tx.update, axis_env=env)(params, worker_opt_state, params), hint)
+        lambda: jax.make_jaxpr(tx.update, axis_env=env)(
+            params, worker_opt_state, params
+        ),
+        hint,
+    )
     wrong = sorted({a for a, _, _ in found if set(a) != set(axes)})
     if wrong:
       raise ValueError(
-          f'the transform reduces over {wrong[0]!r} but this layout\'s {self.num_workers}'
-          f' workers span {axes!r}, so some workers\' gradients would be dropped' + hint)
+          f"the transform reduces over {wrong[0]!r} but this layout's {self.num_workers}"
+          f" workers span {axes!r}, so some workers' gradients would be dropped"
+          + hint
+      )
     base.require_collectives(found, self.num_workers, hint)
 
-  def train_step(self, loss_fn, tx, param_specs=None, *, sync_model_state=True,
-                 multi_step=False, donate=True, check_collectives=True,
-                 unroll: int | bool = 1):
+  def train_step(
+      self,
+      loss_fn,
+      tx,
+      param_specs=None,
+      *,
+      sync_model_state=True,
+      multi_step=False,
+      donate=True,
+      check_collectives=True,
+      unroll: int | bool = 1,
+  ):
     """As ``Layout.train_step``, with both options: an unsynced model state
     is per worker, and ``multi_step`` runs the n steps in a ``lax.scan`` on
     the devices (``unroll``: its unroll), ``loss`` the (n,) per-step losses.
@@ -182,7 +209,9 @@ class DataParallelLayout(base.Layout):
     def gradient(params, model_state, opt_state, batch):
       """Algorithm 1, line 6: the gradient at this worker's eval point."""
       point = feedback.eval_point(params, opt_state)
-      return jax.value_and_grad(loss_fn, has_aux=True)(point, model_state, batch)
+      return jax.value_and_grad(loss_fn, has_aux=True)(
+          point, model_state, batch
+      )
 
     def update(params, model_state, opt_state, loss, grads):
       updates, opt_state = tx.update(grads, opt_state, params)
@@ -191,7 +220,9 @@ class DataParallelLayout(base.Layout):
       return updates, model_state, opt_state, jax.lax.pmean(loss, axis_name)
 
     def worker(params, model_state, opt_state, batch):
-      (loss, model_state), grads = gradient(params, model_state, opt_state, batch)
+      (loss, model_state), grads = gradient(
+          params, model_state, opt_state, batch
+      )
       return update(params, model_state, opt_state, loss, grads)
 
     out_axes = (None, ms_axis, 0, None)
@@ -199,27 +230,48 @@ class DataParallelLayout(base.Layout):
     # model's own shapes (vmapped, DEF's per-worker eval point would make every
     # convolution a grouped one), its optimizer vmapped (map_workers).
     if self.workers_per_device == 1 or self.local_gradients == 'unroll':
-      vmapped_update = self.map_workers(update, in_axes=(None, 0, 0, 0, 0), out_axes=out_axes)
+      vmapped_update = self.map_workers(
+          update, in_axes=(None, 0, 0, 0, 0), out_axes=out_axes
+      )
 
       def mapped(params, model_state, opt_state, batch):
         at = lambda tree, k: jax.tree.map(lambda x: x[k], tree)
-        results = [gradient(params, model_state if ms_axis is None else at(model_state, k),
-                            at(opt_state, k), at(batch, k))
-                   for k in range(self.workers_per_device)]
-        (loss, new_model_state), grads = jax.tree.map(lambda *xs: jnp.stack(xs), *results)
+        results = [
+            gradient(
+                params,
+                model_state if ms_axis is None else at(model_state, k),
+                at(opt_state, k),
+                at(batch, k),
+            )
+            for k in range(self.workers_per_device)
+        ]
+        (loss, new_model_state), grads = jax.tree.map(
+            lambda *xs: jnp.stack(xs), *results
+        )
         return vmapped_update(params, new_model_state, opt_state, loss, grads)
+
     else:
-      mapped = self.map_workers(worker, in_axes=(None, ms_axis, 0, 0), out_axes=out_axes)
+      mapped = self.map_workers(
+          worker, in_axes=(None, ms_axis, 0, 0), out_axes=out_axes
+      )
 
     def one_step(state, batch):
       params, model_state, opt_state = state
-      updates, model_state, opt_state, loss = mapped(params, model_state, opt_state, batch)
-      return (optax.apply_updates(params, updates), model_state, opt_state), loss
+      updates, model_state, opt_state, loss = mapped(
+          params, model_state, opt_state, batch
+      )
+      return (
+          optax.apply_updates(params, updates),
+          model_state,
+          opt_state,
+      ), loss
 
     def local_step(params, model_state, opt_state, batch):
       # Runs once per trace, not per step.
       if check_collectives:
-        self.check_collectives(tx, params, jax.tree.map(lambda x: x[0], opt_state))
+        self.check_collectives(
+            tx, params, jax.tree.map(lambda x: x[0], opt_state)
+        )
       state = (params, model_state, opt_state)
       if multi_step:
         state, loss = jax.lax.scan(one_step, state, batch, unroll=unroll)
@@ -288,6 +340,12 @@ def make_layout(
         f'num_workers={num_workers} is not divisible by the {n} available'
         f' devices; use a multiple of {n} (or at most {n})'
     )
-  mesh = Mesh(np.asarray(used), (axis,), axis_types=(jax.sharding.AxisType.Auto,))
-  return DataParallelLayout(mesh=mesh, num_workers=num_workers, axis=axis,
-                            local_gradients=local_gradients)
+  mesh = Mesh(
+      np.asarray(used), (axis,), axis_types=(jax.sharding.AxisType.Auto,)
+  )
+  return DataParallelLayout(
+      mesh=mesh,
+      num_workers=num_workers,
+      axis=axis,
+      local_gradients=local_gradients,
+  )

@@ -112,11 +112,16 @@ class HostLayout(base.Layout):
     """The workers with a device on a process (a host: its own row)."""
     if process_index is None:
       process_index = jax.process_index()
-    rows = [k for k, row in enumerate(self.mesh.devices)
-            if any(d.process_index == process_index for d in row)]
+    rows = [
+        k
+        for k, row in enumerate(self.mesh.devices)
+        if any(d.process_index == process_index for d in row)
+    ]
     return slice(rows[0], rows[-1] + 1) if rows else slice(0, 0)
 
-  def global_batch(self, local: np.ndarray, *, stacked: bool = False) -> jax.Array:
+  def global_batch(
+      self, local: np.ndarray, *, stacked: bool = False
+  ) -> jax.Array:
     """A (K, n, ...) batch leaf from this process's rows; each device gets
     its n / M examples of its worker's row."""
     if stacked:
@@ -146,27 +151,50 @@ class HostLayout(base.Layout):
     """As ``Layout.check_collectives``: each collective of ``tx.update``
     reduces over 'data' (all of it, or a slice of the host's share), or
     gathers the slices over 'replica'."""
-    env = [(WORKER_AXIS, self.num_workers), (REPLICA_AXIS, self.devices_per_worker)]
-    params, worker_opt_state = base.abstract(params), base.abstract(worker_opt_state)
+    env = [
+        (WORKER_AXIS, self.num_workers),
+        (REPLICA_AXIS, self.devices_per_worker),
+    ]
+    params, worker_opt_state = base.abstract(params), base.abstract(
+        worker_opt_state
+    )
     hint = f'; build it with axis_name={self.axis_name!r} (layout.axis_name)'
     found = base.trace_collectives(
-        lambda: jax.make_jaxpr(tx.update, axis_env=env)(params, worker_opt_state, params), hint)
+        lambda: jax.make_jaxpr(tx.update, axis_env=env)(
+            params, worker_opt_state, params
+        ),
+        hint,
+    )
     for axes, eqn, _ in found:
-      gather = eqn.primitive.name == 'all_gather' and set(axes) == {REPLICA_AXIS}
+      gather = eqn.primitive.name == 'all_gather' and set(axes) == {
+          REPLICA_AXIS
+      }
       if set(axes) != {WORKER_AXIS} and not gather:
         raise ValueError(
-            f'the transform\'s {eqn.primitive.name} spans {axes!r}, but this layout\'s'
-            f' {self.num_workers} workers span {WORKER_AXIS!r} (each over its host\'s'
-            f' {REPLICA_AXIS!r} devices)' + hint)
+            f"the transform's {eqn.primitive.name} spans {axes!r}, but this layout's"
+            f" {self.num_workers} workers span {WORKER_AXIS!r} (each over its host's"
+            f' {REPLICA_AXIS!r} devices)' + hint
+        )
     base.require_collectives(found, self.num_workers, hint)
 
-  def train_step(self, loss_fn, tx, param_specs=None, *, sync_model_state=True,
-                 multi_step=False, donate=True, check_collectives=True):
+  def train_step(
+      self,
+      loss_fn,
+      tx,
+      param_specs=None,
+      *,
+      sync_model_state=True,
+      multi_step=False,
+      donate=True,
+      check_collectives=True,
+  ):
     """As ``Layout.train_step``: one step per call, model state synced."""
     if multi_step:
       raise ValueError('HostLayout runs one step per call (multi_step=False)')
     if not sync_model_state:
-      raise ValueError('HostLayout syncs the model state (sync_model_state=True)')
+      raise ValueError(
+          'HostLayout syncs the model state (sync_model_state=True)'
+      )
     split = self.axis_name
     first = lambda tree: jax.tree.map(lambda x: x[0], tree)
 
@@ -176,11 +204,14 @@ class HostLayout(base.Layout):
         self.check_collectives(tx, params, state)
       point = feedback.eval_point(params, state)
       (loss, model_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          point, model_state, first(batch))
+          point, model_state, first(batch)
+      )
       # The worker's gradient: the mean over its host's devices.
       grads = jax.lax.pmean(grads, REPLICA_AXIS)
       updates, state = tx.update(grads, state, params)
-      model_state = compress.worker_mean(jax.lax.pmean(model_state, REPLICA_AXIS), split)
+      model_state = compress.worker_mean(
+          jax.lax.pmean(model_state, REPLICA_AXIS), split
+      )
       loss = jax.lax.pmean(loss, (WORKER_AXIS, REPLICA_AXIS))
       new_state = jax.tree.map(lambda x: x[None], state)
       return optax.apply_updates(params, updates), model_state, new_state, loss
@@ -215,16 +246,20 @@ class HostLayout(base.Layout):
     if config.model_axis_size != 1:
       raise ValueError(
           f'devices_per_host={m} and model_axis_size={config.model_axis_size}: hosts of'
-          ' data-parallel devices and model-sharded workers do not combine (no 3-D mesh)')
+          ' data-parallel devices and model-sharded workers do not combine (no 3-D mesh)'
+      )
     if config.batch_size % m:
       raise ValueError(
-          f'batch_size={config.batch_size} (a worker\'s batch) does not split over its'
-          f' devices_per_host={m} devices')
+          f"batch_size={config.batch_size} (a worker's batch) does not split over its"
+          f' devices_per_host={m} devices'
+      )
     if not config.sync_batch_stats:
       raise ValueError('devices_per_host > 1 needs sync_batch_stats=True')
     if config.steps_per_dispatch > 1:
-      raise ValueError('devices_per_host > 1 runs one step per dispatch'
-                       f' (steps_per_dispatch={config.steps_per_dispatch})')
+      raise ValueError(
+          'devices_per_host > 1 runs one step per dispatch'
+          f' (steps_per_dispatch={config.steps_per_dispatch})'
+      )
     make_layout(config.num_workers, m)
 
   @classmethod
@@ -236,22 +271,31 @@ class HostLayout(base.Layout):
     return config.num_workers * config.devices_per_host
 
 
-def make_layout(num_workers: int, devices_per_host: int,
-                devices: Optional[Sequence[jax.Device]] = None) -> HostLayout:
+def make_layout(
+    num_workers: int,
+    devices_per_host: int,
+    devices: Optional[Sequence[jax.Device]] = None,
+) -> HostLayout:
   """K hosts of M devices: row k of the (K, M) mesh is the k-th group of M
   devices in process-then-id order, so a process of M devices is one host.
 
   Raises:
     ValueError: if K or M is not a positive int, or K x M exceeds the devices.
   """
-  base.check_positive(num_workers=num_workers, devices_per_host=devices_per_host)
+  base.check_positive(
+      num_workers=num_workers, devices_per_host=devices_per_host
+  )
   devices = base.sorted_devices(devices)
   need = num_workers * devices_per_host
   if need > len(devices):
     raise ValueError(
         f'num_workers={num_workers} hosts x devices_per_host={devices_per_host} need'
-        f' {need} devices; there are {len(devices)}')
+        f' {need} devices; there are {len(devices)}'
+    )
   grid = np.asarray(devices[:need]).reshape(num_workers, devices_per_host)
-  mesh = Mesh(grid, (WORKER_AXIS, REPLICA_AXIS),
-              axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  mesh = Mesh(
+      grid,
+      (WORKER_AXIS, REPLICA_AXIS),
+      axis_types=(jax.sharding.AxisType.Auto,) * 2,
+  )
   return HostLayout(mesh=mesh, num_workers=num_workers)

@@ -61,9 +61,13 @@ def _sharding(mesh: Mesh, *entries) -> NamedSharding:
   """A NamedSharding in the form compiled outputs carry (axes of size 1 and
   trailing Nones dropped), so a step's outputs match its inputs and the step
   compiles once."""
+
   def keep(entry):
-    names = tuple(n for n in (entry if isinstance(entry, tuple) else (entry,))
-                  if n is not None and mesh.shape[n] > 1)
+    names = tuple(
+        n
+        for n in (entry if isinstance(entry, tuple) else (entry,))
+        if n is not None and mesh.shape[n] > 1
+    )
     return names[0] if len(names) == 1 else (names or None)
 
   entries = [keep(e) for e in entries]
@@ -88,13 +92,19 @@ def _state_specs(state: PyTree, params: PyTree, param_specs: PyTree) -> PyTree:
       return False
     return [np.shape(x) for x in jax.tree.leaves(t)] == shapes
 
-  return jax.tree.map(lambda t: param_specs if is_params(t) else P(), state, is_leaf=is_params)
+  return jax.tree.map(
+      lambda t: param_specs if is_params(t) else P(), state, is_leaf=is_params
+  )
 
 
 def _constrain(tree, specs):
   """Pins ``tree`` to its model-axis specs inside the data-manual step."""
-  return jax.tree.map(lambda s, x: jax.lax.with_sharding_constraint(x, s), specs, tree,
-                      is_leaf=_is_spec)
+  return jax.tree.map(
+      lambda s, x: jax.lax.with_sharding_constraint(x, s),
+      specs,
+      tree,
+      is_leaf=_is_spec,
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,8 +145,11 @@ class ShardedLayout(base.Layout):
     """
     if process_index is None:
       process_index = jax.process_index()
-    mine = [k for k, row in enumerate(self.mesh.devices)
-            if any(d.process_index == process_index for d in row)]
+    mine = [
+        k
+        for k, row in enumerate(self.mesh.devices)
+        if any(d.process_index == process_index for d in row)
+    ]
     return slice(mine[0], mine[-1] + 1) if mine else slice(0, 0)
 
   def check_param_specs(self, params: PyTree, param_specs: PyTree) -> None:
@@ -151,7 +164,9 @@ class ShardedLayout(base.Layout):
     if param_specs is None:
       param_specs = _replicated_specs(params)
     self.check_param_specs(params, param_specs)
-    return jax.tree.map(lambda s: _sharding(self.mesh, *s), param_specs, is_leaf=_is_spec)
+    return jax.tree.map(
+        lambda s: _sharding(self.mesh, *s), param_specs, is_leaf=_is_spec
+    )
 
   def state_shardings(self, state, params, param_specs=None):
     """The worker axis, then the parameters' specs for every subtree of
@@ -161,18 +176,26 @@ class ShardedLayout(base.Layout):
       param_specs = _replicated_specs(params)
     specs = _state_specs(state, params, param_specs)
     return jax.tree.map(
-        lambda s: _sharding(self.mesh, self.data_axis, *s), specs, is_leaf=_is_spec)
+        lambda s: _sharding(self.mesh, self.data_axis, *s),
+        specs,
+        is_leaf=_is_spec,
+    )
 
   def rbgs(self, ratio, param_specs=None, *, key=0, per_leaf):
     """Per-shard RBGS (``compress.per_shard_rbgs``): one block per local
     shard of each leaf, so ``per_leaf`` must be True."""
     if not per_leaf:
-      raise ValueError('the sharded layout keeps one RBGS block per leaf shard: per_leaf=True'
-                       ' (one global block would gather the model shards)')
+      raise ValueError(
+          'the sharded layout keeps one RBGS block per leaf shard: per_leaf=True'
+          ' (one global block would gather the model shards)'
+      )
     if param_specs is None:
-      raise ValueError("the sharded layout's RBGS needs the params' PartitionSpecs")
-    return compress.per_shard_rbgs(ratio, param_specs, self.mesh, key=key,
-                                   model_axis=self.model_axis)
+      raise ValueError(
+          "the sharded layout's RBGS needs the params' PartitionSpecs"
+      )
+    return compress.per_shard_rbgs(
+        ratio, param_specs, self.mesh, key=key, model_axis=self.model_axis
+    )
 
   def check_collectives(self, tx, params, worker_opt_state):
     """As ``Layout.check_collectives``, per shard: traces ``tx.update`` under
@@ -192,22 +215,37 @@ class ShardedLayout(base.Layout):
       leaves.
     """
     data, model = self.data_axis, self.model_axis
-    params, worker_opt_state = base.abstract(params), base.abstract(worker_opt_state)
-    update = jax.shard_map(lambda p, s: tx.update(p, s, p), mesh=self.mesh,
-                           in_specs=(P(), P()), out_specs=(P(), P()), axis_names={data},
-                           check_vma=False)
-    hint = (f'; build it with axis_name={data!r} (layout.axis_name) and, for RBGS,'
-            ' the per-shard compressor layout.rbgs(ratio, param_specs, per_leaf=True)')
-    found = base.trace_collectives(lambda: jax.make_jaxpr(update)(params, worker_opt_state),
-                                   hint)
+    params, worker_opt_state = base.abstract(params), base.abstract(
+        worker_opt_state
+    )
+    update = jax.shard_map(
+        lambda p, s: tx.update(p, s, p),
+        mesh=self.mesh,
+        in_specs=(P(), P()),
+        out_specs=(P(), P()),
+        axis_names={data},
+        check_vma=False,
+    )
+    hint = (
+        f'; build it with axis_name={data!r} (layout.axis_name) and, for RBGS,'
+        ' the per-shard compressor layout.rbgs(ratio, param_specs, per_leaf=True)'
+    )
+    found = base.trace_collectives(
+        lambda: jax.make_jaxpr(update)(params, worker_opt_state), hint
+    )
     leaf_shapes = {tuple(x.shape) for x in jax.tree.leaves(params)}
     for axes, eqn, manual in found:
-      if (eqn.primitive.name == 'all_gather' and set(axes) == {model} and model in manual):
+      if (
+          eqn.primitive.name == 'all_gather'
+          and set(axes) == {model}
+          and model in manual
+      ):
         continue  # the per-shard compressor gathers its split replicated blocks
       if set(axes) != {data}:
         raise ValueError(
-            f'the transform reduces over {axes!r}, but this layout\'s workers span'
-            f' {data!r} only ({model!r} holds the shards of one worker)' + hint)
+            f"the transform reduces over {axes!r}, but this layout's workers span"
+            f' {data!r} only ({model!r} holds the shards of one worker)' + hint
+        )
       if model in manual or self.model_axis_size == 1:
         continue
       for operand in eqn.invars:
@@ -217,11 +255,21 @@ class ShardedLayout(base.Layout):
               f' {data!r} outside a shard_map over {model!r}: reading it out of the'
               f' model-sharded parameters (as a compressor built for the 1-D layout,'
               f' e.g. defjax.rbgs, does) all-gathers them over {model!r} every step'
-              + hint)
+              + hint
+          )
     base.require_collectives(found, self.num_workers, hint)
 
-  def train_step(self, loss_fn, tx, param_specs=None, *, sync_model_state=True,
-                 multi_step=False, donate=True, check_collectives=True):
+  def train_step(
+      self,
+      loss_fn,
+      tx,
+      param_specs=None,
+      *,
+      sync_model_state=True,
+      multi_step=False,
+      donate=True,
+      check_collectives=True,
+  ):
     """As ``Layout.train_step``: ``loss_fn`` is ordinary (GSPMD) code that
     sees the whole parameters, sharded over 'model' by ``param_specs``; one
     step per call (no ``multi_step``) and one copy of the model state
@@ -232,10 +280,14 @@ class ShardedLayout(base.Layout):
     ``check_collectives``.
     """
     if multi_step:
-      raise ValueError('the sharded layout runs one step per call: no multi_step')
+      raise ValueError(
+          'the sharded layout runs one step per call: no multi_step'
+      )
     if not sync_model_state:
-      raise ValueError('the sharded layout keeps one copy of the model state:'
-                       ' sync_model_state=True')
+      raise ValueError(
+          'the sharded layout keeps one copy of the model state:'
+          ' sync_model_state=True'
+      )
     data = self.data_axis
 
     def local_step(params, model_state, opt_state, batch):
@@ -244,7 +296,8 @@ class ShardedLayout(base.Layout):
       opt_state, batch = jax.tree.map(lambda x: x[0], (opt_state, batch))
       point = _constrain(feedback.eval_point(params, opt_state), specs)
       (loss, model_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          point, model_state, batch)
+          point, model_state, batch
+      )
       grads = _constrain(grads, specs)
       updates, opt_state = tx.update(grads, opt_state, params)
       params = _constrain(optax.apply_updates(params, updates), specs)
@@ -254,16 +307,20 @@ class ShardedLayout(base.Layout):
       return params, model_state, opt_state, jax.lax.pmean(loss, data)
 
     step = jax.shard_map(
-        local_step, mesh=self.mesh,
+        local_step,
+        mesh=self.mesh,
         in_specs=(P(), P(), P(data), P(data)),
         out_specs=(P(), P(), P(data), P()),
-        axis_names={data}, check_vma=False)
+        axis_names={data},
+        check_vma=False,
+    )
 
     def checked_step(params, model_state, opt_state, batch):
       # Once per trace: refuse a transform that would reduce or gather over 'model'.
       if check_collectives:
         worker_state = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), opt_state)
+            lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), opt_state
+        )
         self.check_collectives(tx, params, worker_state)
       return step(params, model_state, opt_state, batch)
 
@@ -278,16 +335,26 @@ class ShardedLayout(base.Layout):
 
     def average(params, opt_state):
       specs = _replicated_specs(params) if param_specs is None else param_specs
-      shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), opt_state)
-      state_specs = jax.tree.map(lambda s: P(data, *s), _state_specs(shapes, params, specs),
-                                 is_leaf=_is_spec)
+      shapes = jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), opt_state
+      )
+      state_specs = jax.tree.map(
+          lambda s: P(data, *s),
+          _state_specs(shapes, params, specs),
+          is_leaf=_is_spec,
+      )
 
       def local(params, opt_state):
         opt_state = jax.tree.map(lambda x: x[0], opt_state)
         return feedback.averaged_params(params, opt_state, axis_name=data)
 
-      return jax.shard_map(local, mesh=self.mesh, in_specs=(specs, state_specs),
-                           out_specs=specs, check_vma=False)(params, opt_state)
+      return jax.shard_map(
+          local,
+          mesh=self.mesh,
+          in_specs=(specs, state_specs),
+          out_specs=specs,
+          check_vma=False,
+      )(params, opt_state)
 
     return jax.jit(average)
 
@@ -295,8 +362,11 @@ class ShardedLayout(base.Layout):
     """Its shards' values (and the unsharded leaves' whole values)."""
     if param_specs is None:
       param_specs = _replicated_specs(params)
-    return sum(per_shard.local_block_sizes(params, param_specs, 1.0, self.model_axis_size,
-                                           self.model_axis))
+    return sum(
+        per_shard.local_block_sizes(
+            params, param_specs, 1.0, self.model_axis_size, self.model_axis
+        )
+    )
 
   @classmethod
   def check_config(cls, config) -> None:
@@ -308,13 +378,23 @@ class ShardedLayout(base.Layout):
       raise ValueError(
           f'num_workers={k} x model_axis_size={m} needs {k * m} devices, only {n} are'
           f' available (workers of several devices are not simulated: use num_workers'
-          f' <= {n // m})')
+          f' <= {n // m})'
+      )
     for unsupported, what in (
-        (config.steps_per_dispatch > 1, 'steps_per_dispatch > 1 (it runs one step per call)'),
-        (not config.sync_batch_stats, 'sync_batch_stats=False (it keeps one copy of the'
-         ' model state)'),
-        (not config.optim.per_leaf, 'optim.per_leaf=False (per-shard RBGS keeps one block'
-         ' per leaf shard)')):
+        (
+            config.steps_per_dispatch > 1,
+            'steps_per_dispatch > 1 (it runs one step per call)',
+        ),
+        (
+            not config.sync_batch_stats,
+            'sync_batch_stats=False (it keeps one copy of the' ' model state)',
+        ),
+        (
+            not config.optim.per_leaf,
+            'optim.per_leaf=False (per-shard RBGS keeps one block'
+            ' per leaf shard)',
+        ),
+    ):
       if unsupported:
         raise ValueError(f'model_axis_size > 1 does not support {what}')
 
@@ -349,7 +429,8 @@ def make_layout(
   if need > len(devices):
     raise ValueError(
         f'num_workers={num_workers} x model_axis_size={model_axis_size} needs'
-        f' {need} devices, only {len(devices)} are available')
+        f' {need} devices, only {len(devices)} are available'
+    )
   grid = np.asarray(devices[:need]).reshape(num_workers, model_axis_size)
   auto = jax.sharding.AxisType.Auto
   return ShardedLayout(Mesh(grid, ('data', 'model'), axis_types=(auto, auto)))

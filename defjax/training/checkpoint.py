@@ -126,7 +126,8 @@ def latest_meta(mngr: ocp.CheckpointManager) -> Optional[tuple[int, dict]]:
 def restore(mngr: ocp.CheckpointManager, step: int, target):
   """Restores the state at ``step`` onto ``target``'s shapes and shardings."""
   abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+      target,
   )
   try:
     restored = mngr.restore(
@@ -161,7 +162,9 @@ def reshard_workers(tree, old: int, new: int):
   def one(x):
     x = np.asarray(x)
     if x.ndim == 0 or x.shape[0] != old:
-      raise ValueError(f'expected a leading worker axis of {old}, got shape {x.shape}')
+      raise ValueError(
+          f'expected a leading worker axis of {old}, got shape {x.shape}'
+      )
     if old % new == 0:
       return x.reshape(new, old // new, *x.shape[1:]).mean(1).astype(x.dtype)
     if new % old == 0:
@@ -181,8 +184,14 @@ class Resumed(NamedTuple):
   reshard_info: dict  # resharded_from_workers, reshard_output_change (if so)
 
 
-def resume(mngr: ocp.CheckpointManager, config, state, *, per_worker: tuple[str, ...],
-           log: Callable[[str], Any] = print) -> Resumed:
+def resume(
+    mngr: ocp.CheckpointManager,
+    config,
+    state,
+    *,
+    per_worker: tuple[str, ...],
+    log: Callable[[str], Any] = print,
+) -> Resumed:
   """Restores the newest checkpoint onto ``state`` (a dict), or starts fresh.
 
   A checkpoint of another ``num_workers`` is mapped onto this run's workers
@@ -203,19 +212,42 @@ def resume(mngr: ocp.CheckpointManager, config, state, *, per_worker: tuple[str,
     return Resumed(restore(mngr, step, state), step, meta, {})
   compare(meta['fingerprint'], fingerprint(config), allow=('num_workers',))
   saved_shapes = {
-      key: jax.tree.map(lambda x: jax.ShapeDtypeStruct((saved_k, *x.shape[1:]), x.dtype), v)
-      if key in per_worker else v for key, v in state.items()}
+      key: (
+          jax.tree.map(
+              lambda x: jax.ShapeDtypeStruct((saved_k, *x.shape[1:]), x.dtype),
+              v,
+          )
+          if key in per_worker
+          else v
+      )
+      for key, v in state.items()
+  }
   raw = restore_host(mngr, step, saved_shapes)
-  output = layouts_base.stacked_averaged_params()  # y = x - mean_k e_k, host arrays in
+  output = (
+      layouts_base.stacked_averaged_params()
+  )  # y = x - mean_k e_k, host arrays in
   y_before = output(raw['params'], raw['opt_state'])
   for key in per_worker:
     raw[key] = reshard_workers(raw[key], saved_k, k)
   y_after = output(raw['params'], raw['opt_state'])
-  change = max((float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(
-      jax.tree.leaves(y_before), jax.tree.leaves(y_after))), default=0.0)
-  state = jax.tree.map(lambda x, t: jax.device_put(x.astype(t.dtype), t.sharding), raw, state)
-  log(f'resharded the checkpoint from {saved_k} to {k} workers: the output'
-      f' model y = x - mean_k e_k moved by at most {change:.2g}')
+  change = max(
+      (
+          float(np.abs(np.asarray(a) - np.asarray(b)).max())
+          for a, b in zip(jax.tree.leaves(y_before), jax.tree.leaves(y_after))
+      ),
+      default=0.0,
+  )
+  state = jax.tree.map(
+      lambda x, t: jax.device_put(x.astype(t.dtype), t.sharding), raw, state
+  )
+  log(
+      f'resharded the checkpoint from {saved_k} to {k} workers: the output'
+      f' model y = x - mean_k e_k moved by at most {change:.2g}'
+  )
   log(f'resuming from the checkpoint at step {step}')
-  return Resumed(state, step, meta,
-                 {'resharded_from_workers': saved_k, 'reshard_output_change': change})
+  return Resumed(
+      state,
+      step,
+      meta,
+      {'resharded_from_workers': saved_k, 'reshard_output_change': change},
+  )

@@ -46,9 +46,15 @@ class Progress:
 
   def __enter__(self):
     from tqdm import tqdm  # the program's dependency, not the library's
-    self.bar = tqdm(total=self.total, initial=self.initial, unit='step',
-                    dynamic_ncols=True, mininterval=2.0,
-                    disable=jax.process_index() != 0)
+
+    self.bar = tqdm(
+        total=self.total,
+        initial=self.initial,
+        unit='step',
+        dynamic_ncols=True,
+        mininterval=2.0,
+        disable=jax.process_index() != 0,
+    )
     return self
 
   def update(self, n: int, loss: float):

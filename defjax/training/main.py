@@ -26,21 +26,33 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (metrics, checkpoints).')
-_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes.')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process\'s index.')
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Config file.', lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'Run directory (metrics, checkpoints).'
+)
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'host:port of process 0.'
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    'num_processes', None, 'Number of processes.'
+)
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, "This process's index.")
 _HEARTBEAT = flags.DEFINE_integer(
-    'heartbeat_timeout_seconds', 60,
+    'heartbeat_timeout_seconds',
+    60,
     'A process that misses heartbeats this long is declared dead and the'
-    ' others exit with an error instead of hanging.')
+    ' others exit with an error instead of hanging.',
+)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+  logging.set_verbosity(
+      logging.WARNING
+  )  # orbax logs every file it writes at INFO
   config = _CONFIG.value
   import jax  # after flag parsing; backends start on first use
 
@@ -51,11 +63,17 @@ def main(argv):
 
   if _COORDINATOR.value or _NUM_PROCESSES.value:
     jax.distributed.initialize(
-        _COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+        _COORDINATOR.value,
+        num_processes=_NUM_PROCESSES.value,
         process_id=_PROCESS_ID.value,
-        heartbeat_timeout_seconds=_HEARTBEAT.value)
-  elif ('xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', '')
-        and os.environ.get('JAX_PLATFORMS', 'cpu') == 'cpu' and config.num_workers > 1):
+        heartbeat_timeout_seconds=_HEARTBEAT.value,
+    )
+  elif (
+      'xla_force_host_platform_device_count'
+      not in os.environ.get('XLA_FLAGS', '')
+      and os.environ.get('JAX_PLATFORMS', 'cpu') == 'cpu'
+      and config.num_workers > 1
+  ):
     # On a CPU-only machine run a real device per worker (K x M for workers
     # of M devices) so real collectives run.
     jax.config.update('jax_num_cpu_devices', layouts.devices_for(config))
@@ -67,19 +85,28 @@ def main(argv):
   workdir = _WORKDIR.value
   try:
     summary = trainer.train_and_evaluate(config, workdir)
-  except (trainer.ConfigError, checkpoint.CheckpointMismatch, checkpoint.CheckpointError) as e:
+  except (
+      trainer.ConfigError,
+      checkpoint.CheckpointMismatch,
+      checkpoint.CheckpointError,
+  ) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(runfiles.EXIT_BAD_CONFIG)
   except trainer.Diverged as e:
-    print(f'diverged at step {e.step}: the loss or the parameters became'
-          f' non-finite; summary in {workdir}/{runfiles.SUMMARY}', file=sys.stderr)
+    print(
+        f'diverged at step {e.step}: the loss or the parameters became'
+        f' non-finite; summary in {workdir}/{runfiles.SUMMARY}',
+        file=sys.stderr,
+    )
     sys.exit(runfiles.EXIT_DIVERGED)
   except trainer.Interrupted as e:
     print(str(e), file=sys.stderr)
     sys.exit(runfiles.EXIT_INTERRUPTED)
-  print(f'final test accuracy {100 * summary["final_test_accuracy"]:.2f}% (train loss'
-        f' {summary["final_train_loss"]:.4f}) after {summary["steps"]} steps in'
-        f' {summary["wall_time"]:.0f}s; summary in {workdir}/{runfiles.SUMMARY}')
+  print(
+      f'final test accuracy {100 * summary["final_test_accuracy"]:.2f}% (train loss'
+      f' {summary["final_train_loss"]:.4f}) after {summary["steps"]} steps in'
+      f' {summary["wall_time"]:.0f}s; summary in {workdir}/{runfiles.SUMMARY}'
+  )
 
 
 # XLA:CPU allocates every output and temporary buffer of a step anew. Under
@@ -100,7 +127,9 @@ _QUIET_LARGE_ALLOCS = {'TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD': str(1 << 40)}
 def tcmalloc_library():
   """tcmalloc's soname where it is installed (the loader resolves it for this
   interpreter's architecture), else None."""
-  return ctypes.util.find_library('tcmalloc_minimal') or ctypes.util.find_library('tcmalloc')
+  return ctypes.util.find_library(
+      'tcmalloc_minimal'
+  ) or ctypes.util.find_library('tcmalloc')
 
 
 def restart_with_tcmalloc() -> None:
@@ -109,12 +138,21 @@ def restart_with_tcmalloc() -> None:
   Linux and the user has not chosen: ``DEFJAX_ALLOCATOR=system``, or any
   LD_PRELOAD already set (an allocator, a sanitizer), keep this process.
   Call it first thing in an entry point: the program starts over."""
-  if (os.environ.get(ALLOCATOR_ENV) == 'system' or os.environ.get(RESTARTED_ENV)
-      or os.environ.get('LD_PRELOAD') or not sys.platform.startswith('linux')):
+  if (
+      os.environ.get(ALLOCATOR_ENV) == 'system'
+      or os.environ.get(RESTARTED_ENV)
+      or os.environ.get('LD_PRELOAD')
+      or not sys.platform.startswith('linux')
+  ):
     return
   lib = tcmalloc_library()
   if lib:
-    env = {**_QUIET_LARGE_ALLOCS, **os.environ, 'LD_PRELOAD': lib, RESTARTED_ENV: lib}
+    env = {
+        **_QUIET_LARGE_ALLOCS,
+        **os.environ,
+        'LD_PRELOAD': lib,
+        RESTARTED_ENV: lib,
+    }
     sys.stdout.flush()
     sys.stderr.flush()
     # sys.executable, not the typed argv[0]: a bare 'python' could resolve

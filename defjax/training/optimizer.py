@@ -44,7 +44,9 @@ def decay_steps(optim, *, steps_per_epoch: int, total_steps: int) -> list[int]:
   return steps
 
 
-def learning_rate_schedule(optim, *, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
+def learning_rate_schedule(
+    optim, *, steps_per_epoch: int, total_steps: int
+) -> optax.Schedule:
   """``optim.schedule`` ('step' or 'cosine') after ``optim.warmup_epochs``.
 
   Raises:
@@ -53,14 +55,20 @@ def learning_rate_schedule(optim, *, steps_per_epoch: int, total_steps: int) -> 
       warm-up would all come at its end).
   """
   warmup = int(round(optim.warmup_epochs * steps_per_epoch))
-  decays = ([] if optim.schedule == 'cosine' else
-            decay_steps(optim, steps_per_epoch=steps_per_epoch, total_steps=total_steps))
+  decays = (
+      []
+      if optim.schedule == 'cosine'
+      else decay_steps(
+          optim, steps_per_epoch=steps_per_epoch, total_steps=total_steps
+      )
+  )
   end = min([total_steps] + decays)
   if warmup and warmup >= end:
     raise ValueError(
         f'optim.warmup_epochs={optim.warmup_epochs:g} is {warmup} steps, not shorter than'
         f' the {end} steps before the {"end of the run" if end == total_steps else "first lr decay"}'
-        f' ({total_steps} steps, {steps_per_epoch} per epoch): shorten the warm-up')
+        f' ({total_steps} steps, {steps_per_epoch} per epoch): shorten the warm-up'
+    )
   if optim.schedule == 'cosine':
     main = optax.cosine_decay_schedule(optim.lr, max(1, total_steps - warmup))
   else:
@@ -89,7 +97,9 @@ def local_optimizer(optim, schedule) -> optax.GradientTransformation:
 RBGS = Callable[..., compress.Compressor]
 
 
-def compressor(optim, *, seed: int, rbgs: RBGS = compress.rbgs) -> compress.Compressor:
+def compressor(
+    optim, *, seed: int, rbgs: RBGS = compress.rbgs
+) -> compress.Compressor:
   """RBGS at ``optim.ratio`` with ``optim.per_leaf``, after the dense warm-up.
 
   ``seed`` seeds the shared block sequence unless ``optim.block_seed`` is set.
@@ -103,7 +113,9 @@ def compressor(optim, *, seed: int, rbgs: RBGS = compress.rbgs) -> compress.Comp
   return c
 
 
-def build(optim, *, schedule, axis_name, seed: int = 0, rbgs: RBGS = compress.rbgs):
+def build(
+    optim, *, schedule, axis_name, seed: int = 0, rbgs: RBGS = compress.rbgs
+):
   """The per-worker transform of ``optim.method`` and its compressor (None
   for the dense all-reduce)."""
   method = methods.get(optim.method)
@@ -115,7 +127,15 @@ def build(optim, *, schedule, axis_name, seed: int = 0, rbgs: RBGS = compress.rb
     return feedback.psync(inner, c, axis_name=axis_name), c
   if method.transform == 'ef21':
     momentum = methods.resolved_momentum(method.name, optim.momentum)
-    return feedback.ef21(schedule, c, momentum=momentum, weight_decay=optim.weight_decay,
-                         axis_name=axis_name), c
+    return (
+        feedback.ef21(
+            schedule,
+            c,
+            momentum=momentum,
+            weight_decay=optim.weight_decay,
+            axis_name=axis_name,
+        ),
+        c,
+    )
   lam = method.resolved_lam(optim.lam)
   return feedback.error_feedback(inner, c, lam=lam, axis_name=axis_name), c

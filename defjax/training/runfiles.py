@@ -63,12 +63,23 @@ GRID = ('optim.method', 'optim.ratio', 'optim.lam', 'seed')
 # nobody ran. Each key has the value a config without it ran with (keys added
 # to the config later).
 RECIPE = {
-    'dataset': None, 'model': None, 'num_epochs': None, 'num_train_steps': 0,
-    'batch_size': None, 'num_workers': None, 'crop_padding': 0, 'flip': False,
-    'sync_batch_stats': True, 'optim.lr': None, 'optim.momentum': None,
-    'optim.weight_decay': None, 'optim.schedule': 'step',
-    'optim.decay_at': (0.5, 0.75), 'optim.decay_whole_epochs': False,
-    'optim.warmup_epochs': 0.0, 'optim.dense_warmup_steps': 0,
+    'dataset': None,
+    'model': None,
+    'num_epochs': None,
+    'num_train_steps': 0,
+    'batch_size': None,
+    'num_workers': None,
+    'crop_padding': 0,
+    'flip': False,
+    'sync_batch_stats': True,
+    'optim.lr': None,
+    'optim.momentum': None,
+    'optim.weight_decay': None,
+    'optim.schedule': 'step',
+    'optim.decay_at': (0.5, 0.75),
+    'optim.decay_whole_epochs': False,
+    'optim.warmup_epochs': 0.0,
+    'optim.dense_warmup_steps': 0,
     'optim.per_leaf': False,
 }
 # Checked on resume only: the block sequence follows the seed unless pinned,
@@ -77,9 +88,12 @@ RESUME_ONLY = ('model_axis_size', 'devices_per_host', 'optim.block_seed')
 IDENTITY = GRID + tuple(RECIPE) + RESUME_ONLY
 
 # The run names, longest method name first so that def_a is not read as def.
-_NAME = re.compile(r'^(?P<method>' + '|'.join(sorted(methods.NAMES, key=len, reverse=True))
-                   + r')-r(?P<ratio>\d+)'
-                   r'(?:-lam(?P<lam>[0-9.eE+-]+))?-s(?P<seed>\d+)$')
+_NAME = re.compile(
+    r'^(?P<method>'
+    + '|'.join(sorted(methods.NAMES, key=len, reverse=True))
+    + r')-r(?P<ratio>\d+)'
+    r'(?:-lam(?P<lam>[0-9.eE+-]+))?-s(?P<seed>\d+)$'
+)
 
 
 def run_name(method: str, ratio: int, lam: float | None, seed: int) -> str:
@@ -115,29 +129,43 @@ def total_steps(num_train_steps, num_epochs, steps_per_epoch: int) -> int:
 
 
 def utc_now() -> str:
-  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
+  return datetime.datetime.now(datetime.timezone.utc).isoformat(
+      timespec='seconds'
+  )
 
 
 def git_state(path: str | os.PathLike | None, *, diff: bool = False) -> dict:
   """The commit of the checkout holding ``path`` and whether its tree is dirty;
   with ``diff``, a dirty tree's ``git diff HEAD`` and untracked files too
   (None values outside a checkout or without git)."""
+
   def git(*args):
-    return subprocess.run(['git', *args], cwd=path, capture_output=True, text=True,
-                          timeout=30, check=True).stdout
+    return subprocess.run(
+        ['git', *args],
+        cwd=path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+
   try:
     state = {'commit': git('rev-parse', 'HEAD').strip()}
     status = git('status', '--porcelain')
     state['dirty'] = bool(status.strip())
     if diff and state['dirty']:
       state['diff'] = git('diff', 'HEAD')
-      state['untracked'] = [line[3:] for line in status.splitlines() if line.startswith('??')]
+      state['untracked'] = [
+          line[3:] for line in status.splitlines() if line.startswith('??')
+      ]
   except (OSError, subprocess.SubprocessError):
     state = {'commit': None, 'dirty': None}
   return state
 
 
-def environment(path: str | os.PathLike | None = None, *, diff: bool = False) -> dict:
+def environment(
+    path: str | os.PathLike | None = None, *, diff: bool = False
+) -> dict:
   """The machine, the package versions and ``git_state(path)``."""
   versions = {}
   for package in PACKAGES:
@@ -171,8 +199,14 @@ class Invocation:
   the running defjax package, with the diff when its tree is dirty.
   """
 
-  def __init__(self, workdir: str | os.PathLike, start_step: int, end_step: int, *,
-               enabled: bool = True):
+  def __init__(
+      self,
+      workdir: str | os.PathLike,
+      start_step: int,
+      end_step: int,
+      *,
+      enabled: bool = True,
+  ):
     self.path = pathlib.Path(workdir) / RECORD
     self.start_step, self.end_step, self.enabled = start_step, end_step, enabled
 
@@ -187,9 +221,16 @@ class Invocation:
       source = pathlib.Path(__file__).resolve().parent
       entries = self._entries()
       self.index = len(entries)
-      entries.append({'command': list(sys.orig_argv), 'cwd': os.getcwd(),
-                      'started': utc_now(), 'start_step': self.start_step,
-                      'status': 'running', **environment(source, diff=True)})
+      entries.append(
+          {
+              'command': list(sys.orig_argv),
+              'cwd': os.getcwd(),
+              'started': utc_now(),
+              'start_step': self.start_step,
+              'status': 'running',
+              **environment(source, diff=True),
+          }
+      )
       write_json(self.path, {'invocations': entries})
     return self
 
@@ -199,8 +240,13 @@ class Invocation:
       if self.index < len(entries):
         entries[self.index].update(
             ended=utc_now(),
-            status='completed' if exc is None else getattr(exc, 'status', 'failed'),
-            end_step=getattr(exc, 'step', self.end_step if exc is None else None))
+            status='completed'
+            if exc is None
+            else getattr(exc, 'status', 'failed'),
+            end_step=getattr(
+                exc, 'step', self.end_step if exc is None else None
+            ),
+        )
         write_json(self.path, {'invocations': entries})
     return False
 
@@ -208,7 +254,9 @@ class Invocation:
 def read_invocations(workdir: str | os.PathLike) -> list[dict]:
   """``run.json``'s entries, oldest first ([] for a run from before it existed)."""
   try:
-    return json.loads((pathlib.Path(workdir) / RECORD).read_text())['invocations']
+    return json.loads((pathlib.Path(workdir) / RECORD).read_text())[
+        'invocations'
+    ]
   except (OSError, ValueError, KeyError, TypeError):
     return []
 
@@ -216,7 +264,9 @@ def read_invocations(workdir: str | os.PathLike) -> list[dict]:
 def write_summary(workdir: str | os.PathLike, summary: dict) -> None:
   """Writes summary.json with ``finished``, the UTC time the run ended (a
   sweep's record only dates the sweep's last invocation)."""
-  write_json(pathlib.Path(workdir) / SUMMARY, {**summary, 'finished': utc_now()})
+  write_json(
+      pathlib.Path(workdir) / SUMMARY, {**summary, 'finished': utc_now()}
+  )
 
 
 def read_summary(workdir: str | os.PathLike) -> Optional[dict]:

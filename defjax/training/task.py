@@ -38,9 +38,15 @@ def initializer(model, config, image_shape, layout: layouts.Layout):
   specs = nn.get_partition_spec(boxed)['params']
   abstract = nn.unbox(boxed)
   place = layout.param_shardings(abstract['params'], specs)
-  shardings = {name: place if name == 'params' else layout.replicated for name in abstract}
-  return (jax.jit(lambda k, x: nn.unbox(init(k, x)), out_shardings=shardings),
-          (key, dummy), specs)
+  shardings = {
+      name: place if name == 'params' else layout.replicated
+      for name in abstract
+  }
+  return (
+      jax.jit(lambda k, x: nn.unbox(init(k, x)), out_shardings=shardings),
+      (key, dummy),
+      specs,
+  )
 
 
 def init_variables(model, config, image_shape, layout: layouts.Layout):
@@ -52,7 +58,9 @@ def init_variables(model, config, image_shape, layout: layouts.Layout):
   batch_stats = variables.get('batch_stats', {})
   if config.sync_batch_stats:
     return params, batch_stats, specs
-  stacked = jax.tree.map(lambda x: jnp.stack([x] * config.num_workers), batch_stats)
+  stacked = jax.tree.map(
+      lambda x: jnp.stack([x] * config.num_workers), batch_stats
+  )
   return params, jax.device_put(stacked, layout.per_worker), specs
 
 
@@ -72,21 +80,35 @@ def make_loss_fn(model, info: data_lib.DatasetInfo, config):
     step, worker = ids[0]
     key = jax.random.fold_in(jax.random.fold_in(base_key, step), worker)
     if augment:
-      images = data_lib.augment(images, key, pad=config.crop_padding, flip=config.flip)
+      images = data_lib.augment(
+          images, key, pad=config.crop_padding, flip=config.flip
+      )
     x = data_lib.standardize(images, mean, std)
     variables = {'params': params}
     if batch_stats:
       variables['batch_stats'] = batch_stats
-    logits, updates = model.apply(variables, x, train=True, mutable=['batch_stats'],
-                                  rngs={'dropout': jax.random.fold_in(key, 1)})
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    logits, updates = model.apply(
+        variables,
+        x,
+        train=True,
+        mutable=['batch_stats'],
+        rngs={'dropout': jax.random.fold_in(key, 1)},
+    )
+    loss = optax.softmax_cross_entropy_with_integer_labels(
+        logits, labels
+    ).mean()
     return loss, updates.get('batch_stats', {})
 
   return loss_fn
 
 
-def make_evaluator(model, info: data_lib.DatasetInfo, test, layout: layouts.Layout,
-                   batch_size: int):
+def make_evaluator(
+    model,
+    info: data_lib.DatasetInfo,
+    test,
+    layout: layouts.Layout,
+    batch_size: int,
+):
   """``accuracy(params, batch_stats)`` on the whole test split.
 
   The test set goes in batches split like a per-worker array (over the
@@ -103,11 +125,15 @@ def make_evaluator(model, info: data_lib.DatasetInfo, test, layout: layouts.Layo
     variables = {'params': params}
     if batch_stats:
       variables['batch_stats'] = batch_stats
-    logits = model.apply(variables, data_lib.standardize(images, mean, std), train=False)
+    logits = model.apply(
+        variables, data_lib.standardize(images, mean, std), train=False
+    )
     return ((jnp.argmax(logits, -1) == labels) & valid).sum()
 
   sharding = layout.per_worker
-  n_dev = sharding.mesh.shape[sharding.spec[0]]  # how many ways a batch is split
+  n_dev = sharding.mesh.shape[
+      sharding.spec[0]
+  ]  # how many ways a batch is split
   eval_bs = max(n_dev, batch_size // n_dev * n_dev)
   n_test = test.num_examples
 
@@ -124,16 +150,25 @@ def make_evaluator(model, info: data_lib.DatasetInfo, test, layout: layouts.Layo
       return read[key]
 
     return (
-        jax.make_array_from_callback((eval_bs, *test.image_shape), sharding,
-                                     lambda i: rows(i)[0]),
-        jax.make_array_from_callback((eval_bs,), sharding, lambda i: rows(i)[1]),
-        jax.make_array_from_callback((eval_bs,), sharding, lambda i: valid[i[0]]),
+        jax.make_array_from_callback(
+            (eval_bs, *test.image_shape), sharding, lambda i: rows(i)[0]
+        ),
+        jax.make_array_from_callback(
+            (eval_bs,), sharding, lambda i: rows(i)[1]
+        ),
+        jax.make_array_from_callback(
+            (eval_bs,), sharding, lambda i: valid[i[0]]
+        ),
     )
 
   def accuracy(params, batch_stats) -> float:
     correct = 0
     for i in range(math.ceil(n_test / eval_bs)):
-      correct += int(layouts.host_value(count_correct(params, batch_stats, *batch(i * eval_bs))))
+      correct += int(
+          layouts.host_value(
+              count_correct(params, batch_stats, *batch(i * eval_bs))
+          )
+      )
     return correct / n_test
 
   return accuracy

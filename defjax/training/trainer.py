@@ -85,7 +85,9 @@ def params_sha256(params) -> str:
   return h.hexdigest()
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, log=print
+) -> dict:
   """Trains ``config`` with checkpoints and metrics in ``workdir``.
 
   Returns:
@@ -104,61 +106,105 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log=p
   _check_writable(workdir)
   steps_per_epoch = train.steps_per_epoch
   total_steps = runfiles.total_steps(
-      config.num_train_steps, config.num_epochs, steps_per_epoch)
+      config.num_train_steps, config.num_epochs, steps_per_epoch
+  )
   eval_every = config.eval_every_steps or steps_per_epoch
   try:  # a warm-up that outlasts the run: known only now that the data is open
     schedule = optimizer.learning_rate_schedule(
-        o, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+        o, steps_per_epoch=steps_per_epoch, total_steps=total_steps
+    )
   except ValueError as e:
     raise ConfigError(str(e)) from None
 
   model = models_lib.get_model(config.model, info.num_classes)
-  params, batch_stats, specs = task.init_variables(model, config, train.image_shape, layout)
-  tx, compressor = optimizer.build(o, schedule=schedule, axis_name=layout.axis_name,
-                                   seed=config.seed,
-                                   rbgs=functools.partial(layout.rbgs, param_specs=specs))
+  params, batch_stats, specs = task.init_variables(
+      model, config, train.image_shape, layout
+  )
+  tx, compressor = optimizer.build(
+      o,
+      schedule=schedule,
+      axis_name=layout.axis_name,
+      seed=config.seed,
+      rbgs=functools.partial(layout.rbgs, param_specs=specs),
+  )
   opt_state = layout.init_state(tx, params, specs)
   spd = steps_per_dispatch(config)
   # n > 1: a lax.scan program; its bits are the same for every n > 1 (also
   # for the shorter calls before an evaluation) but differ from the plain
   # one-step program's in float rounding on convolutional models.
   step_fn = layout.train_step(
-      task.make_loss_fn(model, info, config), tx, specs,
-      sync_model_state=config.sync_batch_stats, multi_step=spd > 1)
+      task.make_loss_fn(model, info, config),
+      tx,
+      specs,
+      sync_model_state=config.sync_batch_stats,
+      multi_step=spd > 1,
+  )
   # The reported model: y = x - mean_k e_k (DEF, PSync) or x.
-  output = (layout.averaged_params(specs) if methods.get(o.method).averaged_output
-            else lambda params, opt_state: params)
-  accuracy = task.make_evaluator(model, info, test, layout, config.eval_batch_size)
+  output = (
+      layout.averaged_params(specs)
+      if methods.get(o.method).averaged_output
+      else lambda params, opt_state: params
+  )
+  accuracy = task.make_evaluator(
+      model, info, test, layout, config.eval_batch_size
+  )
   traffic = _Traffic(config, params, batch_stats, compressor, layout, specs)
 
-  mngr = ckpt.manager(os.path.join(workdir, 'checkpoints'), max_to_keep=config.max_to_keep)
-  per_worker = ('opt_state',) + (() if config.sync_batch_stats else ('batch_stats',))
+  mngr = ckpt.manager(
+      os.path.join(workdir, 'checkpoints'), max_to_keep=config.max_to_keep
+  )
+  per_worker = ('opt_state',) + (
+      () if config.sync_batch_stats else ('batch_stats',)
+  )
   resumed = ckpt.resume(
-      mngr, config, {'params': params, 'batch_stats': batch_stats, 'opt_state': opt_state},
-      per_worker=per_worker, log=log)
+      mngr,
+      config,
+      {'params': params, 'batch_stats': batch_stats, 'opt_state': opt_state},
+      per_worker=per_worker,
+      log=log,
+  )
   params, batch_stats, opt_state = (
-      resumed.state['params'], resumed.state['batch_stats'], resumed.state['opt_state'])
+      resumed.state['params'],
+      resumed.state['batch_stats'],
+      resumed.state['opt_state'],
+  )
   start_step = step = resumed.step
-  loss = _RunningLoss(resumed.meta.get('loss_sum', 0.0), resumed.meta.get('loss_count', 0))
-  batches = data_lib.GlobalBatches(train, layout, step, resumed.meta.get('data_state'),
-                                    stacked=spd > 1)
+  loss = _RunningLoss(
+      resumed.meta.get('loss_sum', 0.0), resumed.meta.get('loss_count', 0)
+  )
+  batches = data_lib.GlobalBatches(
+      train, layout, step, resumed.meta.get('data_state'), stacked=spd > 1
+  )
   if jax.process_index() == 0:
     runfiles.truncate_metrics(workdir, step)
-  log(f'{config.model}: d = {traffic.d:,} parameters, {o.method} ratio {o.ratio:g}'
+  log(
+      f'{config.model}: d = {traffic.d:,} parameters, {o.method} ratio {o.ratio:g}'
       f' (block {traffic.payload:,} values), K = {K} workers on {layout.num_devices}'
       f' {jax.devices()[0].platform} device(s), {steps_per_epoch} steps/epoch,'
-      f' {total_steps} steps, {traffic.bytes_per_step:,} bytes/worker/step')
+      f' {total_steps} steps, {traffic.bytes_per_step:,} bytes/worker/step'
+  )
 
-  summary_base = {'config': config.to_dict(), 'steps_per_epoch': steps_per_epoch,
-                  'num_params': traffic.d, 'bytes_per_step': traffic.bytes_per_step,
-                  **resumed.reshard_info}
+  summary_base = {
+      'config': config.to_dict(),
+      'steps_per_epoch': steps_per_epoch,
+      'num_params': traffic.d,
+      'bytes_per_step': traffic.bytes_per_step,
+      **resumed.reshard_info,
+  }
   t0 = time.time() - resumed.meta.get('wall_time', 0.0)
   clock = _TrainClock(resumed.meta.get('train_time', 0.0))
 
   def diverge(at):
-    summary = dict(summary_base, status='diverged', diverged_at_step=at, steps=at,
-                   wall_time=time.time() - t0, bytes_sent=traffic.bytes_sent(at),
-                   final_test_accuracy=None, final_train_loss=None)
+    summary = dict(
+        summary_base,
+        status='diverged',
+        diverged_at_step=at,
+        steps=at,
+        wall_time=time.time() - t0,
+        bytes_sent=traffic.bytes_sent(at),
+        final_test_accuracy=None,
+        final_train_loss=None,
+    )
     runfiles.write_summary(workdir, summary)
     raise Diverged(at, summary)
 
@@ -168,16 +214,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log=p
   lookahead = jax.devices()[0].platform != 'cpu'
   every = config.checkpoint_every_steps
   last_record: dict[str, Any] = {}
-  with (runfiles.Invocation(workdir, start_step, total_steps,
-                           enabled=jax.process_index() == 0),
-        SignalFlag() as flag, Progress(total_steps, start_step) as bar, batches):
+  with (
+      runfiles.Invocation(
+          workdir, start_step, total_steps, enabled=jax.process_index() == 0
+      ),
+      SignalFlag() as flag,
+      Progress(total_steps, start_step) as bar,
+      batches,
+  ):
     while step < total_steps:
       stops = [total_steps, (step // eval_every + 1) * eval_every]
       stops += [(step // every + 1) * every] if every else []
       n = min(spd, min(stops) - step)
       clock.start()
       params, batch_stats, opt_state, losses = step_fn(
-          params, batch_stats, opt_state, batches.next(n))
+          params, batch_stats, opt_state, batches.next(n)
+      )
       loss.settle(diverge)  # the previous dispatch's, while this one runs
       loss.pending = (step, losses)
       step += n
@@ -196,10 +248,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log=p
         acc_x = accuracy(params, stats)
         acc = accuracy(out, stats) if out is not params else acc_x
         last_record = {
-            'step': step, 'epoch': step / steps_per_epoch, 'train_loss': loss.mean,
-            'test_accuracy': acc, 'test_accuracy_x': acc_x, 'lr': float(schedule(step - 1)),
-            'wall_time': time.time() - t0, 'train_time': clock.total,
-            'bytes_sent': traffic.bytes_sent(step)}
+            'step': step,
+            'epoch': step / steps_per_epoch,
+            'train_loss': loss.mean,
+            'test_accuracy': acc,
+            'test_accuracy_x': acc_x,
+            'lr': float(schedule(step - 1)),
+            'wall_time': time.time() - t0,
+            'train_time': clock.total,
+            'bytes_sent': traffic.bytes_sent(step),
+        }
         loss.reset()
         if jax.process_index() == 0:
           runfiles.append_metrics(workdir, last_record)
@@ -207,29 +265,53 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log=p
             f'step {step}/{total_steps} epoch {last_record["epoch"]:.2f}: train loss'
             f' {last_record["train_loss"]:.4f}, test accuracy {100 * acc:.2f}%'
             + ('' if out is params else f' (x: {100 * acc_x:.2f}%)')
-            + f', lr {last_record["lr"]:.4g}, {last_record["wall_time"]:.0f}s')
+            + f', lr {last_record["lr"]:.4g}, {last_record["wall_time"]:.0f}s'
+        )
       if is_ckpt or step == total_steps or flag.signum is not None:
-        if step not in mngr.all_steps():  # e.g. a signal right after a periodic save
+        if (
+            step not in mngr.all_steps()
+        ):  # e.g. a signal right after a periodic save
           if not (_all_finite(params) and _all_finite(opt_state)):
-            diverge(step)  # never write a non-finite state over a good checkpoint
-          ckpt.save(mngr, step,
-                    {'params': params, 'batch_stats': batch_stats, 'opt_state': opt_state},
-                    {'step': step, 'loss_sum': loss.sum, 'loss_count': loss.count,
-                     'wall_time': time.time() - t0, 'train_time': clock.total,
-                     'data_state': batches.state(),
-                     'fingerprint': ckpt.fingerprint(config)})
+            diverge(
+                step
+            )  # never write a non-finite state over a good checkpoint
+          ckpt.save(
+              mngr,
+              step,
+              {
+                  'params': params,
+                  'batch_stats': batch_stats,
+                  'opt_state': opt_state,
+              },
+              {
+                  'step': step,
+                  'loss_sum': loss.sum,
+                  'loss_count': loss.count,
+                  'wall_time': time.time() - t0,
+                  'train_time': clock.total,
+                  'data_state': batches.state(),
+                  'fingerprint': ckpt.fingerprint(config),
+              },
+          )
       if flag.signum is not None and step < total_steps:
         raise Interrupted(step, flag.signum)
 
-  if start_step >= total_steps:  # resumed a finished run: its last record stands
+  if (
+      start_step >= total_steps
+  ):  # resumed a finished run: its last record stands
     last_record = runfiles.last_metrics(workdir)
   summary = dict(
-      summary_base, status='completed', steps=total_steps,
+      summary_base,
+      status='completed',
+      steps=total_steps,
       final_test_accuracy=last_record.get('test_accuracy'),
       final_test_accuracy_x=last_record.get('test_accuracy_x'),
       final_train_loss=last_record.get('train_loss'),
-      wall_time=time.time() - t0, train_time=clock.total,
-      bytes_sent=traffic.bytes_sent(total_steps), params_sha256=params_sha256(output(params, opt_state)))
+      wall_time=time.time() - t0,
+      train_time=clock.total,
+      bytes_sent=traffic.bytes_sent(total_steps),
+      params_sha256=params_sha256(output(params, opt_state)),
+  )
   if jax.process_index() == 0:
     runfiles.write_summary(workdir, summary)
   return summary
@@ -244,10 +326,17 @@ def _open_data(config, layout):
   try:
     info = data_lib.info(config.dataset, data_dir)
     train = data_lib.train_input(
-        config.dataset, data_dir, num_workers=config.num_workers,
-        batch_size=config.batch_size, seed=config.seed,
-        worker_rows=layout.worker_rows(), image_size=config.image_size)
-    test = data_lib.eval_input(config.dataset, data_dir, image_size=config.image_size)
+        config.dataset,
+        data_dir,
+        num_workers=config.num_workers,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        worker_rows=layout.worker_rows(),
+        image_size=config.image_size,
+    )
+    test = data_lib.eval_input(
+        config.dataset, data_dir, image_size=config.image_size
+    )
   except (FileNotFoundError, ValueError) as e:
     raise ConfigError(str(e)) from None
   return info, train, test
@@ -257,12 +346,16 @@ def _check_writable(workdir: str) -> None:
   try:
     os.makedirs(workdir, exist_ok=True)
     # One probe per process: hosts sharing a workdir must not remove each other's.
-    probe = os.path.join(workdir, f'.write_test.{os.getpid()}.{jax.process_index()}')
+    probe = os.path.join(
+        workdir, f'.write_test.{os.getpid()}.{jax.process_index()}'
+    )
     with open(probe, 'w') as f:
       f.write('ok')
     os.remove(probe)
   except OSError as e:
-    raise ConfigError(f'cannot write to workdir {workdir!r}: {e.strerror}') from None
+    raise ConfigError(
+        f'cannot write to workdir {workdir!r}: {e.strerror}'
+    ) from None
 
 
 def _eval_stats(config, batch_stats):
@@ -290,8 +383,12 @@ def _all_finite(tree) -> bool:
 def _finite(tree):
   # One program for the whole tree: leaf by leaf, each per-worker leaf's
   # reduction would be a separate collective program (defjax.xla_cpu).
-  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)] or
-                           [jnp.bool_(True)]))
+  return jnp.all(
+      jnp.stack(
+          [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]
+          or [jnp.bool_(True)]
+      )
+  )
 
 
 class _Traffic:
@@ -305,7 +402,9 @@ class _Traffic:
     self.payload = dense if compressor is None else compressor.payload(params)
     self.bytes_per_step = layout.bytes_per_step(self.payload, synced)
     self._dense = layout.bytes_per_step(dense, synced)
-    self._warmup = config.optim.dense_warmup_steps if compressor is not None else 0
+    self._warmup = (
+        config.optim.dense_warmup_steps if compressor is not None else 0
+    )
 
   def bytes_sent(self, step: int) -> int:
     warm = min(step, self._warmup)
@@ -344,7 +443,9 @@ class _RunningLoss:
       return
     first, losses = self.pending
     self.pending = None
-    for i, value in enumerate(np.atleast_1d(layouts.host_value(losses)).tolist()):
+    for i, value in enumerate(
+        np.atleast_1d(layouts.host_value(losses)).tolist()
+    ):
       if not math.isfinite(value):
         diverge(first + i + 1)
       self.sum, self.count = self.sum + value, self.count + 1
@@ -355,4 +456,3 @@ class _RunningLoss:
 
   def reset(self) -> None:
     self.sum, self.count = 0.0, 0
-

@@ -22,7 +22,9 @@ class GlobalBatches:
 
   def __init__(self, train, layout, step: int, data_state, *, stacked: bool):
     self.iterator = train.iterator(step)
-    if data_state is not None:  # checkpoints from before the grain pipeline have none
+    if (
+        data_state is not None
+    ):  # checkpoints from before the grain pipeline have none
       self.iterator.set_state(data_state)
     self.layout, self.step, self.stacked = layout, step, stacked
     self.rows = layout.worker_rows()
@@ -32,16 +34,21 @@ class GlobalBatches:
     per_step = []
     for _ in range(n):
       images, labels = next(self.iterator)
-      ids = np.stack([np.full(K, self.step), np.arange(K)], 1)[self.rows].astype(np.int32)
+      ids = np.stack([np.full(K, self.step), np.arange(K)], 1)[
+          self.rows
+      ].astype(np.int32)
       # One (step, worker) row per example: every batch leaf is (K, n, ...),
       # which a layout may split over a worker's devices (layouts.hosts).
       ids = np.broadcast_to(ids[:, None], (ids.shape[0], labels.shape[1], 2))
       per_step.append((images, labels, ids))
       self.step += 1
     return tuple(
-        self.layout.global_batch(np.stack(arrays) if self.stacked else arrays[0],
-                                 stacked=self.stacked)
-        for arrays in zip(*per_step))
+        self.layout.global_batch(
+            np.stack(arrays) if self.stacked else arrays[0],
+            stacked=self.stacked,
+        )
+        for arrays in zip(*per_step)
+    )
 
   def state(self) -> dict:
     return self.iterator.get_state()

@@ -79,9 +79,7 @@ def load(name: str, data_dir: str | None, split: str) -> Split:
     # One example at a time: a TFDS data source decodes each image anyway, and
     # the mocked sources of tfds.testing do not implement __getitems__.
     examples = (records[i] for i in range(len(records)))
-    images, labels = zip(
-        *((example_image(ex), ex['label']) for ex in examples)
-    )
+    images, labels = zip(*((example_image(ex), ex['label']) for ex in examples))
     return {
         f'{split}_images': np.stack(images).astype(np.uint8, copy=False),
         f'{split}_labels': np.asarray(labels, np.int32),

@@ -31,19 +31,23 @@ from defjax.training.models import resnet_imagenet
 from defjax.training.models import vgg
 
 _FACTORIES: dict[str, Callable[[int], nn.Module]] = {
-    'cnn': cnn.CNN,                                          # 28x28x1
+    'cnn': cnn.CNN,  # 28x28x1
     # 784 -> 1024 -> 1024 -> classes, Megatron-annotated for model_axis_size > 1.
-    'mlp_tp': mlp.MLP,                                       # any image size
+    'mlp_tp': mlp.MLP,  # any image size
     # The authors' VGG-16 (classifier 512-512 with dropout) and at 1/4 width.
-    'vgg16': functools.partial(vgg.VGG, cfg=vgg.VGG16),      # 32x32x3
-    'vgg16_slim': functools.partial(vgg.VGG, cfg=vgg.VGG16_SLIM, head_width=128),
+    'vgg16': functools.partial(vgg.VGG, cfg=vgg.VGG16),  # 32x32x3
+    'vgg16_slim': functools.partial(
+        vgg.VGG, cfg=vgg.VGG16_SLIM, head_width=128
+    ),
     # pytorch-cifar's VGG-16 (one Linear), as the results before 2026-11-29.
     'vgg16_linear': functools.partial(vgg.VGG, cfg=vgg.VGG16, head_width=None),
-    'vgg16_slim_linear': functools.partial(vgg.VGG, cfg=vgg.VGG16_SLIM, head_width=None),
-    'resnet20': resnet_cifar.resnet20,                       # 32x32x3
-    'preact_resnet110': resnet_cifar.preact_resnet110,       # 32x32x3
-    'wrn28_10': resnet_cifar.wrn28_10,                       # 32x32x3
-    'resnet50': resnet_imagenet.resnet50,                    # 224x224x3
+    'vgg16_slim_linear': functools.partial(
+        vgg.VGG, cfg=vgg.VGG16_SLIM, head_width=None
+    ),
+    'resnet20': resnet_cifar.resnet20,  # 32x32x3
+    'preact_resnet110': resnet_cifar.preact_resnet110,  # 32x32x3
+    'wrn28_10': resnet_cifar.wrn28_10,  # 32x32x3
+    'resnet50': resnet_imagenet.resnet50,  # 224x224x3
 }
 
 MODELS = tuple(_FACTORIES)

@@ -73,7 +73,15 @@ class ResidualBlock(nn.Module):
   strides: int
 
 
-def conv_bn(x, features: int, kernel: int, strides: int = 1, *, train: bool, relu: bool = True):
+def conv_bn(
+    x,
+    features: int,
+    kernel: int,
+    strides: int = 1,
+    *,
+    train: bool,
+    relu: bool = True,
+):
   """conv, BN and (with ``relu``) ReLU: the unit of the post-activation ResNets."""
   y = conv(features, kernel, strides)(x)
   y = batch_norm(train)(y)

@@ -86,11 +86,19 @@ def resnet20(num_classes: int) -> ResNet:
 
 def preact_resnet110(num_classes: int) -> ResNet:
   """Pre-activation ResNet-110: depth 6n + 2 with n = 18."""
-  return ResNet(num_classes, stage_sizes=(18, 18, 18), widths=(16, 32, 64),
-                pre_activation=True)
+  return ResNet(
+      num_classes,
+      stage_sizes=(18, 18, 18),
+      widths=(16, 32, 64),
+      pre_activation=True,
+  )
 
 
 def wrn28_10(num_classes: int) -> ResNet:
   """WRN-28-10: depth 6n + 4 with n = 4, widths 16k, 32k, 64k with k = 10."""
-  return ResNet(num_classes, stage_sizes=(4, 4, 4), widths=(160, 320, 640),
-                pre_activation=True)
+  return ResNet(
+      num_classes,
+      stage_sizes=(4, 4, 4),
+      widths=(160, 320, 640),
+      pre_activation=True,
+  )

@@ -27,7 +27,9 @@ class Bottleneck(layers.ResidualBlock):
     y = layers.conv_bn(y, self.features, 3, self.strides, train=train)
     y = layers.conv_bn(y, self.features * EXPANSION, 1, train=train, relu=False)
     if x.shape != y.shape:
-      x = layers.projection(x, self.features * EXPANSION, self.strides, train=train)
+      x = layers.projection(
+          x, self.features * EXPANSION, self.strides, train=train
+      )
     return nn.relu(x + y)
 
 

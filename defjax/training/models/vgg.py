@@ -17,8 +17,26 @@ import flax.linen as nn
 from defjax.training.models import layers
 
 # Channel counts, 'M' for a 2x2 max-pool.
-VGG16 = (64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M',
-         512, 512, 512, 'M', 512, 512, 512, 'M')
+VGG16 = (
+    64,
+    64,
+    'M',
+    128,
+    128,
+    'M',
+    256,
+    256,
+    256,
+    'M',
+    512,
+    512,
+    512,
+    'M',
+    512,
+    512,
+    512,
+    'M',
+)
 # VGG-16's 13 conv layers at a quarter of the width (0.92M parameters instead
 # of 14.7M, ~1/16 of the FLOPs): the paper's architecture at a size that
 # trains on CPU in minutes per epoch.
