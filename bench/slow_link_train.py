@@ -5,8 +5,8 @@ workers), each process in its own network namespace, joined by a veth pair
 whose ends each send at most ``--rate`` (``bench.netns``): the product as a
 user runs it across two hosts, with real data. One short schedule that every
 run finishes (CIFAR-10, the slim VGG-16 with batch norm of
-``configs/cifar10_vgg16_slim.py``, 4 epochs) for SGD and DEF at ratios 256
-and 64. Test accuracy is plotted against ``train_time`` (seconds in train
+``configs/cifar10_vgg16_slim.py``, 2 epochs: the three runs take about an
+hour on 2 cores) for SGD and DEF at ratios 256 and 64. Test accuracy is plotted against ``train_time`` (seconds in train
 steps, summed across resumes; start-up, compilation, evaluation and
 checkpoints left out: ``defjax.trainer``), as in the paper's Figure 1 (left
 column).
@@ -19,7 +19,7 @@ The runs live in ``bench/results/slow_link_train/<run>/`` (metrics.jsonl,
 summary.json, run.json; checkpoints are not committed). A run that finished
 is not run again; an interrupted one resumes from its last checkpoint.
 
-Run: python -m bench.slow_link_train [--rate 100mbit] [--epochs 4]
+Run: python -m bench.slow_link_train [--rate 100mbit] [--epochs 2]
      [--image-folder /path/to/cifar10-jpeg.tar]   (root, Linux)
 """
 
@@ -203,7 +203,7 @@ def plot(data: dict, path: pathlib.Path, title: str) -> None:
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--rate', default='100mbit')
-  p.add_argument('--epochs', type=int, default=4)
+  p.add_argument('--epochs', type=int, default=2)
   p.add_argument('--runs', default=','.join(RUNS))
   p.add_argument(
       '--steps', type=int, default=0, help='num_train_steps (0: whole epochs)'

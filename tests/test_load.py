@@ -154,7 +154,9 @@ def test_runs_under_cpu_hogs_match_idle_runs(tiny_folder, tmp_path):
   (its compiled programs come from the idle run's persistent cache)."""
   from test_multihost import _args, _env, _finish, _launch_two
 
-  steps = 12
+  # Enough steps that the hogs meet training, evaluation and the checkpoint;
+  # every step under the hogs slows the other pytest worker too.
+  steps = 6
 
   def launch_one(workdir, stderr=subprocess.PIPE):
     return [
