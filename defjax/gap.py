@@ -6,7 +6,11 @@ name, with the same arguments and exit codes.
 
 import sys
 
-from defjax.experiments.gap import main
-
 if __name__ == '__main__':
+  # Without the train extra: one line and exit 2, as defjax-train.
+  from defjax import main as entry  # pylint: disable=g-import-not-at-top
+
+  entry.require_train_extra('python -m defjax.gap')
+  from defjax.experiments.gap import main  # pylint: disable=g-import-not-at-top
+
   sys.exit(main())

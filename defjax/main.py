@@ -42,16 +42,25 @@ def missing_train_modules() -> list[str]:
   return missing
 
 
-def run():
-  """The console entry point (``defjax-train``)."""
+def require_train_extra(program: str = 'the training program') -> None:
+  """Exits with one line and status 2 if ``TRAIN_MODULES`` are missing.
+
+  Args:
+    program: what needs them, as the line names it.
+  """
   missing = missing_train_modules()
   if missing:
     print(
-        "error: the training program needs pip install 'defjax[train]'"
+        f"error: {program} needs pip install 'defjax[train]'"
         f" (not installed: {', '.join(missing)})",
         file=sys.stderr,
     )
     sys.exit(runfiles.EXIT_BAD_CONFIG)
+
+
+def run():
+  """The console entry point (``defjax-train``)."""
+  require_train_extra()
   from defjax.training import main  # pylint: disable=g-import-not-at-top
 
   main.run()

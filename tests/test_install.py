@@ -78,6 +78,30 @@ def test_entry_points_without_the_train_extra_answer_one_line(entry):
   )
 
 
+@pytest.mark.parametrize('tool', ['sweep', 'report', 'gap'])
+def test_experiment_tools_without_the_train_extra_answer_one_line(tool):
+  hide = f'import sys; sys.modules.update(dict.fromkeys({TRAIN_ONLY!r}));'
+  proc = subprocess.run(
+      [
+          sys.executable,
+          '-c',
+          hide + 'import runpy;'
+          f" sys.argv = ['defjax.{tool}'];"
+          f" runpy.run_module('defjax.{tool}', run_name='__main__', alter_sys=True)",
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
+  assert (proc.returncode, proc.stdout) == (2, ''), proc.stderr
+  assert proc.stderr == (
+      f"error: python -m defjax.{tool} needs pip install 'defjax[train]'"
+      ' (not installed: ml_collections, orbax.checkpoint, grain, PIL, tqdm,'
+      ' tensorflow_datasets)\n'
+  )
+
+
 def test_the_line_names_only_what_is_missing():
   proc = _without(('tensorflow_datasets',), 'train.py')
   assert proc.returncode == 2
