@@ -88,7 +88,7 @@ bench: install data
 # beside PyTorch DDP with its PowerSGD and fp16 hooks (torch: the bench
 # extra), then train.py as two hosts to a stated accuracy on CIFAR-10 (the
 # JPEG tar at CIFAR_TAR when it exists, else TFDS's cifar10; 2 epochs, which
-# three runs finish in about an hour here). About two hours on 2
+# three runs finish in about an hour here). About an hour and a half on 2
 # cores; writes bench/results/slow_link*.json and the plot: the recorded ones
 # come from exactly these commands.
 CIFAR_TAR ?= $(abspath ../shared/data/cifar10-jpeg.tar)

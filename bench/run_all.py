@@ -285,8 +285,9 @@ def headline(results: pathlib.Path = RESULTS) -> str:
   if path.exists():
     doc = json.loads(path.read_text())
     parts += [
-        'Time to accuracy over the same kind of link (train.py as 2 hosts x 4 CPU devices, K = 8,'
-        ' 100 Mbit/s, CIFAR-10, slim VGG-16; ' + _provenance(doc) + '):',
+        'Time to accuracy over the same kind of link (train.py as two processes of 4 CPU'
+        ' devices, K = 8 workers of one device on the 1-D layout, 100 Mbit/s, CIFAR-10, slim'
+        ' VGG-16; ' + _provenance(doc) + '):',
         '',
         doc['table_md'],
         '',
