@@ -2,7 +2,9 @@
 
 ``make install-check`` (tests/install_check.py) builds and installs the wheel;
 this checks in the suite what it relies on: the one-line exit 2 of the three
-entry points without the train extra (its modules made unimportable here),
+entry points and of the modules run by name (``python -m defjax.sweep``, ...,
+``python -m defjax.training.main``) without the train extra (its modules made
+unimportable here),
 that line's module list against the extra and the program's imports, the
 version's one source, and the install check's own README and closure logic.
 """
@@ -78,8 +80,8 @@ def test_entry_points_without_the_train_extra_answer_one_line(entry):
   )
 
 
-@pytest.mark.parametrize('tool', ['sweep', 'report', 'gap'])
-def test_experiment_tools_without_the_train_extra_answer_one_line(tool):
+@pytest.mark.parametrize('tool', ['sweep', 'report', 'gap', 'training.main'])
+def test_modules_run_by_name_without_the_train_extra_answer_one_line(tool):
   hide = f'import sys; sys.modules.update(dict.fromkeys({TRAIN_ONLY!r}));'
   proc = subprocess.run(
       [

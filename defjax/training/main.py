@@ -21,6 +21,13 @@ import ctypes.util
 import os
 import sys
 
+if __name__ == '__main__':
+  # Run by this name without the train extra: one line and exit 2, as
+  # defjax-train, before the extra's imports below raise.
+  from defjax import main as _entry  # pylint: disable=g-import-not-at-top
+
+  _entry.require_train_extra('python -m defjax.training.main')
+
 from absl import app
 from absl import flags
 from absl import logging
