@@ -54,7 +54,7 @@ class Layout(abc.ABC):
   batch are, and the step that runs there (see the module docstring).
 
   Attributes:
-    mesh: the devices the workers run on.
+    mesh (jax.sharding.Mesh): the devices the workers run on.
     num_workers: K.
     devices_per_worker: M, the devices one worker spans (its payload is sent
       by each of them).
