@@ -21,31 +21,23 @@ from defjax.training import runfiles
 from defjax.training import task
 from defjax.training import trainer
 from configs import default
-from test_trainer import override, tiny_config
+from test_trainer import override, tiny_cli, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY = 40, 10
 
 
 def _args(tiny_folder, workdir, *extra):
-  return [
-      sys.executable,
-      os.path.join(REPO, 'train.py'),
-      '--config',
-      'configs/fashion_mnist.py',
-      '--workdir',
-      str(workdir),
-      '--config.dataset=image_folder',
-      f'--config.data_dir={tiny_folder}',
-      '--config.batch_size=2',
+  return tiny_cli(
+      tiny_folder,
+      workdir,
       f'--config.num_train_steps={STEPS}',
       f'--config.checkpoint_every_steps={EVERY}',
       '--config.eval_every_steps=20',
       '--config.crop_padding=4',
       '--config.flip=True',
-      '--config.optim.ratio=16',
       *extra,
-  ]
+  )
 
 
 def _run(args, timeout=300, env=None):

@@ -18,6 +18,8 @@ import time
 import numpy as np
 import pytest
 
+from test_trainer import tiny_cli
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -28,21 +30,13 @@ def _free_port():
 
 
 def _args(tiny_folder, workdir, steps, *extra):
-  return [
-      sys.executable,
-      os.path.join(REPO, 'train.py'),
-      '--config',
-      'configs/fashion_mnist.py',
-      '--workdir',
-      str(workdir),
-      '--config.dataset=image_folder',
-      f'--config.data_dir={tiny_folder}',
-      '--config.batch_size=2',
+  return tiny_cli(
+      tiny_folder,
+      workdir,
       f'--config.num_train_steps={steps}',
       '--config.eval_every_steps=5',
-      '--config.optim.ratio=16',
       *extra,
-  ]
+  )
 
 
 def _env(devices, cache=None):

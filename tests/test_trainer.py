@@ -639,6 +639,24 @@ def test_resolved_lam_and_output_model():
   }
 
 
+def tiny_cli(tiny_folder, workdir, *extra):
+  """train.py's command line on the tiny image folder: the quick-start config
+  at batch 2 and ratio 16, then ``extra`` (a later flag wins)."""
+  return [
+      sys.executable,
+      os.path.join(REPO, 'train.py'),
+      '--config',
+      'configs/fashion_mnist.py',
+      '--workdir',
+      str(workdir),
+      '--config.dataset=image_folder',
+      f'--config.data_dir={tiny_folder}',
+      '--config.batch_size=2',
+      '--config.optim.ratio=16',
+      *extra,
+  ]
+
+
 def _train_py(tmp_path, *args, env=None, timeout=300):
   return subprocess.run(
       [sys.executable, os.path.join(REPO, 'train.py'), *args],
