@@ -171,19 +171,13 @@ def _wire_pivot(doc: dict) -> str:
 
 
 def _projection_subset(doc: dict) -> str:
+  from bench import cluster_projection
   from bench import common
 
   rows = [r for r in doc['rows'] if r['K'] == 16]
-  cols = [
-      'scenario',
-      'K',
-      'gbps',
-      'sgd_step_ms',
-      'sgd_comm_frac',
-      'def@16',
-      'def@64',
-      'def@256',
-      'def@1024',
+  # DEF's columns only: EF's time to accuracy and PSync stay on the full table.
+  cols = cluster_projection.COLUMNS[
+      : cluster_projection.COLUMNS.index('def@1024') + 1
   ]
   return (
       common.table(rows, cols)
