@@ -43,6 +43,20 @@ def test_each_invocation_is_appended_with_its_end(tmp_path):
   )
 
 
+def test_an_invocation_that_never_left_is_marked_killed_by_the_next(tmp_path):
+  killed = runfiles.Invocation(tmp_path, 0, 30).__enter__()  # no __exit__
+  del killed
+  with runfiles.Invocation(tmp_path, 20, 30):
+    first, second = runfiles.read_invocations(tmp_path)
+    # killed between its checkpoints at 20 and 30: the run keeps up to 20
+    assert (first['status'], first['end_step']) == ('killed', 20)
+    assert 'ended' not in first and second['status'] == 'running'
+  assert [e['status'] for e in runfiles.read_invocations(tmp_path)] == [
+      'killed',
+      'completed',
+  ]
+
+
 def test_git_state_records_a_dirty_tree_with_its_diff(tmp_path):
   git = lambda *a: subprocess.run(
       ['git', '-C', str(tmp_path), *a],

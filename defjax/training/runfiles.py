@@ -197,6 +197,11 @@ class Invocation:
   'failed'; 'completed' without one) and the step reached (an exception's
   ``step``, else ``end_step``). The commit is that of the checkout holding
   the running defjax package, with the diff when its tree is dirty.
+
+  An invocation that never left (SIGKILL, a machine that stopped) stays
+  'running' until the next one enters: that one marks it 'killed', with no
+  end time (it is unknown) and the step it resumes from as its end step,
+  the last step of that invocation's work the run keeps.
   """
 
   def __init__(
@@ -220,6 +225,9 @@ class Invocation:
     if self.enabled:
       source = pathlib.Path(__file__).resolve().parent
       entries = self._entries()
+      for entry in entries:
+        if entry.get('status') == 'running':
+          entry.update(status='killed', end_step=self.start_step)
       self.index = len(entries)
       entries.append(
           {
