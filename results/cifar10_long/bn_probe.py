@@ -1,0 +1,170 @@
+"""Do batch-norm statistics explain DEF's gap to SGD on the long CIFAR-10 run?
+
+DEF's running statistics are the workers' mean of the statistics seen at
+their detached points x - lam e_k, yet the test evaluates x (DEF-A) and
+y = x - mean_k e_k (DEF). This restores a run's newest checkpoint and
+evaluates each model twice: with the stored statistics and with statistics
+recomputed at that very model ("precise BN": the mean over ``--batches``
+augmented train batches of 128 of each batch's mean and variance). If the
+recomputed ones close the gap, the gap is the statistics; if not, it is the
+weights.
+
+    python results/cifar10_long/bn_probe.py RUN_DIR... --out FILE.json
+
+A run's checkpoints are not committed (``.gitignore``): this reads the ones a
+finished run leaves in ``RUN_DIR/checkpoints`` on the machine that ran it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+from defjax import layouts  # noqa: E402
+from defjax import methods  # noqa: E402
+from defjax.layouts import base  # noqa: E402
+from defjax.training import checkpoint as ckpt  # noqa: E402
+from defjax.training import data as data_lib  # noqa: E402
+from defjax.training import models as models_lib  # noqa: E402
+from defjax.training import optimizer  # noqa: E402
+from defjax.training import task  # noqa: E402
+from defjax.training.data import image_folder  # noqa: E402
+
+BATCH = 128
+# flax's BatchNorm: new = MOMENTUM * old + (1 - MOMENTUM) * batch
+# (defjax.training.models.layers).
+MOMENTUM = 0.9
+
+
+def probe(run_dir: pathlib.Path, batches: int) -> dict:
+  summary = json.loads((run_dir / 'summary.json').read_text())
+  config = ml_collections.ConfigDict(summary['config'])
+  layout = layouts.for_config(config)
+  info = data_lib.info(config.dataset, config.data_dir)
+  test = data_lib.eval_input(
+      config.dataset, config.data_dir, image_size=config.image_size
+  )
+  train = image_folder.load(config.data_dir, 'train')
+  model = models_lib.get_model(config.model, info.num_classes)
+  params, batch_stats, specs = task.init_variables(
+      model, config, train.images.shape[1:], layout
+  )
+  schedule = optimizer.learning_rate_schedule(
+      config.optim,
+      steps_per_epoch=summary['steps_per_epoch'],
+      total_steps=summary['steps'],
+  )
+  tx, _ = optimizer.build(
+      config.optim,
+      schedule=schedule,
+      axis_name=layout.axis_name,
+      seed=config.seed,
+      rbgs=lambda *a, **k: layout.rbgs(*a, param_specs=specs, **k),
+  )
+  state = {
+      'params': params,
+      'batch_stats': batch_stats,
+      'opt_state': layout.init_state(tx, params, specs),
+  }
+  mngr = ckpt.manager(str(run_dir / 'checkpoints'), max_to_keep=1)
+  resumed = ckpt.resume(mngr, config, state, per_worker=('opt_state',))
+  x, stored, opt_state = (
+      resumed.state['params'],
+      resumed.state['batch_stats'],
+      resumed.state['opt_state'],
+  )
+  models = {'x': x}
+  if methods.get(config.optim.method).averaged_output:
+    models['y'] = base.stacked_averaged_params()(x, opt_state)
+
+  accuracy = task.make_evaluator(
+      model, info, test, layout, config.eval_batch_size
+  )
+  mean = jnp.asarray(info.mean, jnp.float32)
+  std = jnp.asarray(info.std, jnp.float32)
+
+  @jax.jit
+  def moments(p, old, images, key):
+    images = data_lib.augment(
+        images, key, pad=config.crop_padding, flip=config.flip
+    )
+    _, new = model.apply(
+        {'params': p, 'batch_stats': old},
+        data_lib.standardize(images, mean, std),
+        train=True,
+        mutable=['batch_stats'],
+        rngs={'dropout': key},
+    )
+    return jax.tree.map(
+        lambda n, o: (n - MOMENTUM * o) / (1 - MOMENTUM),
+        new['batch_stats'],
+        old,
+    )
+
+  rows = np.random.default_rng(0).permutation(len(train.labels))
+  rows = rows[: batches * BATCH].reshape(batches, BATCH)
+  old = jax.device_get(stored)
+
+  def recomputed(p):
+    p = jax.device_get(p)
+    total = None
+    for i, r in enumerate(rows):
+      m = moments(p, old, jnp.asarray(train.images[r]), jax.random.PRNGKey(i))
+      total = m if total is None else jax.tree.map(jnp.add, total, m)
+    return jax.tree.map(lambda t: t / batches, total)
+
+  def relative(a, b):
+    a = jax.tree.leaves(jax.device_get(a))
+    b = jax.tree.leaves(jax.device_get(b))
+    num = sum(float(((u - v) ** 2).sum()) for u, v in zip(a, b))
+    return float(np.sqrt(num / sum(float((v**2).sum()) for v in b)))
+
+  out = {
+      'run': str(run_dir),
+      'method': config.optim.method,
+      'ratio': config.optim.ratio,
+      'step': resumed.step,
+      'recompute_batches': batches,
+      'batch_size': BATCH,
+  }
+  for name, p in models.items():
+    fresh = recomputed(p)
+    out[f'{name}_stored_stats'] = accuracy(p, stored)
+    out[f'{name}_recomputed_stats'] = accuracy(p, fresh)
+    out[f'{name}_stats_change'] = relative(stored, fresh)
+  if 'y' in models:
+    out['mean_error_over_x'] = relative(models['y'], x)
+  return out
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('runs', nargs='+', type=pathlib.Path)
+  parser.add_argument('--batches', type=int, default=40)
+  parser.add_argument('--out', type=pathlib.Path, required=True)
+  args = parser.parse_args(argv)
+  results = []
+  for run in args.runs:
+    results.append(probe(run, args.batches))
+    print(json.dumps(results[-1]), flush=True)
+  record = {
+      'command': ['python', 'results/cifar10_long/bn_probe.py', *sys.argv[1:]],
+      'versions': {'jax': jax.__version__},
+      'results': results,
+  }
+  args.out.write_text(json.dumps(record, indent=2) + '\n')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
