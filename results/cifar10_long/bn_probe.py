@@ -37,6 +37,7 @@ from defjax.training import checkpoint as ckpt  # noqa: E402
 from defjax.training import data as data_lib  # noqa: E402
 from defjax.training import models as models_lib  # noqa: E402
 from defjax.training import optimizer  # noqa: E402
+from defjax.training import runfiles  # noqa: E402
 from defjax.training import task  # noqa: E402
 from defjax.training.data import image_folder  # noqa: E402
 
@@ -159,7 +160,8 @@ def main(argv=None) -> int:
     print(json.dumps(results[-1]), flush=True)
   record = {
       'command': ['python', 'results/cifar10_long/bn_probe.py', *sys.argv[1:]],
-      'versions': {'jax': jax.__version__},
+      'date': runfiles.utc_now(),
+      **runfiles.environment(pathlib.Path(__file__).parent),
       'results': results,
   }
   args.out.write_text(json.dumps(record, indent=2) + '\n')
