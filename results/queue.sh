@@ -86,7 +86,7 @@ sweep "${LONG[@]}" --out "$L"/runs_ef_lr0.01 --methods ef --ratios 64,1024 --see
 #    A second seed of DEF at 256 with the paper's lam 0.3 too (added 2026-11-30).
 sweep "${LONG[@]}" --out "$L"/runs --methods def --ratios 256 --lams 0.3 --seeds 1
 # 10. Long horizon on a batch-normalised model (66 epochs of CIFAR-10 with the
-#    slim VGG-16, T / ratio = 100 at ratio 256, SGD seed 0 took 183 minutes here), in
+#    slim VGG-16, T / ratio = 100 at ratio 256, SGD seed 0 ran 183 minutes here), in
 #    issue 27's order: SGD and DEF at 256, EF at 256 at the authors' EF lr, a
 #    second seed of SGD and DEF at 256; then, as time allows, DEF at 1024 and
 #    64 and the SAEF/PSync run at 256 (DEF at 64 moved up, see below).
