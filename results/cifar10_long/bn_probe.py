@@ -18,6 +18,7 @@ finished run leaves in ``RUN_DIR/checkpoints`` on the machine that ran it.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import pathlib
@@ -40,11 +41,10 @@ from defjax.training import optimizer  # noqa: E402
 from defjax.training import runfiles  # noqa: E402
 from defjax.training import task  # noqa: E402
 from defjax.training.data import image_folder  # noqa: E402
+from defjax.training.models import layers  # noqa: E402
 
 BATCH = 128
-# flax's BatchNorm: new = MOMENTUM * old + (1 - MOMENTUM) * batch
-# (defjax.training.models.layers).
-MOMENTUM = 0.9
+MOMENTUM = layers.BN_MOMENTUM  # the models' running-average momentum
 
 
 def probe(run_dir: pathlib.Path, batches: int) -> dict:
@@ -70,7 +70,7 @@ def probe(run_dir: pathlib.Path, batches: int) -> dict:
       schedule=schedule,
       axis_name=layout.axis_name,
       seed=config.seed,
-      rbgs=lambda *a, **k: layout.rbgs(*a, param_specs=specs, **k),
+      rbgs=functools.partial(layout.rbgs, param_specs=specs),
   )
   state = {
       'params': params,

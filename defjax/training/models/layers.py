@@ -57,11 +57,19 @@ def dense(features: int, name: Optional[str] = None) -> nn.Dense:
   )
 
 
+# flax's running average: new = BN_MOMENTUM * old + (1 - BN_MOMENTUM) * batch
+# (PyTorch's momentum 0.1).
+BN_MOMENTUM = 0.9
+
+
 def batch_norm(train: bool, name: Optional[str] = None) -> nn.BatchNorm:
   # Batch statistics in training, running averages in evaluation; the
   # running averages live in the 'batch_stats' collection.
   return nn.BatchNorm(
-      use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name
+      use_running_average=not train,
+      momentum=BN_MOMENTUM,
+      epsilon=1e-5,
+      name=name,
   )
 
 
