@@ -121,8 +121,15 @@ def test_every_method_trains_and_evaluates(method, tiny_folder, tmp_path):
     assert all(r['test_accuracy'] == r['test_accuracy_x'] for r in records)
   # The method's semantics, read back from the final checkpoint: its lam and
   # which model it outputs (DEF and PSync: y = x - mean_k e_k; the rest: x).
+  # trainer.restore rebuilds the run from summary.json alone: its output
+  # model is the one whose hash the run recorded.
+  restored = trainer.restore(str(tmp_path))
+  assert restored.step == 6
+  assert summary['params_sha256'] == trainer.params_sha256(
+      restored.run.output(restored.state['params'], restored.state['opt_state'])
+  )
   mngr = ckpt.manager(os.path.join(tmp_path, 'checkpoints'), max_to_keep=2)
-  saved = mngr.restore(
+  saved = mngr.restore(  # as saved: named fields as dict keys
       6, args=ocp.args.Composite(state=ocp.args.StandardRestore())
   )['state']
   x = saved['params']

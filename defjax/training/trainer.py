@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import math
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -109,59 +111,42 @@ def train_and_evaluate(
       config.num_train_steps, config.num_epochs, steps_per_epoch
   )
   eval_every = config.eval_every_steps or steps_per_epoch
-  try:  # a warm-up that outlasts the run: known only now that the data is open
-    schedule = optimizer.learning_rate_schedule(
-        o, steps_per_epoch=steps_per_epoch, total_steps=total_steps
-    )
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-
-  model = models_lib.get_model(config.model, info.num_classes)
-  params, batch_stats, specs = task.init_variables(
-      model, config, train.image_shape, layout
+  run = build(
+      config,
+      layout,
+      info,
+      train.image_shape,
+      steps_per_epoch=steps_per_epoch,
+      total_steps=total_steps,
   )
-  tx, compressor = optimizer.build(
-      o,
-      schedule=schedule,
-      axis_name=layout.axis_name,
-      seed=config.seed,
-      rbgs=functools.partial(layout.rbgs, param_specs=specs),
-  )
-  opt_state = layout.init_state(tx, params, specs)
   spd = steps_per_dispatch(config)
   # n > 1: a lax.scan program; its bits are the same for every n > 1 (also
   # for the shorter calls before an evaluation) but differ from the plain
   # one-step program's in float rounding on convolutional models.
   step_fn = layout.train_step(
-      task.make_loss_fn(model, info, config),
-      tx,
-      specs,
+      task.make_loss_fn(run.model, info, config),
+      run.tx,
+      run.specs,
       sync_model_state=config.sync_batch_stats,
       multi_step=spd > 1,
   )
-  # The reported model: y = x - mean_k e_k (DEF, PSync) or x.
-  output = (
-      layout.averaged_params(specs)
-      if methods.get(o.method).averaged_output
-      else lambda params, opt_state: params
-  )
   accuracy = task.make_evaluator(
-      model, info, test, layout, config.eval_batch_size
+      run.model, info, test, layout, config.eval_batch_size
   )
-  traffic = _Traffic(config, params, batch_stats, compressor, layout, specs)
+  traffic = _Traffic(
+      config,
+      run.state['params'],
+      run.state['batch_stats'],
+      run.compressor,
+      layout,
+      run.specs,
+  )
 
   mngr = ckpt.manager(
       os.path.join(workdir, 'checkpoints'), max_to_keep=config.max_to_keep
   )
-  per_worker = ('opt_state',) + (
-      () if config.sync_batch_stats else ('batch_stats',)
-  )
   resumed = ckpt.resume(
-      mngr,
-      config,
-      {'params': params, 'batch_stats': batch_stats, 'opt_state': opt_state},
-      per_worker=per_worker,
-      log=log,
+      mngr, config, run.state, per_worker=run.per_worker, log=log
   )
   params, batch_stats, opt_state = (
       resumed.state['params'],
@@ -243,7 +228,7 @@ def train_and_evaluate(
         if not _all_finite(params):
           diverge(step)
         # One multi-device program at a time (xla_cpu.run_alone).
-        out = xla_cpu.run_alone(output(params, opt_state))
+        out = xla_cpu.run_alone(run.output(params, opt_state))
         stats = xla_cpu.run_alone(_eval_stats(config, batch_stats))
         acc_x = accuracy(params, stats)
         acc = accuracy(out, stats) if out is not params else acc_x
@@ -253,7 +238,7 @@ def train_and_evaluate(
             'train_loss': loss.mean,
             'test_accuracy': acc,
             'test_accuracy_x': acc_x,
-            'lr': float(schedule(step - 1)),
+            'lr': float(run.schedule(step - 1)),
             'wall_time': time.time() - t0,
             'train_time': clock.total,
             'bytes_sent': traffic.bytes_sent(step),
@@ -310,7 +295,7 @@ def train_and_evaluate(
       wall_time=time.time() - t0,
       train_time=clock.total,
       bytes_sent=traffic.bytes_sent(total_steps),
-      params_sha256=params_sha256(output(params, opt_state)),
+      params_sha256=params_sha256(run.output(params, opt_state)),
   )
   if jax.process_index() == 0:
     runfiles.write_summary(workdir, summary)
@@ -318,6 +303,117 @@ def train_and_evaluate(
 
 
 # ------------------------------------------------------------------ pieces
+
+
+class Run(NamedTuple):
+  """A run's parts as its config makes them, before any step or checkpoint."""
+
+  model: nn.Module
+  specs: Any  # x's partition specs (the model axis; empty on 1-D layouts)
+  schedule: optax.Schedule
+  tx: optax.GradientTransformation  # the per-worker transform (optimizer.build)
+  compressor: Any  # what a step sends; None for uncompressed SGD
+  state: dict  # params, batch_stats and opt_state at step 0, placed
+  per_worker: tuple[str, ...]  # the entries of ``state`` led by the worker axis
+  output: Callable  # (params, opt_state) -> the reported model (y or x)
+
+
+def build(
+    config, layout, info, image_shape, *, steps_per_epoch: int, total_steps: int
+) -> Run:
+  """``config``'s model, transform and fresh state on ``layout``.
+
+  Raises:
+    ConfigError: a warm-up that outlasts the run (known only once the data
+      gives the steps per epoch).
+  """
+  o = config.optim
+  try:
+    schedule = optimizer.learning_rate_schedule(
+        o, steps_per_epoch=steps_per_epoch, total_steps=total_steps
+    )
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  model = models_lib.get_model(config.model, info.num_classes)
+  params, batch_stats, specs = task.init_variables(
+      model, config, image_shape, layout
+  )
+  tx, compressor = optimizer.build(
+      o,
+      schedule=schedule,
+      axis_name=layout.axis_name,
+      seed=config.seed,
+      rbgs=functools.partial(layout.rbgs, param_specs=specs),
+  )
+  state = {
+      'params': params,
+      'batch_stats': batch_stats,
+      'opt_state': layout.init_state(tx, params, specs),
+  }
+  per_worker = ('opt_state',) + (
+      () if config.sync_batch_stats else ('batch_stats',)
+  )
+  # The reported model: y = x - mean_k e_k (DEF, PSync) or x.
+  output = (
+      layout.averaged_params(specs)
+      if methods.get(o.method).averaged_output
+      else lambda params, opt_state: params
+  )
+  return Run(model, specs, schedule, tx, compressor, state, per_worker, output)
+
+
+class Restored(NamedTuple):
+  """A run's newest checkpoint and what it takes to evaluate it."""
+
+  config: ml_collections.ConfigDict  # the run's, from its summary.json
+  layout: layouts.Layout
+  info: data_lib.DatasetInfo
+  test: Any  # the test split (data.eval_input)
+  run: Run  # the parts; ``run.state`` is the fresh state
+  state: dict  # the restored params, batch_stats and opt_state
+  step: int
+
+
+def restore(workdir: str, *, log=lambda *_: None) -> Restored:
+  """Rebuilds the run in ``workdir`` from its summary.json and restores its
+  newest checkpoint, for probes of a finished (or diverged) run's state.
+
+  Checkpoints stay on the machine that trained (they are not committed), so
+  this works where the run ran. Opens the test split, not the train input.
+
+  Raises:
+    FileNotFoundError: no summary.json or no checkpoint in ``workdir``.
+  """
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    summary = json.load(f)
+  config = ml_collections.ConfigDict(summary['config'])
+  layout = layouts.for_config(config)
+  data_dir = config.data_dir or None
+  info = data_lib.info(config.dataset, data_dir)
+  test = data_lib.eval_input(
+      config.dataset, data_dir, image_size=config.image_size
+  )
+  steps_per_epoch = summary['steps_per_epoch']
+  run = build(
+      config,
+      layout,
+      info,
+      test.image_shape,
+      steps_per_epoch=steps_per_epoch,
+      total_steps=runfiles.total_steps(
+          config.num_train_steps, config.num_epochs, steps_per_epoch
+      ),
+  )
+  directory = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'no checkpoints in {workdir}')
+  mngr = ckpt.manager(directory, max_to_keep=config.max_to_keep)
+  resumed = ckpt.resume(
+      mngr, config, run.state, per_worker=run.per_worker, log=log
+  )
+  if resumed.step == 0:
+    raise FileNotFoundError(f'no checkpoint in {directory}')
+  return Restored(config, layout, info, test, run, resumed.state, resumed.step)
 
 
 def _open_data(config, layout):

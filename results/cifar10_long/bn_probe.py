@@ -18,7 +18,6 @@ finished run leaves in ``RUN_DIR/checkpoints`` on the machine that ran it.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import pathlib
@@ -28,18 +27,13 @@ os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from defjax import layouts  # noqa: E402
 from defjax import methods  # noqa: E402
-from defjax.layouts import base  # noqa: E402
-from defjax.training import checkpoint as ckpt  # noqa: E402
 from defjax.training import data as data_lib  # noqa: E402
-from defjax.training import models as models_lib  # noqa: E402
-from defjax.training import optimizer  # noqa: E402
 from defjax.training import runfiles  # noqa: E402
 from defjax.training import task  # noqa: E402
+from defjax.training import trainer  # noqa: E402
 from defjax.training.data import image_folder  # noqa: E402
 from defjax.training.models import layers  # noqa: E402
 
@@ -48,48 +42,20 @@ MOMENTUM = layers.BN_MOMENTUM  # the models' running-average momentum
 
 
 def probe(run_dir: pathlib.Path, batches: int) -> dict:
-  summary = json.loads((run_dir / 'summary.json').read_text())
-  config = ml_collections.ConfigDict(summary['config'])
-  layout = layouts.for_config(config)
-  info = data_lib.info(config.dataset, config.data_dir)
-  test = data_lib.eval_input(
-      config.dataset, config.data_dir, image_size=config.image_size
-  )
-  train = image_folder.load(config.data_dir, 'train')
-  model = models_lib.get_model(config.model, info.num_classes)
-  params, batch_stats, specs = task.init_variables(
-      model, config, train.images.shape[1:], layout
-  )
-  schedule = optimizer.learning_rate_schedule(
-      config.optim,
-      steps_per_epoch=summary['steps_per_epoch'],
-      total_steps=summary['steps'],
-  )
-  tx, _ = optimizer.build(
-      config.optim,
-      schedule=schedule,
-      axis_name=layout.axis_name,
-      seed=config.seed,
-      rbgs=functools.partial(layout.rbgs, param_specs=specs),
-  )
-  state = {
-      'params': params,
-      'batch_stats': batch_stats,
-      'opt_state': layout.init_state(tx, params, specs),
-  }
-  mngr = ckpt.manager(str(run_dir / 'checkpoints'), max_to_keep=1)
-  resumed = ckpt.resume(mngr, config, state, per_worker=('opt_state',))
+  restored = trainer.restore(str(run_dir))
+  config, info, run = restored.config, restored.info, restored.run
   x, stored, opt_state = (
-      resumed.state['params'],
-      resumed.state['batch_stats'],
-      resumed.state['opt_state'],
+      restored.state['params'],
+      restored.state['batch_stats'],
+      restored.state['opt_state'],
   )
   models = {'x': x}
   if methods.get(config.optim.method).averaged_output:
-    models['y'] = base.stacked_averaged_params()(x, opt_state)
-
+    models['y'] = run.output(x, opt_state)
+  train = image_folder.load(config.data_dir, 'train')
+  model = run.model
   accuracy = task.make_evaluator(
-      model, info, test, layout, config.eval_batch_size
+      model, info, restored.test, restored.layout, config.eval_batch_size
   )
   mean = jnp.asarray(info.mean, jnp.float32)
   std = jnp.asarray(info.std, jnp.float32)
@@ -134,7 +100,7 @@ def probe(run_dir: pathlib.Path, batches: int) -> dict:
       'run': str(run_dir),
       'method': config.optim.method,
       'ratio': config.optim.ratio,
-      'step': resumed.step,
+      'step': restored.step,
       'recompute_batches': batches,
       'batch_size': BATCH,
   }
