@@ -249,6 +249,22 @@ def test_batchnorm_model_with_synced_and_local_stats(
     )
     assert summary['status'] == 'completed'
     assert np.isfinite(summary['final_train_loss'])
+  # Local statistics come back per worker; eval_stats is their mean. A
+  # summary older than a config field restores over the defaults.
+  workdir = tmp_path / 'False'
+  with open(workdir / 'summary.json') as f:
+    saved = json.load(f)
+  del saved['config']['model_axis_size']
+  runfiles.write_summary(workdir, saved)
+  with pytest.raises(AttributeError):
+    trainer.restore(str(workdir))
+  restored = trainer.restore(str(workdir), defaults=default.get_config())
+  local = jax.device_get(restored.state['batch_stats'])
+  mean = jax.device_get(trainer.eval_stats(restored.config, local))
+  for a, b in zip(jax.tree.leaves(local), jax.tree.leaves(mean)):
+    assert a.shape == (8, *b.shape)
+    np.testing.assert_allclose(a.mean(0), b, rtol=1e-6, atol=1e-7)
+  assert any(not np.allclose(a[0], a[1]) for a in jax.tree.leaves(local))
 
 
 def test_divergence_is_a_result(tiny_folder, tmp_path):

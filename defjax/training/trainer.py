@@ -111,7 +111,7 @@ def train_and_evaluate(
       config.num_train_steps, config.num_epochs, steps_per_epoch
   )
   eval_every = config.eval_every_steps or steps_per_epoch
-  run = build(
+  run, state = build(
       config,
       layout,
       info,
@@ -135,8 +135,8 @@ def train_and_evaluate(
   )
   traffic = _Traffic(
       config,
-      run.state['params'],
-      run.state['batch_stats'],
+      state['params'],
+      state['batch_stats'],
       run.compressor,
       layout,
       run.specs,
@@ -145,9 +145,8 @@ def train_and_evaluate(
   mngr = ckpt.manager(
       os.path.join(workdir, 'checkpoints'), max_to_keep=config.max_to_keep
   )
-  resumed = ckpt.resume(
-      mngr, config, run.state, per_worker=run.per_worker, log=log
-  )
+  resumed = ckpt.resume(mngr, config, state, per_worker=run.per_worker, log=log)
+  del state  # a resumed run's fresh state: no second copy through the loop
   params, batch_stats, opt_state = (
       resumed.state['params'],
       resumed.state['batch_stats'],
@@ -229,7 +228,7 @@ def train_and_evaluate(
           diverge(step)
         # One multi-device program at a time (xla_cpu.run_alone).
         out = xla_cpu.run_alone(run.output(params, opt_state))
-        stats = xla_cpu.run_alone(_eval_stats(config, batch_stats))
+        stats = xla_cpu.run_alone(eval_stats(config, batch_stats))
         acc_x = accuracy(params, stats)
         acc = accuracy(out, stats) if out is not params else acc_x
         last_record = {
@@ -306,22 +305,23 @@ def train_and_evaluate(
 
 
 class Run(NamedTuple):
-  """A run's parts as its config makes them, before any step or checkpoint."""
+  """A run's parts as its config makes them (``build``); its state is
+  returned beside it, so that a run can drop the fresh one once resumed."""
 
   model: nn.Module
   specs: Any  # x's partition specs (the model axis; empty on 1-D layouts)
   schedule: optax.Schedule
   tx: optax.GradientTransformation  # the per-worker transform (optimizer.build)
   compressor: Any  # what a step sends; None for uncompressed SGD
-  state: dict  # params, batch_stats and opt_state at step 0, placed
-  per_worker: tuple[str, ...]  # the entries of ``state`` led by the worker axis
+  per_worker: tuple[str, ...]  # the state's entries led by the worker axis
   output: Callable  # (params, opt_state) -> the reported model (y or x)
 
 
 def build(
     config, layout, info, image_shape, *, steps_per_epoch: int, total_steps: int
-) -> Run:
-  """``config``'s model, transform and fresh state on ``layout``.
+) -> tuple[Run, dict]:
+  """``config``'s parts and its step-0 state (params, batch_stats,
+  opt_state), placed on ``layout``.
 
   Raises:
     ConfigError: a warm-up that outlasts the run (known only once the data
@@ -359,7 +359,7 @@ def build(
       if methods.get(o.method).averaged_output
       else lambda params, opt_state: params
   )
-  return Run(model, specs, schedule, tx, compressor, state, per_worker, output)
+  return Run(model, specs, schedule, tx, compressor, per_worker, output), state
 
 
 class Restored(NamedTuple):
@@ -368,25 +368,46 @@ class Restored(NamedTuple):
   config: ml_collections.ConfigDict  # the run's, from its summary.json
   layout: layouts.Layout
   info: data_lib.DatasetInfo
-  test: Any  # the test split (data.eval_input)
-  run: Run  # the parts; ``run.state`` is the fresh state
+  test: data_lib.EvalInput  # the test split
+  run: Run
   state: dict  # the restored params, batch_stats and opt_state
-  step: int
+  step: int  # the checkpoint's
 
 
-def restore(workdir: str, *, log=lambda *_: None) -> Restored:
-  """Rebuilds the run in ``workdir`` from its summary.json and restores its
-  newest checkpoint, for probes of a finished (or diverged) run's state.
+def restore(
+    workdir: str,
+    *,
+    defaults: ml_collections.ConfigDict | None = None,
+    log=lambda *_: None,
+) -> Restored:
+  """The run in ``workdir``, rebuilt from its summary.json, at its newest
+  checkpoint: a finished run's end, a diverged run's last good state.
 
-  Checkpoints stay on the machine that trained (they are not committed), so
-  this works where the run ran. Opens the test split, not the train input.
+  Checkpoints are not committed, so this works where the run ran, on as many
+  devices as it had; it opens the test split, not the train input.
+
+  Args:
+    workdir: the run's folder (``summary.json`` and ``checkpoints/``).
+    defaults: a full config the saved one is laid over, for summaries
+      written before later config fields existed (``configs/default.py``'s
+      ``get_config()``): a missing field then takes its value there, which
+      is what the run ran with only if that default has not changed since.
+    log: receives the checkpoint's step.
 
   Raises:
-    FileNotFoundError: no summary.json or no checkpoint in ``workdir``.
+    FileNotFoundError: no summary.json or no checkpoint in ``workdir``, or
+      the run's data is not on this machine.
+    checkpoint.CheckpointMismatch: the checkpoint is of another config, or
+      of another number of workers (a checkpoint is never resharded here).
   """
   with open(os.path.join(workdir, 'summary.json')) as f:
     summary = json.load(f)
-  config = ml_collections.ConfigDict(summary['config'])
+  directory = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'no checkpoints in {workdir}')
+  config = ml_collections.ConfigDict(defaults or {})
+  config.update(summary['config'])
+  config.resume_reshard = False
   layout = layouts.for_config(config)
   data_dir = config.data_dir or None
   info = data_lib.info(config.dataset, data_dir)
@@ -394,7 +415,9 @@ def restore(workdir: str, *, log=lambda *_: None) -> Restored:
       config.dataset, data_dir, image_size=config.image_size
   )
   steps_per_epoch = summary['steps_per_epoch']
-  run = build(
+  # The test split's image shape is the train input's: a run whose splits
+  # differ in shape stops at its first evaluation and leaves no checkpoint.
+  run, fresh = build(
       config,
       layout,
       info,
@@ -404,13 +427,8 @@ def restore(workdir: str, *, log=lambda *_: None) -> Restored:
           config.num_train_steps, config.num_epochs, steps_per_epoch
       ),
   )
-  directory = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f'no checkpoints in {workdir}')
   mngr = ckpt.manager(directory, max_to_keep=config.max_to_keep)
-  resumed = ckpt.resume(
-      mngr, config, run.state, per_worker=run.per_worker, log=log
-  )
+  resumed = ckpt.resume(mngr, config, fresh, per_worker=run.per_worker, log=log)
   if resumed.step == 0:
     raise FileNotFoundError(f'no checkpoint in {directory}')
   return Restored(config, layout, info, test, run, resumed.state, resumed.step)
@@ -454,7 +472,7 @@ def _check_writable(workdir: str) -> None:
     ) from None
 
 
-def _eval_stats(config, batch_stats):
+def eval_stats(config, batch_stats):
   """Batch-norm statistics to evaluate with: synced, or the workers' mean."""
   if config.sync_batch_stats:
     return batch_stats

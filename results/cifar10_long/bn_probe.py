@@ -44,11 +44,9 @@ MOMENTUM = layers.BN_MOMENTUM  # the models' running-average momentum
 def probe(run_dir: pathlib.Path, batches: int) -> dict:
   restored = trainer.restore(str(run_dir))
   config, info, run = restored.config, restored.info, restored.run
-  x, stored, opt_state = (
-      restored.state['params'],
-      restored.state['batch_stats'],
-      restored.state['opt_state'],
-  )
+  x, opt_state = restored.state['params'], restored.state['opt_state']
+  # What the run evaluated with: the synced statistics, or the workers' mean.
+  stored = trainer.eval_stats(config, restored.state['batch_stats'])
   models = {'x': x}
   if methods.get(config.optim.method).averaged_output:
     models['y'] = run.output(x, opt_state)
