@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import math
 import os
 import signal
@@ -400,8 +399,9 @@ def restore(
     checkpoint.CheckpointMismatch: the checkpoint is of another config, or
       of another number of workers (a checkpoint is never resharded here).
   """
-  with open(os.path.join(workdir, 'summary.json')) as f:
-    summary = json.load(f)
+  summary = runfiles.read_summary(workdir)
+  if summary is None:
+    raise FileNotFoundError(f'no summary.json in {workdir} (unfinished run?)')
   directory = os.path.join(workdir, 'checkpoints')
   if not os.path.isdir(directory):
     raise FileNotFoundError(f'no checkpoints in {workdir}')
