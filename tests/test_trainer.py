@@ -256,7 +256,7 @@ def test_batchnorm_model_with_synced_and_local_stats(
     saved = json.load(f)
   del saved['config']['model_axis_size']
   runfiles.write_summary(workdir, saved)
-  with pytest.raises(AttributeError):
+  with pytest.raises(trainer.ConfigError, match="no field 'model_axis_size'"):
     trainer.restore(str(workdir))
   restored = trainer.restore(str(workdir), defaults=default.get_config())
   local = jax.device_get(restored.state['batch_stats'])

@@ -396,6 +396,8 @@ def restore(
   Raises:
     FileNotFoundError: no summary.json or no checkpoint in ``workdir``, or
       the run's data is not on this machine.
+    ConfigError: the saved config lacks a field the run needs and
+      ``defaults`` does not supply it.
     checkpoint.CheckpointMismatch: the checkpoint is of another config, or
       of another number of workers (a checkpoint is never resharded here).
   """
@@ -408,25 +410,36 @@ def restore(
   config = ml_collections.ConfigDict(defaults or {})
   config.update(summary['config'])
   config.resume_reshard = False
-  layout = layouts.for_config(config)
-  data_dir = config.data_dir or None
-  info = data_lib.info(config.dataset, data_dir)
-  test = data_lib.eval_input(
-      config.dataset, data_dir, image_size=config.image_size
-  )
-  steps_per_epoch = summary['steps_per_epoch']
-  # The test split's image shape is the train input's: a run whose splits
-  # differ in shape stops at its first evaluation and leaves no checkpoint.
-  run, fresh = build(
-      config,
-      layout,
-      info,
-      test.image_shape,
-      steps_per_epoch=steps_per_epoch,
-      total_steps=runfiles.total_steps(
-          config.num_train_steps, config.num_epochs, steps_per_epoch
-      ),
-  )
+  try:
+    layout = layouts.for_config(config)
+    data_dir = config.data_dir or None
+    info = data_lib.info(config.dataset, data_dir)
+    test = data_lib.eval_input(
+        config.dataset, data_dir, image_size=config.image_size
+    )
+    steps_per_epoch = summary['steps_per_epoch']
+    # The test split's image shape is the train input's: a run whose splits
+    # differ in shape stops at its first evaluation and leaves no checkpoint.
+    run, fresh = build(
+        config,
+        layout,
+        info,
+        test.image_shape,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=runfiles.total_steps(
+            config.num_train_steps, config.num_epochs, steps_per_epoch
+        ),
+    )
+  except AttributeError as e:
+    # ml_collections reports a missing field as AttributeError(KeyError).
+    if not (e.args and isinstance(e.args[0], KeyError)):
+      raise
+    field = str(e.args[0].args[0] if e.args[0].args else '').strip("'")
+    raise ConfigError(
+        f'the config in {workdir}/summary.json has no field {field!r}'
+        ' (written before the field existed?): pass defaults=, e.g.'
+        " configs/default.py's get_config()"
+    ) from e
   mngr = ckpt.manager(directory, max_to_keep=config.max_to_keep)
   resumed = ckpt.resume(mngr, config, fresh, per_worker=run.per_worker, log=log)
   if resumed.step == 0:
