@@ -412,11 +412,7 @@ def restore(
   config.resume_reshard = False
   try:
     layout = layouts.for_config(config)
-    data_dir = config.data_dir or None
-    info = data_lib.info(config.dataset, data_dir)
-    test = data_lib.eval_input(
-        config.dataset, data_dir, image_size=config.image_size
-    )
+    info, test = _open_eval_data(config)
     steps_per_epoch = summary['steps_per_epoch']
     # The test split's image shape is the train input's: a run whose splits
     # differ in shape stops at its first evaluation and leaves no checkpoint.
@@ -447,22 +443,28 @@ def restore(
   return Restored(config, layout, info, test, run, resumed.state, resumed.step)
 
 
+def _open_eval_data(config):
+  """Dataset info and the test split."""
+  data_dir = config.data_dir or None
+  info = data_lib.info(config.dataset, data_dir)
+  test = data_lib.eval_input(
+      config.dataset, data_dir, image_size=config.image_size
+  )
+  return info, test
+
+
 def _open_data(config, layout):
   """Dataset info, the train pipeline (this process's workers) and the test split."""
-  data_dir = config.data_dir or None
   try:
-    info = data_lib.info(config.dataset, data_dir)
+    info, test = _open_eval_data(config)
     train = data_lib.train_input(
         config.dataset,
-        data_dir,
+        config.data_dir or None,
         num_workers=config.num_workers,
         batch_size=config.batch_size,
         seed=config.seed,
         worker_rows=layout.worker_rows(),
         image_size=config.image_size,
-    )
-    test = data_lib.eval_input(
-        config.dataset, data_dir, image_size=config.image_size
     )
   except (FileNotFoundError, ValueError) as e:
     raise ConfigError(str(e)) from None
