@@ -110,6 +110,10 @@ sweep "${CL[@]}" --out "$C"/runs --methods saef --ratios 256 --seeds 0
 #    both long horizons at ratio 256: the paper reports that EF21 with RBGS
 #    "does not converge" on its tasks; EF21-SGDM is its momentum version.
 sweep "${LONG[@]}" --out "$L"/runs --methods ef21_sgdm --ratios 256 --seeds 0,1
+#    Both seeds diverged (steps 188 and 212), so EF21-SGDM at the authors' EF
+#    lr 0.01 too, in its own folder as EF's (added 2026-12-03).
+sweep "${LONG[@]}" --out "$L"/runs_ef21_sgdm_lr0.01 --methods ef21_sgdm --ratios 256 \
+  --seeds 0 --set optim.lr=0.01
 sweep "${CL[@]}" --out "$C"/runs --methods ef21_sgdm --ratios 256 --seeds 0
 # 12. More seeds where time allows.
 sweep "${C10[@]}" --out "$R"/cifar10/runs --methods sgd,ef,def,saef,psync --ratios 64,256 \
