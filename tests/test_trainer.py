@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -250,14 +251,28 @@ def test_batchnorm_model_with_synced_and_local_stats(
     assert summary['status'] == 'completed'
     assert np.isfinite(summary['final_train_loss'])
   # Local statistics come back per worker; eval_stats is their mean. A
-  # summary older than a config field restores over the defaults.
+  # summary older than some config fields names every missing one, and
+  # restores over defaults that supply them; a default that differs from
+  # what the run ran with is caught by the checkpoint's fingerprint.
   workdir = tmp_path / 'False'
   with open(workdir / 'summary.json') as f:
     saved = json.load(f)
-  del saved['config']['model_axis_size']
-  runfiles.write_summary(workdir, saved)
-  with pytest.raises(trainer.ConfigError, match="no field 'model_axis_size'"):
+  old = json.loads(json.dumps(saved))
+  for key in ('model_axis_size', 'flip', 'batch_size'):
+    del old['config'][key]
+  del old['config']['optim']['per_leaf']
+  runfiles.write_summary(workdir, old)
+  with pytest.raises(trainer.ConfigError) as e:
     trainer.restore(str(workdir))
+  for key in ('batch_size', 'flip', 'optim.per_leaf', 'model_axis_size'):
+    assert key in str(e.value), (key, str(e.value))
+  assert 'pass defaults=' in str(e.value) and 'optim.lr' not in str(e.value)
+  with pytest.raises(trainer.ConfigError, match='defaults= does not have'):
+    trainer.restore(str(workdir), defaults=ml_collections.ConfigDict())
+  with pytest.raises(ckpt.CheckpointMismatch, match='batch_size.*flip'):
+    trainer.restore(str(workdir), defaults=default.get_config())
+  del saved['config']['model_axis_size']  # its default is what the run had
+  runfiles.write_summary(workdir, saved)
   restored = trainer.restore(str(workdir), defaults=default.get_config())
   local = jax.device_get(restored.state['batch_stats'])
   mean = jax.device_get(trainer.eval_stats(restored.config, local))

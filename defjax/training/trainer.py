@@ -396,8 +396,9 @@ def restore(
   Raises:
     FileNotFoundError: no summary.json or no checkpoint in ``workdir``, or
       the run's data is not on this machine.
-    ConfigError: the saved config lacks a field the run needs and
-      ``defaults`` does not supply it.
+    ConfigError: the saved config lacks a field of the run's identity
+      (``runfiles.IDENTITY``) or one restore reads, and ``defaults`` does
+      not supply it (every missing field is named).
     checkpoint.CheckpointMismatch: the checkpoint is of another config, or
       of another number of workers (a checkpoint is never resharded here).
   """
@@ -410,37 +411,55 @@ def restore(
   config = ml_collections.ConfigDict(defaults or {})
   config.update(summary['config'])
   config.resume_reshard = False
-  try:
-    layout = layouts.for_config(config)
-    info, test = _open_eval_data(config)
-    steps_per_epoch = summary['steps_per_epoch']
-    # The test split's image shape is the train input's: a run whose splits
-    # differ in shape stops at its first evaluation and leaves no checkpoint.
-    run, fresh = build(
-        config,
-        layout,
-        info,
-        test.image_shape,
-        steps_per_epoch=steps_per_epoch,
-        total_steps=runfiles.total_steps(
-            config.num_train_steps, config.num_epochs, steps_per_epoch
-        ),
+  missing = [k for k in _RESTORE_READS if not _has_field(config, k)]
+  if missing:
+    where = (
+        'defaults= does not have them either'
+        if defaults is not None
+        else "pass defaults=, a full config such as configs/default.py's"
+        ' get_config(), to take them from it'
     )
-  except AttributeError as e:
-    # ml_collections reports a missing field as AttributeError(KeyError).
-    if not (e.args and isinstance(e.args[0], KeyError)):
-      raise
-    field = str(e.args[0].args[0] if e.args[0].args else '').strip("'")
     raise ConfigError(
-        f'the config in {workdir}/summary.json has no field {field!r}'
-        ' (written before the field existed?): pass defaults=, e.g.'
-        " configs/default.py's get_config()"
-    ) from e
+        f'the config in {workdir}/summary.json lacks {", ".join(missing)}'
+        f' (written before the fields existed?): {where}'
+    )
+  layout = layouts.for_config(config)
+  info, test = _open_eval_data(config)
+  steps_per_epoch = summary['steps_per_epoch']
+  # The test split's image shape is the train input's: a run whose splits
+  # differ in shape stops at its first evaluation and leaves no checkpoint.
+  run, fresh = build(
+      config,
+      layout,
+      info,
+      test.image_shape,
+      steps_per_epoch=steps_per_epoch,
+      total_steps=runfiles.total_steps(
+          config.num_train_steps, config.num_epochs, steps_per_epoch
+      ),
+  )
   mngr = ckpt.manager(directory, max_to_keep=config.max_to_keep)
   resumed = ckpt.resume(mngr, config, fresh, per_worker=run.per_worker, log=log)
   if resumed.step == 0:
     raise FileNotFoundError(f'no checkpoint in {directory}')
   return Restored(config, layout, info, test, run, resumed.state, resumed.step)
+
+
+# What a saved config must hold for restore: the run's identity (which the
+# checkpoint's fingerprint compares) and the fields restore itself reads.
+_RESTORE_READS = runfiles.IDENTITY + (
+    'data_dir',
+    'image_size',
+    'max_to_keep',
+)
+
+
+def _has_field(config, key: str) -> bool:
+  for part in key.split('.'):
+    if not isinstance(config, ml_collections.ConfigDict) or part not in config:
+      return False
+    config = config[part]
+  return True
 
 
 def _open_eval_data(config):

@@ -5,7 +5,8 @@ The loss logged during training is taken where each method takes its
 gradient (the detached points x - lam e_k for DEF) on augmented batches, in
 training mode, so it does not compare the final models. This restores each
 run's newest checkpoint and measures every model the run evaluates (x, and
-y = x - mean_k e_k for DEF) the same way on both splits: mean cross-entropy
+the averaged output where the method has one: DEF's y = x - mean_k e_k)
+the same way on both splits: mean cross-entropy
 and accuracy on the 50,000 training images without augmentation and on the
 10,000 test images, batch norm in evaluation mode with the statistics the
 run evaluated with. If DEF's training loss is as low as SGD's, the gap is
@@ -29,7 +30,6 @@ os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from defjax import methods  # noqa: E402
