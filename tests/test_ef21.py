@@ -79,7 +79,10 @@ def test_ratio1_is_momentum_sgd_on_the_mean_gradient(compressor):
 
 def test_state_it_keeps():
   """v_k is worker k's momentum of its own gradients at x; h is the same on
-  every worker, bit for bit, and equals mean_k h_k; the counts advance."""
+  every worker, bit for bit, and equals mean_k h_k; the counts advance. With
+  RBGS each coordinate of h holds mean_k v_k from the last step its block
+  came (0 before): between refreshes x keeps moving along that value, so
+  EF21-SGDM applies momentum up to ~ratio steps old at every step."""
   ratio, seed, steps = 8, 3, 6
   params = mlp_params()
   xs, ys = batches(steps)
@@ -92,7 +95,9 @@ def test_state_it_keeps():
   )
   _, states, path = run_workers(tx, params, xs, ys)
   assert isinstance(states, defjax.EF21State)
-  v = np.zeros((K, _flat(params).size), np.float32)
+  d = _flat(params).size
+  v = np.zeros((K, d), np.float32)
+  held = np.zeros(d, np.float32)  # mean_k v_k at each coordinate's last block
   for t, x_t in enumerate([params] + path[:-1]):
     v = np.stack(
         [
@@ -100,6 +105,8 @@ def test_state_it_keeps():
             for k in range(K)
         ]
     )
+    block = _block(seed, t, d, ratio)
+    held[block] = v.mean(0)[block]
   h_k = np.stack(
       [_flat(jax.tree.map(lambda a: a[k], states.estimate)) for k in range(K)]
   )
@@ -122,6 +129,8 @@ def test_state_it_keeps():
   )
   assert (h == h[0]).all()  # the K copies of h are one value
   np.testing.assert_allclose(h[0], h_k.mean(0), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(h[0], held, rtol=1e-4, atol=1e-6)
+  assert (held == 0).any() and (held != 0).any()  # some never refreshed
   assert not np.allclose(h_k[0], h_k[1])  # the estimates are per worker
   assert (np.asarray(states.count) == steps).all()
   assert (np.asarray(states.compressor_state.count) == steps).all()
