@@ -96,12 +96,7 @@ def config_get(config: dict, dotted: str, default=None):
   """``config['optim']['ratio']`` for 'optim.ratio', nested or flat."""
   if dotted in config:
     return config[dotted]
-  node = config
-  for part in dotted.split('.'):
-    if not isinstance(node, dict) or part not in node:
-      return default
-    node = node[part]
-  return node
+  return runfiles.config_value(config, dotted, default)
 
 
 def _ratio(value) -> int | float:

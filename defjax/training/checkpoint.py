@@ -43,9 +43,7 @@ def fingerprint(config) -> dict[str, Any]:
   the resumed run a mix of two runs."""
   out = {}
   for key in runfiles.IDENTITY:
-    value = config
-    for part in key.split('.'):
-      value = value[part]
+    value = runfiles.config_value(config, key)
     out[key] = list(value) if isinstance(value, tuple) else value
   return out
 

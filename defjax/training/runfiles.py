@@ -110,6 +110,24 @@ def parse_run_name(name: str) -> Optional[dict]:
   return None if m is None else m.groupdict()
 
 
+_REQUIRED = object()
+
+
+def config_value(config, dotted: str, default=_REQUIRED):
+  """``config['optim']['ratio']`` for 'optim.ratio', in a ConfigDict or in
+  a summary's dict; ``default`` where a part is missing (without one, a
+  KeyError naming ``dotted``)."""
+  node = config
+  for part in dotted.split('.'):
+    try:
+      node = node[part]
+    except (KeyError, TypeError):  # TypeError: a leaf (number, string, list)
+      if default is _REQUIRED:
+        raise KeyError(dotted) from None
+      return default
+  return node
+
+
 def write_json(path: str | os.PathLike, obj) -> None:
   """Writes ``obj`` atomically: a reader never sees half a file."""
   path = str(path)

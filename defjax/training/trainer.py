@@ -411,7 +411,11 @@ def restore(
   config = ml_collections.ConfigDict(defaults or {})
   config.update(summary['config'])
   config.resume_reshard = False
-  missing = [k for k in _RESTORE_READS if not _has_field(config, k)]
+  missing = [
+      k
+      for k in _RESTORE_READS
+      if runfiles.config_value(config, k, _ABSENT) is _ABSENT
+  ]
   if missing:
     where = (
         'defaults= does not have them either'
@@ -452,14 +456,7 @@ _RESTORE_READS = runfiles.IDENTITY + (
     'image_size',
     'max_to_keep',
 )
-
-
-def _has_field(config, key: str) -> bool:
-  for part in key.split('.'):
-    if not isinstance(config, ml_collections.ConfigDict) or part not in config:
-      return False
-    config = config[part]
-  return True
+_ABSENT = object()
 
 
 def _open_eval_data(config):
