@@ -112,23 +112,36 @@ def probe(run_dir: pathlib.Path, batches: int) -> dict:
   return out
 
 
+def probe_all(probe_one, runs, out: pathlib.Path, script: str) -> None:
+  """``probe_one`` on each run folder, each result printed as it comes;
+  then ``out`` holds them all with the command (``script`` and this
+  process's arguments), date, machine, versions and commit. fit_probe.py
+  writes its record with it too."""
+  results = []
+  for run in runs:
+    results.append(probe_one(run))
+    print(json.dumps(results[-1]), flush=True)
+  record = {
+      'command': ['python', script, *sys.argv[1:]],
+      'date': runfiles.utc_now(),
+      **runfiles.environment(pathlib.Path(__file__).parent),
+      'results': results,
+  }
+  out.write_text(json.dumps(record, indent=2) + '\n')
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('runs', nargs='+', type=pathlib.Path)
   parser.add_argument('--batches', type=int, default=40)
   parser.add_argument('--out', type=pathlib.Path, required=True)
   args = parser.parse_args(argv)
-  results = []
-  for run in args.runs:
-    results.append(probe(run, args.batches))
-    print(json.dumps(results[-1]), flush=True)
-  record = {
-      'command': ['python', 'results/cifar10_long/bn_probe.py', *sys.argv[1:]],
-      'date': runfiles.utc_now(),
-      **runfiles.environment(pathlib.Path(__file__).parent),
-      'results': results,
-  }
-  args.out.write_text(json.dumps(record, indent=2) + '\n')
+  probe_all(
+      lambda run: probe(run, args.batches),
+      args.runs,
+      args.out,
+      'results/cifar10_long/bn_probe.py',
+  )
   return 0
 
 

@@ -21,7 +21,6 @@ finished run leaves in ``RUN_DIR/checkpoints`` on the machine that ran it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import sys
@@ -34,9 +33,10 @@ import optax  # noqa: E402
 
 from defjax import methods  # noqa: E402
 from defjax.training import data as data_lib  # noqa: E402
-from defjax.training import runfiles  # noqa: E402
 from defjax.training import trainer  # noqa: E402
 from defjax.training.data import image_folder  # noqa: E402
+
+import bn_probe  # noqa: E402  (beside this script: its record writer)
 
 BATCH = 500  # divides both splits: no padded batch
 
@@ -94,17 +94,9 @@ def main(argv=None) -> int:
   parser.add_argument('runs', nargs='+', type=pathlib.Path)
   parser.add_argument('--out', type=pathlib.Path, required=True)
   args = parser.parse_args(argv)
-  results = []
-  for run in args.runs:
-    results.append(probe(run))
-    print(json.dumps(results[-1]), flush=True)
-  record = {
-      'command': ['python', 'results/cifar10_long/fit_probe.py', *sys.argv[1:]],
-      'date': runfiles.utc_now(),
-      **runfiles.environment(pathlib.Path(__file__).parent),
-      'results': results,
-  }
-  args.out.write_text(json.dumps(record, indent=2) + '\n')
+  bn_probe.probe_all(
+      probe, args.runs, args.out, 'results/cifar10_long/fit_probe.py'
+  )
   return 0
 
 
