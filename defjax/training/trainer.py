@@ -396,6 +396,8 @@ def restore(
   Raises:
     FileNotFoundError: no summary.json or no checkpoint in ``workdir``, or
       the run's data is not on this machine.
+    ValueError: the saved config names a dataset this version of defjax
+      does not know.
     ConfigError: the saved config lacks a field of the run's identity
       (``runfiles.IDENTITY``) or one restore reads, and ``defaults`` does
       not supply it (every missing field is named).

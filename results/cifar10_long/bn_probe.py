@@ -34,7 +34,6 @@ from defjax.training import data as data_lib  # noqa: E402
 from defjax.training import runfiles  # noqa: E402
 from defjax.training import task  # noqa: E402
 from defjax.training import trainer  # noqa: E402
-from defjax.training.data import image_folder  # noqa: E402
 from defjax.training.models import layers  # noqa: E402
 
 BATCH = 128
@@ -50,7 +49,9 @@ def probe(run_dir: pathlib.Path, batches: int) -> dict:
   models = {'x': x}
   if methods.get(config.optim.method).averaged_output:
     models['y'] = run.output(x, opt_state)
-  train = image_folder.load(config.data_dir, 'train')
+  train = data_lib.load(
+      config.dataset, config.data_dir or None, split='train'
+  )
   model = run.model
   accuracy = task.make_evaluator(
       model, info, restored.test, restored.layout, config.eval_batch_size

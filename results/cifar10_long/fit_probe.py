@@ -34,7 +34,6 @@ import optax  # noqa: E402
 from defjax import methods  # noqa: E402
 from defjax.training import data as data_lib  # noqa: E402
 from defjax.training import trainer  # noqa: E402
-from defjax.training.data import image_folder  # noqa: E402
 
 import bn_probe  # noqa: E402  (beside this script: its record writer)
 
@@ -71,7 +70,7 @@ def probe(run_dir: pathlib.Path) -> dict:
       'step': restored.step,
   }
   for split in ('train', 'test'):
-    data = image_folder.load(config.data_dir, split)
+    data = data_lib.load(config.dataset, config.data_dir or None, split=split)
     n = len(data.labels)
     assert n % BATCH == 0, (split, n)
     for name, params in models.items():
