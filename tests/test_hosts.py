@@ -205,6 +205,7 @@ def _hosts_config(tiny_folder, **overrides):
   )
 
 
+@pytest.mark.slow
 def test_trains_from_the_program_resumes_bitwise_and_reshards(
     tiny_folder, tmp_path
 ):
@@ -221,6 +222,14 @@ def test_trains_from_the_program_resumes_bitwise_and_reshards(
   assert whole['status'] == 'completed'
   assert whole['bytes_per_step'] == hosts.make_layout(2, 4).bytes_per_step(
       math.ceil(whole['num_params'] / 16), 0
+  )
+  # trainer.restore lays the saved state onto the hosts layout again: its
+  # output model is the one whose hash the run recorded.
+  restored = trainer.restore(str(tmp_path / 'a'))
+  assert isinstance(restored.layout, hosts.HostLayout)
+  assert restored.step == 6 and restored.layout.devices_per_worker == 4
+  assert whole['params_sha256'] == trainer.params_sha256(
+      restored.run.output(restored.state['params'], restored.state['opt_state'])
   )
   trainer.train_and_evaluate(
       config(num_train_steps=6), str(tmp_path / 'b'), **quiet

@@ -448,6 +448,13 @@ def test_model_axis_size_two_trains_resumes_bitwise_and_reshards(
       3072,
       1024,
   )
+  # trainer.restore lays the saved state onto the run's sharded layout: its
+  # output model is the one whose hash the run recorded.
+  restored = trainer.restore(str(tmp_path / 'whole'))
+  assert restored.step == 4 and restored.layout.devices_per_worker == 2
+  assert whole['params_sha256'] == trainer.params_sha256(
+      restored.run.output(restored.state['params'], restored.state['opt_state'])
+  )
   shutil.copytree(
       tmp_path / 'whole' / 'checkpoints' / '2',
       tmp_path / 'resumed' / 'checkpoints' / '2',
