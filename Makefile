@@ -8,7 +8,7 @@ FMNIST := $(FMNIST_DIR)/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 WORKDIR ?= runs/quickstart
 
-.PHONY: install malloc data test install-check train docs bench bench-link bench-gpu fmt fmt-check clean
+.PHONY: install malloc data test test-stress install-check train docs bench bench-link bench-gpu fmt fmt-check clean
 
 install: $(STAMP) malloc
 
@@ -56,9 +56,17 @@ $(FMNIST):
 # Two pytest workers (pytest-xdist): the suite's compiles and subprocess runs
 # overlap on two cores, and a test that crashes its process (e.g. an XLA
 # abort) is reported as one failed test while the rest of the suite goes on.
+# loadgroup: the tests of one xdist_group share a worker (and its fixtures).
 PYTEST_WORKERS ?= 2
+PYTEST = $(PRELOAD) $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup --max-worker-restart=4
 test: install data
-	$(PRELOAD) $(PY) -m pytest -q -n $(PYTEST_WORKERS) --max-worker-restart=4 --durations=15
+	$(PYTEST) --durations=15 -m 'not stress'
+
+# The tests that slow the machine or a link on purpose (busy processes, a
+# device 45 s late, a killed peer, a 100 Mbit/s link): 2-3 minutes, most of it
+# waiting, kept out of make test's ten minutes; CI runs them after it.
+test-stress: install data
+	$(PYTEST) -m stress
 
 # The install promise, from a built wheel (tests/install_check.py): the sdist,
 # the wheel built from it and installed without extras into a fresh venv in a

@@ -84,7 +84,8 @@ def _records(workdir):
 
 @pytest.fixture(scope='module')
 def reference(tiny_folder, tmp_path_factory):
-  """An uninterrupted run, the yardstick of every resume test."""
+  """An uninterrupted run, the yardstick of every resume test (those that
+  use it share an xdist_group, so that one worker runs it once)."""
   workdir = tmp_path_factory.mktemp('reference') / 'run'
   proc = _run(_args(tiny_folder, workdir))
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -118,6 +119,8 @@ def _same_result(a, b):
   assert _records(a) == _records(b)
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group('reference')
 def test_sigkill_anywhere_then_resume_is_bitwise_identical(
     tiny_folder, reference, tmp_path
 ):
@@ -136,6 +139,8 @@ def test_sigkill_anywhere_then_resume_is_bitwise_identical(
   _same_result(workdir, reference)
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group('reference')
 def test_sigterm_saves_exits_cleanly_and_resumes(
     tiny_folder, reference, tmp_path
 ):
@@ -158,6 +163,7 @@ def test_sigterm_saves_exits_cleanly_and_resumes(
   _same_result(workdir, reference)
 
 
+@pytest.mark.xdist_group('reference')
 def test_checkpoint_of_another_run_is_an_error(
     tiny_folder, reference, tmp_path
 ):
@@ -337,6 +343,7 @@ def test_reshard_keeps_the_mean_error(new):
     ckpt.reshard_workers({'x': np.zeros(3)}, 8, 4)
 
 
+@pytest.mark.slow
 def test_elastic_resume_preserves_def_output(tiny_folder, tmp_path):
   """K = 8 -> K' = 4 with resume_reshard: y = x - mean_k e_k is unchanged;
   without the flag the changed K is named in the error."""

@@ -83,6 +83,7 @@ def _finish(procs, workdir, timeout=300):
     return json.load(f)
 
 
+@pytest.mark.stress
 def test_dead_peer_fails_the_other_within_bound(tiny_folder, tmp_path):
   bound = 90  # heartbeat 10 s, plus the coordination service's reaction time
   logs = [tmp_path / 'log0.txt', tmp_path / 'log1.txt']

@@ -63,6 +63,7 @@ def test_link_isolates_two_namespaces_and_counts_what_crosses():
 
 
 @needs_netns
+@pytest.mark.stress
 def test_two_hosts_train_across_a_throttled_link_and_count_its_bytes():
   """Two jax.distributed processes in their own namespaces run SGD and DEF
   steps across a 10 Mbit/s veth; SGD's bytes on the link are the formula's
