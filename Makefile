@@ -56,9 +56,8 @@ $(FMNIST):
 # Two pytest workers (pytest-xdist): the suite's compiles and subprocess runs
 # overlap on two cores, and a test that crashes its process (e.g. an XLA
 # abort) is reported as one failed test while the rest of the suite goes on.
-# loadgroup: the tests of one xdist_group share a worker (and its fixtures).
 PYTEST_WORKERS ?= 2
-PYTEST = $(PRELOAD) $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup --max-worker-restart=4
+PYTEST = $(PRELOAD) $(PY) -m pytest -q -n $(PYTEST_WORKERS) --max-worker-restart=4
 test: install data
 	$(PYTEST) --durations=15 -m 'not stress'
 

@@ -2,6 +2,7 @@
 
 import copy
 import errno
+import fcntl
 import json
 import os
 import re
@@ -82,13 +83,22 @@ def _records(workdir):
     ]
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def reference(tiny_folder, tmp_path_factory):
-  """An uninterrupted run, the yardstick of every resume test (those that
-  use it share an xdist_group, so that one worker runs it once)."""
-  workdir = tmp_path_factory.mktemp('reference') / 'run'
-  proc = _run(_args(tiny_folder, workdir))
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  """An uninterrupted run, the yardstick of every resume test, made once
+  per session: by whichever pytest-xdist worker asks first, in the folder
+  the workers share, while the other waits on a lock for it. (Every
+  worker's tiny_folder holds the same images; data_dir is no part of a
+  run's identity.)"""
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    root = root.parent  # this session's folder above the workers' own
+  workdir = root / 'reference' / 'run'
+  with open(root / 'reference.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (workdir / 'summary.json').exists():
+      proc = _run(_args(tiny_folder, workdir))
+      assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir
 
 
@@ -120,7 +130,6 @@ def _same_result(a, b):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group('reference')
 def test_sigkill_anywhere_then_resume_is_bitwise_identical(
     tiny_folder, reference, tmp_path
 ):
@@ -140,7 +149,6 @@ def test_sigkill_anywhere_then_resume_is_bitwise_identical(
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group('reference')
 def test_sigterm_saves_exits_cleanly_and_resumes(
     tiny_folder, reference, tmp_path
 ):
@@ -163,7 +171,6 @@ def test_sigterm_saves_exits_cleanly_and_resumes(
   _same_result(workdir, reference)
 
 
-@pytest.mark.xdist_group('reference')
 def test_checkpoint_of_another_run_is_an_error(
     tiny_folder, reference, tmp_path
 ):

@@ -161,13 +161,20 @@ def test_hlo_check_catches_the_full_gradient_all_reduce():
   assert all_reduce_elements(compiled) == []
 
 
+# Every placement of workers with DEF (per-worker error and gradient point
+# to place), and SGD's transform in one: the placement does not depend on it.
 @pytest.mark.parametrize(
-    'num_workers, local_gradients',
-    [(8, 'vmap'), (16, 'vmap'), (16, 'unroll'), (4, 'vmap')],
+    'method, num_workers, local_gradients',
+    [
+        ('def', 8, 'vmap'),
+        ('def', 16, 'vmap'),
+        ('def', 16, 'unroll'),
+        ('def', 4, 'vmap'),
+        ('sgd', 16, 'unroll'),
+    ],
 )
-@pytest.mark.parametrize('method', ['def', 'sgd'])
 def test_sharded_step_equals_simulated_workers(
-    num_workers, local_gradients, method
+    method, num_workers, local_gradients
 ):
   """shard_map over 8 devices (1, 2 or a subset of workers per device; two
   per device with their gradients vmapped or unrolled) gives the vmap

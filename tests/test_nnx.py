@@ -17,27 +17,16 @@ from jax.sharding import PartitionSpec as P
 import defjax
 from helpers import assert_trees_close
 
-GUIDE = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    'docs',
-    'guides',
-    'nnx.md',
-)
 STEPS = 5
-
-
-def python_blocks(path):
-  with open(path) as f:
-    return re.findall(r'^```python\n(.*?)^```', f.read(), re.S | re.M)
 
 
 @pytest.fixture(scope='module')
 def guide():
-  """The namespace the guide's code blocks leave, run in order."""
-  namespace = {}
-  for i, block in enumerate(python_blocks(GUIDE)):
-    exec(compile(block, f'{GUIDE}, block {i + 1}', 'exec'), namespace)
-  return namespace
+  """The namespace the guide's code blocks leave, run in order (the run
+  test_docs checks, made once per test process)."""
+  from test_docs import run_page
+
+  return run_page('docs/guides/nnx.md')
 
 
 def trees_equal(a, b):
