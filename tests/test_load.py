@@ -108,17 +108,6 @@ def cpu_hogs(n):
       p.wait()
 
 
-def compile_cache_env(env, path):
-  """Adds a persistent compilation cache at ``path``: the loaded run reuses
-  the idle run's executables, so the hogs slow only the training itself."""
-  return dict(
-      env,
-      JAX_COMPILATION_CACHE_DIR=str(path),
-      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
-  )
-
-
 def _training(log) -> bool:
   """Whether a run's progress bar (stderr) shows at least one finished step."""
   text = log.read_text() if log.exists() else ''
@@ -151,8 +140,9 @@ def test_runs_under_cpu_hogs_match_idle_runs(tiny_folder, tmp_path):
   busy processes give the same bits as the same run on its own, and that
   run equals one process x 8 devices to float tolerance (the block values
   are summed in another order). The busy processes start once the loaded run
-  is training (its compiled programs come from the idle run's persistent
-  cache). Two processes hold every kind of wait one process has (XLA's
+  is training (its compiled programs come from the suite's persistent
+  cache, where the idle run left them), so the hogs slow only the training
+  itself. Two processes hold every kind of wait one process has (XLA's
   rendezvous of each process's 4 device threads) and gloo's across
   processes, so a loaded one-process run would add time, not a case."""
   from test_multihost import _args, _env, _finish, _launch_two
@@ -166,7 +156,7 @@ def test_runs_under_cpu_hogs_match_idle_runs(tiny_folder, tmp_path):
         subprocess.Popen(
             _args(tiny_folder, workdir, steps),
             cwd=REPO,
-            env=_env(8, tmp_path / 'jax-cache'),
+            env=_env(8),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -39,12 +39,10 @@ def _args(tiny_folder, workdir, steps, *extra):
   )
 
 
-def _env(devices, cache=None):
+def _env(devices):
+  """This process's environment (with the suite's persistent compilation
+  cache, which keeps every program: conftest) on ``devices`` CPU devices."""
   env = dict(os.environ)
-  if cache is not None:
-    from test_load import compile_cache_env
-
-    env = compile_cache_env(env, cache)
   env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
   return env
 
@@ -63,7 +61,7 @@ def _launch_two(tiny_folder, workdir, steps, *extra, logs=None):
               *extra,
           ),
           cwd=REPO,
-          env=_env(4, workdir.parent / 'jax-cache'),
+          env=_env(4),
           stdout=subprocess.PIPE,
           stderr=subprocess.PIPE if logs is None else open(logs[i], 'w'),
           text=True,
