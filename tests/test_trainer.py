@@ -1,5 +1,6 @@
 """End-to-end: train_and_evaluate and train.py on tiny settings."""
 
+import copy
 import json
 import os
 import shutil
@@ -263,7 +264,7 @@ def test_batchnorm_model_with_synced_and_local_stats(
   workdir = tmp_path / 'False'
   with open(workdir / 'summary.json') as f:
     saved = json.load(f)
-  old = json.loads(json.dumps(saved))
+  old = copy.deepcopy(saved)
   for key in ('model_axis_size', 'flip', 'batch_size'):
     del old['config'][key]
   del old['config']['optim']['per_leaf']
