@@ -749,6 +749,21 @@ def test_cli_overrides_and_quickstart_config(tmp_path):
   assert summary['steps'] == 4 and summary['steps_per_epoch'] == 60000 // 128
 
 
+def test_cli_help_lists_the_program_flags(tmp_path):
+  """--help shows the main module's key flags; they are defined in
+  defjax.training.main, not in train.py, and must be listed all the same."""
+  proc = _train_py(tmp_path, '--help')  # absl exits 1 after --help
+  for flag in (
+      'config',
+      'workdir',
+      'coordinator_address',
+      'num_processes',
+      'process_id',
+      'heartbeat_timeout_seconds',
+  ):
+    assert f'--{flag}:' in proc.stdout, proc.stdout
+
+
 def test_cli_bad_input_is_one_line(tmp_path, tiny_folder):
   proc = _train_py(
       tmp_path,

@@ -34,7 +34,11 @@ from absl import logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Config file.', lock_config=True
+    'config',
+    None,
+    'Python config file (configs/*.py); override any field with'
+    ' --config.FIELD=VALUE.',
+    lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Run directory (metrics, checkpoints).'
@@ -51,6 +55,14 @@ _HEARTBEAT = flags.DEFINE_integer(
     60,
     'A process that misses heartbeats this long is declared dead and the'
     ' others exit with an error instead of hanging.',
+)
+_FLAGS = (
+    _CONFIG,
+    _WORKDIR,
+    _COORDINATOR,
+    _NUM_PROCESSES,
+    _PROCESS_ID,
+    _HEARTBEAT,
 )
 flags.mark_flags_as_required(['config', 'workdir'])
 
@@ -171,6 +183,12 @@ def run():
   """Runs the program (``defjax.main.run``, the console entry point
   ``defjax-train``, calls it once the train extra is found)."""
   restart_with_tcmalloc()
+  # --help lists the key flags of the main module (sys.argv[0]), which is
+  # train.py, defjax/main.py or the console script, not this module.
+  for holder in _FLAGS:
+    flags.FLAGS.register_key_flag_for_module(
+        sys.argv[0], flags.FLAGS[holder.name]
+    )
   app.run(main)
 
 
