@@ -56,14 +56,6 @@ _HEARTBEAT = flags.DEFINE_integer(
     'A process that misses heartbeats this long is declared dead and the'
     ' others exit with an error instead of hanging.',
 )
-_FLAGS = (
-    _CONFIG,
-    _WORKDIR,
-    _COORDINATOR,
-    _NUM_PROCESSES,
-    _PROCESS_ID,
-    _HEARTBEAT,
-)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -184,11 +176,11 @@ def run():
   ``defjax-train``, calls it once the train extra is found)."""
   restart_with_tcmalloc()
   # --help lists the key flags of the main module (sys.argv[0]), which is
-  # train.py, defjax/main.py or the console script, not this module.
-  for holder in _FLAGS:
-    flags.FLAGS.register_key_flag_for_module(
-        sys.argv[0], flags.FLAGS[holder.name]
-    )
+  # train.py, defjax/main.py or the console script, not this module: hand
+  # it the flags defined here (none are found by this name when this module
+  # is itself the main one, whose flags absl files under sys.argv[0]).
+  for flag in flags.FLAGS.get_key_flags_for_module(__name__):
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
   app.run(main)
 
 
