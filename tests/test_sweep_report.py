@@ -977,15 +977,15 @@ def test_gap_report_is_sgd_minus_method_against_sends_per_value(fake, tmp_path):
 
 
 def test_verdict_table_puts_every_method_side_by_side(fake, tmp_path):
-  """A row per (ratio, DEF's lam): EF and SAEF (lam fixed) in each lam's row,
-  a method without runs is a dash."""
+  """A row per (ratio, DEF's lam): EF, SAEF and EF21-SGDM (lam fixed) in
+  each lam's row, a method without runs is a dash."""
   out = tmp_path / 'sweep'
   assert (
       run_sweep(
           fake,
           out,
           '--methods',
-          'sgd,ef,saef,def',
+          'sgd,ef,saef,def,ef21_sgdm',
           '--ratios',
           '64',
           '--seeds',
@@ -1008,7 +1008,12 @@ def test_verdict_table_puts_every_method_side_by_side(fake, tmp_path):
         text('def', lam),
         text('def', lam, x=True),
     )
-    assert (r['EF'], r['SAEF'], r['PSync']) == (text('ef'), text('saef'), None)
+    assert (r['EF'], r['SAEF'], r['PSync'], r['EF21-SGDM']) == (
+        text('ef'),
+        text('saef'),
+        None,
+        text('ef21_sgdm'),
+    )
     assert r['steps'] == 40 and r['sends_per_value'] == 40 / 64
   # A ratio where every run diverged (EF at 1024 stops at step 20 of 40)
   # still shows the setting's T, not where the runs stopped.
@@ -1030,4 +1035,7 @@ def test_verdict_table_puts_every_method_side_by_side(fake, tmp_path):
   assert table[0].startswith(
       '| setting | layout | ratio | steps T | T / ratio | SGD | DEF |'
   )
-  assert table[3].endswith(f'| 0.6 | {text("ef")} | {text("saef")} | — |')
+  assert table[0].endswith('| EF | SAEF | PSync | EF21-SGDM |')
+  assert table[3].endswith(
+      f'| 0.6 | {text("ef")} | {text("saef")} | — | {text("ef21_sgdm")} |'
+  )

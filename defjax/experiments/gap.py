@@ -85,14 +85,14 @@ def rows_of(setting: str, paths: Sequence[str]) -> list[dict]:
   return rows
 
 
-VERDICT_LABELS = ('DEF', 'DEF-A', 'EF', 'SAEF', 'PSync')
+VERDICT_LABELS = ('DEF', 'DEF-A', 'EF', 'SAEF', 'PSync', 'EF21-SGDM')
 
 
 def verdict_rows_of(setting: str, paths: Sequence[str]) -> list[dict]:
   """One row per (ratio, DEF's lam) of the setting: every method side by side.
 
-  EF, SAEF and PSync (lam fixed by the method) repeat in each lam's row of
-  their ratio; a method without runs there is None.
+  EF, SAEF, PSync and EF21-SGDM (lam fixed by the method) repeat in each
+  lam's row of their ratio; a method without runs there is None.
   """
   collected = results_lib.collect(paths)
   groups, scale = collected.groups, collected.scale
@@ -153,6 +153,7 @@ def verdict_markdown(rows: list[dict]) -> str:
       'EF',
       'SAEF',
       'PSync',
+      'EF21-SGDM',
   )
   lines = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
   cell = lambda v: v or results_lib.DASH
@@ -161,7 +162,7 @@ def verdict_markdown(rows: list[dict]) -> str:
         f'| {r["setting"]} | {r["layout"]} | {r["ratio"]} | {_fmt(r["steps"], ",")} |'
         f' {_fmt(r["sends_per_value"], ".1f")} | {cell(r["SGD"])} | {cell(r["DEF"])} |'
         f' {cell(r["DEF-A"])} | {_fmt(r["lam"], "g")} | {cell(r["EF"])} | {cell(r["SAEF"])} |'
-        f' {cell(r["PSync"])} |'
+        f' {cell(r["PSync"])} | {cell(r["EF21-SGDM"])} |'
     )
   return '\n'.join(lines) + '\n'
 
